@@ -1,0 +1,1 @@
+"""Sources, the per-shard stage runner on Ray, the DuckDB catalog and the CLI."""

@@ -1,0 +1,162 @@
+"""The ``densecurate`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.catalog import run_query
+from pipeline.table_output import print_rows
+from schemas.shard_config import ImageSettings, ShardConfig, SourceSettings
+
+console = Console(stderr=True)
+
+
+def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "shard",
+        help="pack images (SA-1B, img2dataset/LAION, folders, Parquet) into webdataset shards",
+        description="Write ROOT/shards/NNNNN.tar, NNNNN.parquet and NNNNN_stats.json from the sources. "
+        "Finished shards are skipped on a rerun.",
+    )
+    p.add_argument("src", nargs="+", type=Path, help="source paths (folders, tars, Parquet tables)")
+    p.add_argument("--out", required=True, type=Path, help="dataset root")
+    p.add_argument("--format", default="auto", choices=["auto", "folder", "sa1b", "img2dataset", "parquet"])
+    p.add_argument("--resize", type=int, default=512, help="short side after resizing; 0 keeps the size")
+    p.add_argument("--crop", default="none", choices=["center", "none"], help="center: square crop")
+    p.add_argument("--shard-size", type=int, default=1000, help="input records per shard")
+    p.add_argument("--min-size", type=int, default=64, help="skip images whose short side is smaller")
+    p.add_argument("--max-aspect", type=float, default=4.0, help="skip images with a larger long/short ratio")
+    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images before decoding")
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--source-name", help="key prefix (default: the format's name)")
+    p.add_argument("--image-column", default="image_path", help="parquet: column with the image path")
+    p.add_argument("--caption-column", default="caption", help="parquet: column with the alt text")
+    p.add_argument("--id-column", help="parquet: column with the original id (default: the image path)")
+    p.add_argument("--workers", type=int, help="shards processed at once (default: every CPU)")
+    p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray)")
+    p.set_defaults(handler=_cmd_shard)
+
+
+def _add_query_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "query",
+        help="run SQL on the dataset's tables with DuckDB (read-only)",
+        description="Views: samples (ROOT/shards/*.parquet). The catalog is also in ROOT/catalog.duckdb.",
+    )
+    p.add_argument("root", type=Path, help="dataset root")
+    p.add_argument("sql", help='SQL, e.g. "SELECT status, count(*) FROM samples GROUP BY ALL"')
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    p.set_defaults(handler=_cmd_query)
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the pipeline offline on the bundled sample photos",
+        description="Writes the sample photos to DIR/sample_photos and shards them into DIR/dataset.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="demo directory")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(handler=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="densecurate",
+        description="Build text-to-image training data with dense, concept-rich captions.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_shard_parser(sub)
+    _add_query_parser(sub)
+    _add_demo_parser(sub)
+    return parser
+
+
+def shard_config_from_args(args: argparse.Namespace) -> ShardConfig:
+    """Validate the shard options into a ``ShardConfig``."""
+    return ShardConfig(
+        sources=SourceSettings(
+            format=args.format,
+            source_name=args.source_name,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            id_column=args.id_column,
+        ),
+        image=ImageSettings(
+            resize=args.resize,
+            crop=args.crop,
+            min_size=args.min_size,
+            max_aspect=args.max_aspect,
+            max_pixels=args.max_pixels,
+            jpeg_quality=args.jpeg_quality,
+        ),
+        shard_size=args.shard_size,
+        workers=args.workers,
+        ray_address=args.ray_address,
+    )
+
+
+def print_shard_summary(summary, root: Path) -> None:
+    """The end-of-run summary: written, skipped by reason, speed."""
+    table = Table(title=f"shard stage -> {root}/shards", show_header=False)
+    table.add_row("inputs", str(summary.inputs))
+    table.add_row("written", str(summary.written))
+    table.add_row("skipped", str(summary.skipped))
+    for reason, count in sorted(summary.skipped_by_reason.items()):
+        table.add_row(f"  skipped: {reason}", str(count))
+    table.add_row("shards", f"{summary.shards} ({summary.shards_reused} already done)")
+    table.add_row(
+        "speed",
+        f"{summary.images_processed} images in {summary.seconds:.1f} s = {summary.images_per_second:.1f} images/s",
+    )
+    Console().print(table)
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from pipeline.shard_stage import run_shard_stage  # imports Ray: only when needed
+
+    config = shard_config_from_args(args)
+    summary = run_shard_stage(args.src, args.out, config)
+    print_shard_summary(summary, args.out)
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    columns, rows = run_query(args.root, args.sql)
+    print_rows(columns, rows, args.format)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    run_demo(args.out, workers=args.workers)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``densecurate`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            console.print(f"[red]error:[/red] {field}: {err['msg']}")
+        return 2
+    except (FileNotFoundError, ValueError, duckdb.Error) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

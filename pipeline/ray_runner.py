@@ -1,0 +1,92 @@
+"""The per-shard stage runner: one Ray task per unfinished shard, finished shards skipped."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import ray
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+JobT = TypeVar("JobT")
+Stats = dict[str, Any]
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (a cluster), or start a local Ray bound to 127.0.0.1; no-op if connected."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
+
+
+def cluster_cpus() -> int:
+    """CPUs of the connected Ray cluster (at least 1)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+@dataclass
+class StageRun:
+    """What a stage run did: stats of every shard, and which shards this run produced."""
+
+    stats: list[Stats] = field(default_factory=list)
+    produced: int = 0
+    reused: int = 0
+    items_processed: int = 0
+    seconds: float = 0.0
+
+
+def run_shard_jobs(
+    jobs: Sequence[JobT],
+    task: Callable[[JobT], Stats],
+    *,
+    finished: Callable[[JobT], Stats | None],
+    items_in: Callable[[JobT], int],
+    max_in_flight: int,
+    num_cpus: float = 1.0,
+    label: str = "shards",
+) -> StageRun:
+    """Run ``task`` as a Ray task for every job that ``finished`` does not vouch for.
+
+    At most ``max_in_flight`` tasks run at once; a rich progress bar counts shards and items.
+    """
+    run: StageRun = StageRun()
+    remote = ray.remote(num_cpus=num_cpus)(task)
+    todo = []
+    for job in jobs:
+        done = finished(job)
+        if done is None:
+            todo.append(job)
+        else:
+            run.stats.append(done)
+            run.reused += 1
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    started = time.perf_counter()
+    with Progress(*columns, transient=False) as progress:
+        shard_bar = progress.add_task(label, total=len(jobs), completed=run.reused)
+        item_bar = progress.add_task("images", total=sum(items_in(j) for j in todo))
+        queue = list(reversed(todo))
+        pending: dict[ray.ObjectRef, JobT] = {}
+        while queue or pending:
+            while queue and len(pending) < max_in_flight:
+                job = queue.pop()
+                pending[remote.remote(job)] = job
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready[0])
+            run.stats.append(ray.get(ready[0]))
+            run.produced += 1
+            run.items_processed += items_in(job)
+            progress.advance(shard_bar)
+            progress.advance(item_bar, items_in(job))
+    run.seconds = time.perf_counter() - started
+    return run

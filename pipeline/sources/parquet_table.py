@@ -1,0 +1,54 @@
+"""A Parquet table with a local image-path column and an optional caption column."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.records import InputRecord, make_key
+from schemas.shard_config import SourceSettings
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def list_parquet(src: Path, *, source: str, settings: SourceSettings) -> list[InputRecord]:
+    """One record per row; relative paths are taken from the table's folder."""
+    table = pq.read_table(src)
+    columns = table.column_names
+    wanted = [settings.image_column, settings.id_column]
+    missing = [c for c in wanted if c is not None and c not in columns]
+    if missing:
+        raise ValueError(f"{src} has no column {missing[0]!r} (columns: {', '.join(columns)})")
+    caption_col = settings.caption_column if settings.caption_column in columns else None
+    records = []
+    for row_index, row in enumerate(table.to_pylist()):
+        raw_path = row.get(settings.image_column)
+        path = Path(raw_path) if raw_path else None
+        if path is not None and not path.is_absolute():
+            path = src.parent / path
+        if settings.id_column:
+            original_id = str(row[settings.id_column])
+        elif raw_path:
+            original_id = Path(raw_path).with_suffix("").as_posix().lstrip("/")
+        else:
+            original_id = f"row{row_index}"
+        meta = {k: _json_safe(v) for k, v in row.items() if k not in (settings.image_column, caption_col)}
+        records.append(
+            InputRecord(
+                key=make_key(source, original_id),
+                source=source,
+                original_id=original_id,
+                location=str(path) if path else f"{src}#row{row_index}",
+                kind="parquet",
+                path=path,
+                alt_text=row.get(caption_col) if caption_col else None,
+                meta=meta,
+                preset_skip=None if path else ("missing_path", f"row {row_index} has no image path"),
+            )
+        )
+    return records

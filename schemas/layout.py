@@ -1,0 +1,46 @@
+"""The dataset root: where each stage reads and writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARD_STEM_DIGITS = 5
+
+
+def shard_stem(index: int) -> str:
+    """The zero-padded file stem of shard ``index`` (``00042``)."""
+    return f"{index:0{SHARD_STEM_DIGITS}d}"
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """The three files of one output shard, img2dataset style."""
+
+    tar: Path
+    parquet: Path
+    stats: Path
+
+    def all(self) -> tuple[Path, Path, Path]:
+        """The files in the order they are committed (stats last: it marks completion)."""
+        return (self.tar, self.parquet, self.stats)
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Paths under one dataset root."""
+
+    root: Path
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    def shard_files(self, index: int) -> ShardFiles:
+        stem = shard_stem(index)
+        d = self.shards_dir
+        return ShardFiles(tar=d / f"{stem}.tar", parquet=d / f"{stem}.parquet", stats=d / f"{stem}_stats.json")
