@@ -3,35 +3,40 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 JobT = TypeVar("JobT")
 Stats = dict[str, Any]
 
+# Read by Ray when it is imported: with it off, a local Ray takes 127.0.0.1 as its node address and
+# every Ray service listens on loopback only (Ray's default is the machine's external address).
+RAY_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (a cluster), or start a local Ray bound to 127.0.0.1; no-op if connected."""
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(RAY_LOOPBACK_SWITCH, "0")
+    import ray
+
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
-        )
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
 def cluster_cpus() -> int:
     """CPUs of the connected Ray cluster (at least 1)."""
+    import ray
+
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
@@ -60,6 +65,8 @@ def run_shard_jobs(
 
     At most ``max_in_flight`` tasks run at once; a rich progress bar counts shards and items.
     """
+    import ray
+
     run: StageRun = StageRun()
     remote = ray.remote(num_cpus=num_cpus)(task)
     todo = []
@@ -76,7 +83,7 @@ def run_shard_jobs(
         shard_bar = progress.add_task(label, total=len(jobs), completed=run.reused)
         item_bar = progress.add_task("images", total=sum(items_in(j) for j in todo))
         queue = list(reversed(todo))
-        pending: dict[ray.ObjectRef, JobT] = {}
+        pending: dict[Any, JobT] = {}
         while queue or pending:
             while queue and len(pending) < max_in_flight:
                 job = queue.pop()

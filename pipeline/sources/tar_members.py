@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -44,22 +43,28 @@ def _member_problem(member: tarfile.TarInfo) -> tuple[str, str] | None:
     return None
 
 
-def iter_tar_samples(tar_path: Path) -> Iterator[TarSample]:
-    """Samples of ``tar_path`` in member order; raises ``tarfile.ReadError`` if it is no plain tar."""
+def list_tar_samples(tar_path: Path) -> tuple[list[TarSample], str | None]:
+    """Samples of ``tar_path`` in member order, and why listing stopped early (None if it did not).
+
+    Raises ``tarfile.ReadError`` if not even the first header is a plain tar header.
+    """
     groups: dict[str, TarSample] = {}
+    stopped: str | None = None
     with tarfile.open(tar_path, mode="r:") as tf:
-        for member in tf:
-            if member.isdir():
-                continue
-            name = member.name.removeprefix("./")
-            prefix, ext = _split_name(name)
-            sample = groups.setdefault(prefix, TarSample(prefix=prefix))
-            problem = _member_problem(member)
-            if problem:
-                sample.problems.append(problem)
-            else:
-                sample.members[ext] = MemberRef(name=member.name, offset=member.offset_data, size=member.size)
-    yield from groups.values()
+        try:
+            for member in tf:
+                if member.isdir():
+                    continue
+                prefix, ext = _split_name(member.name.removeprefix("./"))
+                sample = groups.setdefault(prefix, TarSample(prefix=prefix))
+                problem = _member_problem(member)
+                if problem:
+                    sample.problems.append(problem)
+                else:
+                    sample.members[ext] = MemberRef(name=member.name, offset=member.offset_data, size=member.size)
+        except tarfile.ReadError as exc:  # truncated or corrupt after some members: keep those
+            stopped = str(exc)
+    return list(groups.values()), stopped
 
 
 def read_member(handle, ref: MemberRef) -> bytes:

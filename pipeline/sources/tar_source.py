@@ -6,24 +6,15 @@ import tarfile
 from pathlib import Path
 
 from pipeline.records import InputRecord, make_key
-from pipeline.sources.tar_members import iter_tar_samples
+from pipeline.sources.tar_members import list_tar_samples
 
 
 def list_tar_records(tar_path: Path, *, source: str, kind: str) -> list[InputRecord]:
     """One record per sample key in the tar; unusable samples carry their skip reason."""
     try:
-        samples = list(iter_tar_samples(tar_path))
+        samples, stopped = list_tar_samples(tar_path)
     except (tarfile.TarError, OSError) as exc:
-        return [
-            InputRecord(
-                key=make_key(source, tar_path.stem),
-                source=source,
-                original_id=tar_path.stem,
-                location=str(tar_path),
-                kind=kind,
-                preset_skip=("bad_tar", f"{tar_path} is not a readable uncompressed tar ({exc})"),
-            )
-        ]
+        return [_tar_problem(tar_path, source, kind, "", f"{tar_path} is not a readable uncompressed tar ({exc})")]
     records = []
     for sample in samples:
         image = sample.image()
@@ -47,7 +38,23 @@ def list_tar_records(tar_path: Path, *, source: str, kind: str) -> list[InputRec
                 preset_skip=skip,
             )
         )
+    if stopped is not None:
+        detail = f"{tar_path} ends early after {len(samples)} samples ({stopped}); later members are lost"
+        records.append(_tar_problem(tar_path, source, kind, "-unreadable-rest", detail))
     return records
+
+
+def _tar_problem(tar_path: Path, source: str, kind: str, suffix: str, detail: str) -> InputRecord:
+    """A record standing for the part of a tar that cannot be listed, so the loss is on record."""
+    original_id = f"{tar_path.stem}{suffix}"
+    return InputRecord(
+        key=make_key(source, original_id),
+        source=source,
+        original_id=original_id,
+        location=str(tar_path),
+        kind=kind,
+        preset_skip=("bad_tar", detail),
+    )
 
 
 def list_tar_dir(src: Path, *, source: str, kind: str) -> list[InputRecord]:

@@ -1,0 +1,31 @@
+"""Shared fixtures: real photos from scikit-image, a local Ray bound to loopback."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports Ray: a local Ray listens on 127.0.0.1 only. No model downloads, ever.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from skimage import data as skdata
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) for the tests that run stages in-process."""
+    import ray
+
+    from pipeline.ray_runner import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A real RGB photo (512x512 astronaut portrait)."""
+    return skdata.astronaut()
