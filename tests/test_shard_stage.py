@@ -97,7 +97,8 @@ def test_nothing_is_written_outside_root_and_no_temp_files(hostile_run, hostile_
     root, _ = hostile_run
     names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
     stems = [f"{i:05d}" for i in range(4)]
-    expected = ["catalog.duckdb", "shards"] + [f"shards/{s}{ext}" for s in stems for ext in (".parquet", ".tar", "_stats.json")]
+    suffixes = (".parquet", ".tar", "_stats.json")
+    expected = ["catalog.duckdb", "shards"] + [f"shards/{s}{ext}" for s in stems for ext in suffixes]
     assert names == sorted(expected)
     assert sorted(p.name for p in root.parent.iterdir()) == ["root"]
     assert not any(".tmp-" in p.name for p in hostile_folder.iterdir())
@@ -131,7 +132,7 @@ def test_samples_read_back_with_ray_data(hostile_run):
 
 
 def test_img2dataset_conventions_and_stats(hostile_run):
-    root, summary = hostile_run
+    root, _ = hostile_run
     for tar in sorted((root / "shards").glob("*.tar")):
         stats = json.loads(tar.with_name(f"{tar.stem}_stats.json").read_text())
         table = pq.read_table(tar.with_suffix(".parquet"))
