@@ -14,7 +14,7 @@ from rich.table import Table
 
 from pipeline.catalog import run_query
 from pipeline.table_output import print_rows
-from schemas.shard_config import ImageSettings, ShardConfig, SourceSettings
+from schemas.shard_config import ShardConfig
 
 console = Console(stderr=True)
 
@@ -83,25 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def shard_config_from_args(args: argparse.Namespace) -> ShardConfig:
     """Validate the shard options into a ``ShardConfig``."""
-    return ShardConfig(
-        sources=SourceSettings(
-            format=args.format,
-            source_name=args.source_name,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            id_column=args.id_column,
-        ),
-        image=ImageSettings(
-            resize=args.resize,
-            crop=args.crop,
-            min_size=args.min_size,
-            max_aspect=args.max_aspect,
-            max_pixels=args.max_pixels,
-            jpeg_quality=args.jpeg_quality,
-        ),
-        shard_size=args.shard_size,
-        workers=args.workers,
-        ray_address=args.ray_address,
+    return ShardConfig.model_validate(
+        {
+            "sources": {
+                "format": args.format,
+                "source_name": args.source_name,
+                "image_column": args.image_column,
+                "caption_column": args.caption_column,
+                "id_column": args.id_column,
+            },
+            "image": {
+                "resize": args.resize,
+                "crop": args.crop,
+                "min_size": args.min_size,
+                "max_aspect": args.max_aspect,
+                "max_pixels": args.max_pixels,
+                "jpeg_quality": args.jpeg_quality,
+            },
+            "shard_size": args.shard_size,
+            "workers": args.workers,
+            "ray_address": args.ray_address,
+        }
     )
 
 
@@ -151,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            console.print(f"[red]error:[/red] {field}: {err['msg']}")
+            option = "--" + str(err["loc"][-1]).replace("_", "-")
+            console.print(f"[red]error:[/red] {field} ({option}): {err['msg']}")
         return 2
     except (FileNotFoundError, ValueError, duckdb.Error) as exc:
         console.print(f"[red]error:[/red] {exc}")
