@@ -12,7 +12,7 @@ import duckdb
 from schemas.layout import DatasetLayout
 
 # view name -> Parquet glob relative to the dataset root
-VIEW_GLOBS: dict[str, str] = {"samples": "shards/*.parquet"}
+VIEW_GLOBS: dict[str, str] = {"samples": "shards/*.parquet", "captions": "captions/*/*.parquet"}
 
 
 def _sql_string(text: str) -> str:

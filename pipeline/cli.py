@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,8 +13,10 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from captioner.errors import ModelNotAvailableError
 from pipeline.catalog import run_query
 from pipeline.table_output import print_rows
+from schemas.caption_config import CaptionConfig
 from schemas.shard_config import ShardConfig
 
 console = Console(stderr=True)
@@ -68,6 +71,45 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_demo)
 
 
+def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "caption",
+        help="write dense captions for every shard with a LLaVA-family model (Ray actors, one per GPU)",
+        description="Reads ROOT/shards/*.tar, writes ROOT/captions/NAME/NNNNN.parquet (one row per key). "
+        "Finished shards are skipped on a rerun.",
+    )
+    p.add_argument("root", type=Path, help="dataset root")
+    p.add_argument("--model", required=True, help="hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
+    p.add_argument("--name", help="captioner name, the folder under ROOT/captions (default: from the model)")
+    p.add_argument("--prompt", default="pixart", help="pixart | pixart-alt | free text, may hold {alt_text}")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--revision", help="model revision (branch, tag or commit)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0)
+    p.add_argument("--workers", type=int, help="model replicas (default: one per GPU, or 1 on CPU)")
+    p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray)")
+    p.set_defaults(handler=_cmd_caption)
+
+
+def _add_models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="model utilities", description="Model utilities.")
+    models_sub = p.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    tiny = models_sub.add_parser(
+        "make-tiny",
+        help="write tiny random-weight models of the real architectures (tests, offline demo)",
+        description="Writes OUT/llava: a tiny LLaVA (CLIP vision tower + Llama, locally trained tokenizer, "
+        "chat template) that loads like a hub model.",
+    )
+    tiny.add_argument("out", type=Path)
+    tiny.set_defaults(handler=_cmd_make_tiny)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -77,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_shard_parser(sub)
     _add_query_parser(sub)
+    _add_caption_parser(sub)
+    _add_models_parser(sub)
     _add_demo_parser(sub)
     return parser
 
@@ -132,6 +176,73 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_captioner_name(model: str) -> str:
+    """``llava-hf/llava-1.5-7b-hf`` -> ``llava-1.5-7b-hf``; a directory -> its name."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(model.rstrip("/")).name)
+    return name or "captioner"
+
+
+def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
+    """Validate the caption options into a ``CaptionConfig``."""
+    return CaptionConfig.model_validate(
+        {
+            "name": args.name or default_captioner_name(args.model),
+            "model": {
+                "model": args.model,
+                "revision": args.revision,
+                "dtype": args.dtype,
+                "device": args.device,
+                "trust_remote_code": args.trust_remote_code,
+            },
+            "generation": {
+                "prompt": args.prompt,
+                "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+                "seed": args.seed,
+            },
+            "workers": args.workers,
+            "gpus_per_worker": args.gpus_per_worker,
+            "ray_address": args.ray_address,
+        }
+    )
+
+
+def print_caption_summary(summary, root: Path, name: str) -> None:
+    """The end-of-run summary of the caption stage."""
+    t = summary.totals
+    table = Table(title=f"caption stage -> {root}/captions/{name}", show_header=False)
+    table.add_row("keys", str(t["count"]))
+    table.add_row("captioned", str(t["ok"]))
+    for reason, count in sorted(summary.errors_by_reason.items()):
+        table.add_row(f"  error: {reason}", str(count))
+    for flag in ("truncated", "repetitive", "empty"):
+        table.add_row(f"  flagged {flag}", str(t[flag]))
+    table.add_row("shards", f"{summary.shards} ({summary.shards_reused} already done)")
+    if summary.seconds and summary.captions_this_run:
+        rate = summary.captions_this_run / summary.seconds
+        table.add_row("speed", f"{rate:.2f} captions/s on {summary.workers} {summary.device} worker(s)")
+    Console().print(table)
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from pipeline.caption_stage import run_caption_stage
+
+    config = caption_config_from_args(args)
+    summary = run_caption_stage(args.root, config)
+    print_caption_summary(summary, args.root, config.name)
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from captioner.tiny import make_tiny_llava
+
+    path = make_tiny_llava(args.out / "llava")
+    Console().print(f"tiny LLaVA written to {path} (random weights: its captions are not meaningful)")
+    return 0
+
+
 def _cmd_query(args: argparse.Namespace) -> int:
     columns, rows = run_query(args.root, args.sql)
     print_rows(columns, rows, args.format)
@@ -156,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             option = "--" + str(err["loc"][-1]).replace("_", "-")
             console.print(f"[red]error:[/red] {field} ({option}): {err['msg']}")
         return 2
-    except (FileNotFoundError, ValueError, duckdb.Error) as exc:
+    except (FileNotFoundError, ValueError, duckdb.Error, ModelNotAvailableError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
 

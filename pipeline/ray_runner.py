@@ -51,24 +51,54 @@ class StageRun:
     seconds: float = 0.0
 
 
+class TaskLauncher:
+    """Runs each job as a Ray task of ``fn``; at most ``capacity`` at once."""
+
+    def __init__(self, fn: Callable[[Any], Stats], *, capacity: int, num_cpus: float = 1.0) -> None:
+        import ray
+
+        self.capacity = capacity
+        self._remote = ray.remote(num_cpus=num_cpus)(fn)
+
+    def launch(self, job: Any) -> Any:
+        return self._remote.remote(job)
+
+    def release(self, ref: Any) -> None:
+        """Tasks hold nothing between jobs."""
+
+
+class ActorLauncher:
+    """Runs each job on an idle actor of a pool (``actor.<method>(job)``): one job per actor at a time."""
+
+    def __init__(self, actors: Sequence[Any], method: str) -> None:
+        self.capacity = len(actors)
+        self._idle = list(actors)
+        self._busy: dict[Any, Any] = {}
+        self._method = method
+
+    def launch(self, job: Any) -> Any:
+        actor = self._idle.pop()
+        ref = getattr(actor, self._method).remote(job)
+        self._busy[ref] = actor
+        return ref
+
+    def release(self, ref: Any) -> None:
+        self._idle.append(self._busy.pop(ref))
+
+
 def run_shard_jobs(
     jobs: Sequence[JobT],
-    task: Callable[[JobT], Stats],
+    launcher: TaskLauncher | ActorLauncher,
     *,
     finished: Callable[[JobT], Stats | None],
     items_in: Callable[[JobT], int],
-    max_in_flight: int,
-    num_cpus: float = 1.0,
     label: str = "shards",
+    item_label: str = "images",
 ) -> StageRun:
-    """Run ``task`` as a Ray task for every job that ``finished`` does not vouch for.
-
-    At most ``max_in_flight`` tasks run at once; a rich progress bar counts shards and items.
-    """
+    """Launch every job that ``finished`` does not vouch for; a rich progress bar counts shards and items."""
     import ray
 
     run: StageRun = StageRun()
-    remote = ray.remote(num_cpus=num_cpus)(task)
     todo = []
     for job in jobs:
         done = finished(job)
@@ -81,15 +111,16 @@ def run_shard_jobs(
     started = time.perf_counter()
     with Progress(*columns, transient=False) as progress:
         shard_bar = progress.add_task(label, total=len(jobs), completed=run.reused)
-        item_bar = progress.add_task("images", total=sum(items_in(j) for j in todo))
+        item_bar = progress.add_task(item_label, total=sum(items_in(j) for j in todo))
         queue = list(reversed(todo))
         pending: dict[Any, JobT] = {}
         while queue or pending:
-            while queue and len(pending) < max_in_flight:
+            while queue and len(pending) < launcher.capacity:
                 job = queue.pop()
-                pending[remote.remote(job)] = job
+                pending[launcher.launch(job)] = job
             ready, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(ready[0])
+            launcher.release(ready[0])
             run.stats.append(ray.get(ready[0]))
             run.produced += 1
             run.items_processed += items_in(job)

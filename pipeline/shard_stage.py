@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.catalog import refresh_catalog
 from pipeline.imaging import process_image
-from pipeline.ray_runner import cluster_cpus, init_ray, run_shard_jobs
+from pipeline.ray_runner import TaskLauncher, cluster_cpus, init_ray, run_shard_jobs
 from pipeline.records import InputRecord, SkipRecord
 from pipeline.shard_writer import ShardWriter, read_stats
 from pipeline.sources import list_inputs
@@ -143,10 +143,9 @@ def run_shard_stage(srcs: Sequence[Path], root: Path, config: ShardConfig) -> Sh
     init_ray(config.ray_address, None if config.ray_address else config.workers)
     run = run_shard_jobs(
         jobs,
-        write_shard,
+        TaskLauncher(write_shard, capacity=config.workers or cluster_cpus()),
         finished=finished_shard,
         items_in=lambda job: len(job.records),
-        max_in_flight=config.workers or cluster_cpus(),
     )
     summary = ShardSummary(
         inputs=len(records),

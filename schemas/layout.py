@@ -40,6 +40,12 @@ class DatasetLayout:
     def catalog_path(self) -> Path:
         return self.root / "catalog.duckdb"
 
+    def captions_dir(self, name: str) -> Path:
+        return self.root / "captions" / name
+
+    def caption_file(self, name: str, index: int) -> Path:
+        return self.captions_dir(name) / f"{shard_stem(index)}.parquet"
+
     def shard_files(self, index: int) -> ShardFiles:
         stem = shard_stem(index)
         d = self.shards_dir

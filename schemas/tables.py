@@ -27,3 +27,31 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("meta_json", pa.string()),  # the source's own metadata, as JSON
     ]
 )
+
+# One row per key of a shard's tar (ROOT/captions/NAME/NNNNN.parquet).
+CAPTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("captioner", pa.string(), nullable=False),  # NAME
+        pa.field("status", pa.string(), nullable=False),  # ok | error
+        pa.field("error", pa.string()),
+        pa.field("caption", pa.string()),  # after the checks (a truncated caption loses its unfinished sentence)
+        pa.field("raw_caption", pa.string()),  # as generated
+        pa.field("num_tokens", pa.int32()),  # generated tokens, EOS excluded
+        pa.field("finish_reason", pa.string()),  # eos | length
+        pa.field("truncated", pa.bool_()),
+        pa.field("cut_text", pa.string()),  # what truncation removed
+        pa.field("repetition", pa.float32()),  # share of repeated word n-grams
+        pa.field("repetitive", pa.bool_()),
+        pa.field("empty", pa.bool_()),
+        pa.field("seconds", pa.float32()),  # this caption's share of its batch's generate time
+        pa.field("model", pa.string()),
+        pa.field("revision", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("temperature", pa.float32()),
+        pa.field("top_p", pa.float32()),
+        pa.field("seed", pa.int64()),
+        pa.field("max_new_tokens", pa.int32()),
+    ]
+)

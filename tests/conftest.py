@@ -29,3 +29,11 @@ def ray_local():
 def photo() -> np.ndarray:
     """A real RGB photo (512x512 astronaut portrait)."""
     return skdata.astronaut()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A tiny random-weight LLaVA saved like a hub model (``densecurate models make-tiny``)."""
+    from captioner.tiny import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("models") / "llava")

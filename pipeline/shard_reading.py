@@ -1,0 +1,39 @@
+"""Read back the shards the shard stage wrote."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from schemas.layout import DatasetLayout
+
+
+def shard_indices(layout: DatasetLayout) -> list[int]:
+    """Indices of the finished shards under the root (those with a stats file)."""
+    return sorted(int(p.name.removesuffix("_stats.json")) for p in layout.shards_dir.glob("*_stats.json"))
+
+
+def read_shard_stats(layout: DatasetLayout, index: int) -> dict[str, Any]:
+    return json.loads(layout.shard_files(index).stats.read_text())
+
+
+def iter_shard_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` per sample, streamed from one of our shard tars (never extracted)."""
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    with tarfile.open(tar_path, mode="r:") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            name_key, _, ext = member.name.partition(".")
+            if name_key != key and key is not None:
+                yield key, members
+                members = {}
+            key = name_key
+            handle = tf.extractfile(member)
+            members[ext] = handle.read() if handle else b""
+    if key is not None:
+        yield key, members

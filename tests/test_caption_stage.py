@@ -1,0 +1,112 @@
+"""The caption stage on a real local Ray with the tiny LLaVA: one row per key, resume, worker loss."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.caption_stage import run_caption_stage
+from pipeline.catalog import run_query
+from pipeline.cli import main
+from pipeline.sample_data import write_sample_folder
+from pipeline.shard_stage import run_shard_stage
+from schemas.caption_config import CaptionConfig
+from schemas.shard_config import ShardConfig
+
+
+def caption_config(model_dir: Path, name: str = "tiny", **generation) -> CaptionConfig:
+    settings = {"batch_size": 4, "max_new_tokens": 16, "prompt": "pixart-alt", **generation}
+    return CaptionConfig.model_validate({"name": name, "model": {"model": str(model_dir)}, "generation": settings})
+
+
+def caption_rows(root: Path, name: str) -> list[dict]:
+    return [r for p in sorted((root / "captions" / name).glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def sharded_root(ray_local, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("cap")
+    root = base / "root"
+    run_shard_stage([write_sample_folder(base / "photos")], root, ShardConfig(shard_size=4))
+    return root
+
+
+def test_every_key_gets_exactly_one_row_and_rerun_skips(sharded_root, tiny_llava_dir):
+    summary = run_caption_stage(sharded_root, caption_config(tiny_llava_dir))
+    rows = caption_rows(sharded_root, "tiny")
+    ok_keys = [k for (k,) in run_query(sharded_root, "SELECT key FROM samples WHERE status = 'ok' ORDER BY key")[1]]
+    assert sorted(r["key"] for r in rows) == ok_keys
+    assert summary.totals["count"] == summary.totals["ok"] == len(ok_keys) == 10
+    assert all(r["status"] == "ok" and r["model"] == str(tiny_llava_dir) and r["revision"] == "local" for r in rows)
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["folder-coffee"]["prompt"].startswith('Given the caption of this image "a cup of coffee')
+    assert by_key["folder-coffee"]["prompt_id"] == "pixart-alt"
+    again = run_caption_stage(sharded_root, caption_config(tiny_llava_dir))
+    assert again.shards_reused == again.shards and again.captions_this_run == 0
+
+
+def test_captions_view_joins_samples_on_key(sharded_root, tiny_llava_dir):
+    run_caption_stage(sharded_root, caption_config(tiny_llava_dir))
+    sql = (
+        "SELECT c.captioner, count(*) FROM samples s JOIN captions c USING (key) "
+        "WHERE s.status = 'ok' GROUP BY ALL ORDER BY 1"
+    )
+    assert run_query(sharded_root, sql)[1] == [("tiny", 10)]
+
+
+def test_changed_settings_recaption(sharded_root, tiny_llava_dir):
+    first = run_caption_stage(sharded_root, caption_config(tiny_llava_dir, name="redo", max_new_tokens=4))
+    assert first.shards_reused == 0
+    second = run_caption_stage(sharded_root, caption_config(tiny_llava_dir, name="redo", max_new_tokens=6))
+    assert second.shards_reused == 0
+    assert max(r["num_tokens"] for r in caption_rows(sharded_root, "redo")) <= 6
+
+
+def _kill_first_caption_worker(out_dir: Path, record: dict) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        workers = [
+            p for p in psutil.process_iter(["cmdline"]) if "ray::CaptionWorker" in " ".join(p.info["cmdline"] or [])
+        ]
+        if workers:
+            time.sleep(2.5)  # the model is loaded and the first shard under way
+            record["outputs_at_kill"] = len(list(out_dir.glob("*.parquet")))
+            workers[0].kill()
+            record["killed"] = True
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_killed_worker_shard_is_redone_exactly_once(sharded_root, tiny_llava_dir):
+    config = caption_config(tiny_llava_dir, name="killed", batch_size=1, max_new_tokens=96, ignore_eos=True)
+    record: dict = {}
+    killer = threading.Thread(target=_kill_first_caption_worker, args=(sharded_root / "captions" / "killed", record))
+    killer.start()
+    summary = run_caption_stage(sharded_root, config)
+    killer.join()
+    assert record.get("killed") and record["outputs_at_kill"] < summary.shards, "the kill must land mid-run"
+    rows = caption_rows(sharded_root, "killed")
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == 10
+    assert all(r["num_tokens"] == 96 for r in rows)
+    assert not [p for p in (sharded_root / "captions" / "killed").iterdir() if ".tmp-" in p.name]
+
+
+def test_cli_caption_and_missing_model(sharded_root, tiny_llava_dir, capsys):
+    root = str(sharded_root)
+    assert main(["caption", root, "--model", str(tiny_llava_dir), "--name", "cli", "--max-new-tokens", "4"]) == 0
+    assert "captioned" in capsys.readouterr().out
+    assert len(caption_rows(sharded_root, "cli")) == 10
+    assert main(["caption", root, "--model", "llava-hf/not-here-hf"]) == 2
+    assert "'llava-hf/not-here-hf' is not available" in capsys.readouterr().err
+
+
+def test_make_tiny_writes_a_loadable_model(tmp_path, capsys):
+    assert main(["models", "make-tiny", str(tmp_path)]) == 0
+    assert (tmp_path / "llava" / "config.json").is_file() and (tmp_path / "llava" / "chat_template.jinja").is_file()
