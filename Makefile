@@ -28,3 +28,4 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/shard_bench.py
+	$(BIN)/python bench/caption_bench.py

@@ -64,7 +64,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the pipeline offline on the bundled sample photos",
-        description="Writes the sample photos to DIR/sample_photos and shards them into DIR/dataset.",
+        description="Writes the sample photos to DIR/sample_photos, shards them into DIR/dataset and "
+        "captions them with a tiny random-weight LLaVA (DIR/models/llava).",
     )
     p.add_argument("--out", required=True, type=Path, help="demo directory")
     p.add_argument("--workers", type=int, default=2)

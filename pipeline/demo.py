@@ -8,14 +8,24 @@ from rich.console import Console
 
 from pipeline.catalog import run_query
 from pipeline.sample_data import write_sample_folder
-from pipeline.shard_stage import run_shard_stage
 from pipeline.table_output import print_rows
+from schemas.caption_config import CaptionConfig
 from schemas.shard_config import ShardConfig
+
+TINY_MODEL_NOTE = (
+    "These captions come from a tiny random-weight LLaVA built offline: they are not meaningful; they show "
+    "the plumbing. For real dense captions run, on a GPU machine:\n"
+    "  densecurate caption ROOT --model llava-hf/llava-1.5-7b-hf --name llava15 --prompt pixart-alt "
+    "--batch-size 32 --max-new-tokens 512"
+)
 
 
 def run_demo(out: Path, *, workers: int = 2) -> Path:
-    """Shard the sample photos into ``out/dataset`` and show what was written and skipped."""
-    from pipeline.cli import print_shard_summary
+    """Shard the sample photos into ``out/dataset``, caption them with the tiny LLaVA, and show the tables."""
+    from captioner.tiny import make_tiny_llava
+    from pipeline.caption_stage import run_caption_stage
+    from pipeline.cli import print_caption_summary, print_shard_summary
+    from pipeline.shard_stage import run_shard_stage
 
     console = Console()
     photos = write_sample_folder(out / "sample_photos")
@@ -26,8 +36,25 @@ def run_demo(out: Path, *, workers: int = 2) -> Path:
     sql = "SELECT status, reason, count(*) AS n FROM samples GROUP BY ALL ORDER BY status, reason"
     console.rule(f'densecurate query {root} "{sql}"')
     print_rows(*run_query(root, sql))
-    sql = "SELECT key, width, height, alt_text FROM samples WHERE status = 'ok' ORDER BY key LIMIT 5"
-    console.rule("a few written samples")
+
+    console.rule("caption: tiny LLaVA (random weights) -> captions/tiny-llava")
+    model_dir = out / "models" / "llava"
+    if not (model_dir / "config.json").is_file():
+        make_tiny_llava(model_dir)
+    config = CaptionConfig.model_validate(
+        {
+            "name": "tiny-llava",
+            "model": {"model": str(model_dir)},
+            "generation": {"prompt": "pixart-alt", "batch_size": 8, "max_new_tokens": 48},
+        }
+    )
+    print_caption_summary(run_caption_stage(root, config), root, config.name)
+    console.print(f"[yellow]{TINY_MODEL_NOTE}[/yellow]")
+    sql = (
+        "SELECT s.key, s.alt_text, c.num_tokens, c.finish_reason, left(c.caption, 40) AS caption "
+        "FROM samples s JOIN captions c USING (key) ORDER BY s.key LIMIT 5"
+    )
+    console.rule("alt text and caption side by side")
     print_rows(*run_query(root, sql))
-    console.print(f'Shards are in {root / "shards"}; query them with: densecurate query {root} "SQL"')
+    console.print(f'Everything is under {root}; query it with: densecurate query {root} "SQL"')
     return root
