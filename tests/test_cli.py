@@ -15,10 +15,10 @@ from pipeline.sample_data import write_sample_folder
 from pipeline.shard_stage import run_shard_stage
 from schemas.shard_config import ShardConfig
 
-SUBCOMMANDS = ["shard", "query", "demo"]
+SUBCOMMANDS = ["shard", "caption", "query", "models", "demo"]
 
 
-@pytest.mark.parametrize("argv", [["--help"]] + [[cmd, "--help"] for cmd in SUBCOMMANDS])
+@pytest.mark.parametrize("argv", [["--help"], ["models", "make-tiny", "--help"]] + [[c, "--help"] for c in SUBCOMMANDS])
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
