@@ -7,10 +7,11 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: setup demo test lint bench
 
-$(BIN)/densecurate: pyproject.toml
+$(BIN)/densecurate: pyproject.toml requirements/spacy-model.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements/spacy-model.txt
 	touch $@
 
 setup: $(BIN)/densecurate

@@ -16,18 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from pipeline.catalog import refresh_catalog
+from pipeline.parquet_meta import finished_output, write_atomic
 from pipeline.ray_runner import ActorLauncher, cluster_cpus, init_ray, run_shard_jobs
 from pipeline.shard_reading import iter_shard_samples, read_shard_stats, shard_indices
-from pipeline.shard_writer import TMP_MARK, temp_path
 from schemas.caption_config import CaptionConfig
 from schemas.layout import DatasetLayout
 from schemas.tables import CAPTIONS_SCHEMA
-
-META_KEY = b"densecurate"
 
 
 @dataclass(frozen=True)
@@ -63,15 +58,7 @@ def plan_caption_jobs(root: Path, config: CaptionConfig) -> list[CaptionJob]:
 
 def finished_captions(job: CaptionJob) -> dict[str, Any] | None:
     """The stats of a complete caption file made with the same settings from the same shard, else None."""
-    if not job.out.is_file():
-        return None
-    try:
-        meta = json.loads(pq.ParquetFile(job.out).schema_arrow.metadata[META_KEY])
-    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
-        return None
-    if meta.get("fingerprint") != job.fingerprint or meta["stats"]["count"] != job.expected_rows:
-        return None
-    return meta["stats"]
+    return finished_output(job.out, job.fingerprint, job.expected_rows)
 
 
 def _row(result, config: CaptionConfig, loaded) -> dict[str, Any]:
@@ -147,15 +134,7 @@ class CaptionWorker:
         rows.sort(key=lambda r: r["key"])
         stats = caption_stats(rows, time.perf_counter() - started)
         meta = {"fingerprint": job.fingerprint, "stats": stats, "settings": json.loads(self.config.model_dump_json())}
-        table = pa.Table.from_pylist(rows, schema=CAPTIONS_SCHEMA).replace_schema_metadata(
-            {META_KEY: json.dumps(meta).encode()}
-        )
-        job.out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in job.out.parent.glob(f"{job.out.name}{TMP_MARK}*"):
-            stale.unlink(missing_ok=True)
-        tmp = temp_path(job.out)
-        pq.write_table(table, tmp)
-        os.replace(tmp, job.out)
+        write_atomic(job.out, rows, CAPTIONS_SCHEMA, meta)
         return stats
 
     def pid(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,38 @@ import duckdb
 
 from schemas.layout import DatasetLayout
 
-# view name -> Parquet glob relative to the dataset root
-VIEW_GLOBS: dict[str, str] = {"samples": "shards/*.parquet", "captions": "captions/*/*.parquet"}
+READ_ALL = "SELECT * FROM read_parquet({files}, union_by_name = true)"
+# Density rows plus, from the vocabulary, how many of each caption's nouns are valid.
+DENSITY_WITH_VALID = """
+WITH d AS (SELECT * FROM read_parquet({files}, union_by_name = true)),
+valid AS (
+    SELECT x.field, x.key, count(*) AS n_valid_nouns
+    FROM (SELECT field, key, unnest(nouns) AS noun FROM d) x
+    JOIN vocab v ON v.field = x.field AND v.noun = x.noun AND v.valid
+    GROUP BY ALL
+)
+SELECT d.*, coalesce(valid.n_valid_nouns, 0) AS n_valid_nouns,
+       CASE WHEN d.n_nouns > 0 THEN coalesce(valid.n_valid_nouns, 0) / d.n_nouns END AS valid_share
+FROM d LEFT JOIN valid USING (field, key)
+"""
+
+
+@dataclass(frozen=True)
+class View:
+    """A catalog view over the Parquet files matching ``glob`` (relative to the root)."""
+
+    name: str
+    glob: str
+    select: str = READ_ALL
+    requires: tuple[str, ...] = ()
+
+
+VIEWS: tuple[View, ...] = (
+    View("samples", "shards/*.parquet"),
+    View("captions", "captions/*/*.parquet"),
+    View("vocab", "vocab/*.parquet"),
+    View("density", "density/*/*.parquet", DENSITY_WITH_VALID, requires=("vocab",)),
+)
 
 
 def _sql_string(text: str) -> str:
@@ -21,7 +52,11 @@ def _sql_string(text: str) -> str:
 
 def _available_views(layout: DatasetLayout) -> dict[str, str]:
     root = layout.root.resolve()
-    return {name: str(root / glob) for name, glob in VIEW_GLOBS.items() if any(root.glob(glob))}
+    found: dict[str, str] = {}
+    for view in VIEWS:
+        if any(root.glob(view.glob)) and all(r in found for r in view.requires):
+            found[view.name] = str(root / view.glob)
+    return found
 
 
 def refresh_catalog(layout: DatasetLayout) -> Path:
@@ -31,10 +66,10 @@ def refresh_catalog(layout: DatasetLayout) -> Path:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     with duckdb.connect(str(tmp)) as con:
-        for name, pattern in views.items():
-            con.execute(
-                f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_string(pattern)}, union_by_name = true)"
-            )
+        for view in VIEWS:
+            if view.name in views:
+                select = view.select.format(files=_sql_string(views[view.name]))
+                con.execute(f"CREATE VIEW {view.name} AS {select}")
         con.execute("CREATE TABLE catalog_info (info VARCHAR)")
         con.execute("INSERT INTO catalog_info VALUES (?)", [json.dumps(views, sort_keys=True)])
     os.replace(tmp, target)
@@ -50,14 +85,19 @@ def _catalog_is_current(layout: DatasetLayout) -> bool:
     return json.loads(stored) == _available_views(layout)
 
 
-def run_query(root: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run ``sql`` on a read-only connection to the root's catalog; returns column names and rows."""
+def connect(root: Path) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the root's catalog, refreshed first when tables appeared or moved."""
     layout = DatasetLayout(root)
     if not layout.root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist")
     if not (layout.catalog_path.is_file() and _catalog_is_current(layout)):
         refresh_catalog(layout)
-    with duckdb.connect(str(layout.catalog_path), read_only=True) as con:
-        cursor = con.execute(sql)
+    return duckdb.connect(str(layout.catalog_path), read_only=True)
+
+
+def run_query(root: Path, sql: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run ``sql`` on a read-only connection to the root's catalog; returns column names and rows."""
+    with connect(root) as con:
+        cursor = con.execute(sql, params or [])
         columns = [d[0] for d in cursor.description] if cursor.description else []
         return columns, cursor.fetchall()

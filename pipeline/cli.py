@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Sequence
@@ -15,8 +16,10 @@ from rich.table import Table
 
 from captioner.errors import ModelNotAvailableError
 from pipeline.catalog import run_query
+from pipeline.nouns import SpacyModelNotAvailableError
 from pipeline.table_output import print_rows
 from schemas.caption_config import CaptionConfig
+from schemas.score_config import ALT_TEXT_FIELD, DEFAULT_SPACY_MODEL, NounSettings, ScoreConfig
 from schemas.shard_config import ShardConfig
 
 console = Console(stderr=True)
@@ -111,6 +114,51 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     tiny.set_defaults(handler=_cmd_make_tiny)
 
 
+def _add_nouns_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spacy-model", default=DEFAULT_SPACY_MODEL, help="installed spaCy pipeline")
+    p.add_argument("--nouns", default="all", choices=["all", "common"], help="all: NOUN+PROPN; common: NOUN")
+    p.add_argument("--min-count", type=int, default=10, help="a noun is valid when seen more than this often")
+
+
+def _add_score_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="concept density: nouns per caption for alt text and captioners, and each field's vocabulary",
+        description="Writes ROOT/density/FIELD/NNNNN.parquet and ROOT/vocab/FIELD.parquet.",
+    )
+    p.add_argument("root", type=Path, help="dataset root")
+    p.add_argument(
+        "--field", action="append", help="alt_text or a captioner name; repeat for several (default: alt_text)"
+    )
+    _add_nouns_options(p)
+    p.add_argument("--workers", type=int, help="spaCy processes (default: every CPU)")
+    p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray)")
+    p.set_defaults(handler=_cmd_score)
+
+
+def _add_density_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "density",
+        help="the Table-1 row of a caption table on its own (Parquet, CSV or JSONL; no images needed)",
+        description="Scores one text column and prints PixArt-alpha's Table-1 numbers for it.",
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--column", required=True, help="the caption column")
+    _add_nouns_options(p)
+    p.add_argument("--format", default="table", choices=["table", "json"])
+    p.set_defaults(handler=_cmd_density)
+
+
+def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="the common questions: counts by status and source, captions, nouns per image, top nouns",
+        description="Runs the common DuckDB queries on the dataset root's catalog.",
+    )
+    p.add_argument("root", type=Path, help="dataset root")
+    p.set_defaults(handler=_cmd_stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -121,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shard_parser(sub)
     _add_query_parser(sub)
     _add_caption_parser(sub)
+    _add_score_parser(sub)
+    _add_density_parser(sub)
+    _add_stats_parser(sub)
     _add_models_parser(sub)
     _add_demo_parser(sub)
     return parser
@@ -236,6 +287,58 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _noun_settings(args: argparse.Namespace) -> dict:
+    return {"spacy_model": args.spacy_model, "nouns": args.nouns}
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.score_stage import run_score_stage
+
+    config = ScoreConfig.model_validate(
+        {
+            "fields": args.field or [ALT_TEXT_FIELD],
+            "nouns": _noun_settings(args),
+            "min_count": args.min_count,
+            "workers": args.workers,
+            "ray_address": args.ray_address,
+        }
+    )
+    results = run_score_stage(args.root, config)
+    table = Table("field", "captions", "missing", "nouns", "distinct texts tagged", "shards", title="score stage")
+    for r in results:
+        t = r.totals
+        shards = f"{r.shards} ({r.shards_reused} already done)"
+        table.add_row(
+            r.field, str(t["count"]), str(t["missing"]), str(t["total_nouns"]), str(t["texts_tagged"]), shards
+        )
+    Console().print(table)
+    from pipeline.report import print_table1
+
+    print_table1(args.root)
+    return 0
+
+
+def _cmd_density(args: argparse.Namespace) -> int:
+    from pipeline.density_file import score_file
+
+    settings = NounSettings.model_validate(_noun_settings(args))
+    row = score_file(args.file, args.column, settings, min_count=args.min_count)
+    if args.format == "json":
+        print(json.dumps(row.as_json(), indent=1))
+    else:
+        from pipeline.report import table1_table
+
+        Console().print(table1_table([row], title=f"{args.file} [{args.column}]"))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from pipeline.stats_queries import print_stats
+
+    print_stats(args.root)
+    return 0
+
+
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from captioner.tiny import make_tiny_llava
 
@@ -268,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             option = "--" + str(err["loc"][-1]).replace("_", "-")
             console.print(f"[red]error:[/red] {field} ({option}): {err['msg']}")
         return 2
-    except (FileNotFoundError, ValueError, duckdb.Error, ModelNotAvailableError) as exc:
+    except (FileNotFoundError, ValueError, duckdb.Error, ModelNotAvailableError, SpacyModelNotAvailableError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
 

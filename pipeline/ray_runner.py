@@ -93,7 +93,7 @@ def run_shard_jobs(
     finished: Callable[[JobT], Stats | None],
     items_in: Callable[[JobT], int],
     label: str = "shards",
-    item_label: str = "images",
+    item_label: str | None = "images",
 ) -> StageRun:
     """Launch every job that ``finished`` does not vouch for; a rich progress bar counts shards and items."""
     import ray
@@ -111,7 +111,7 @@ def run_shard_jobs(
     started = time.perf_counter()
     with Progress(*columns, transient=False) as progress:
         shard_bar = progress.add_task(label, total=len(jobs), completed=run.reused)
-        item_bar = progress.add_task(item_label, total=sum(items_in(j) for j in todo))
+        item_bar = progress.add_task(item_label, total=sum(items_in(j) for j in todo)) if item_label else None
         queue = list(reversed(todo))
         pending: dict[Any, JobT] = {}
         while queue or pending:
@@ -125,6 +125,7 @@ def run_shard_jobs(
             run.produced += 1
             run.items_processed += items_in(job)
             progress.advance(shard_bar)
-            progress.advance(item_bar, items_in(job))
+            if item_bar is not None:
+                progress.advance(item_bar, items_in(job))
     run.seconds = time.perf_counter() - started
     return run

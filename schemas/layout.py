@@ -46,6 +46,12 @@ class DatasetLayout:
     def caption_file(self, name: str, index: int) -> Path:
         return self.captions_dir(name) / f"{shard_stem(index)}.parquet"
 
+    def density_file(self, field: str, index: int) -> Path:
+        return self.root / "density" / field / f"{shard_stem(index)}.parquet"
+
+    def vocab_file(self, field: str) -> Path:
+        return self.root / "vocab" / f"{field}.parquet"
+
     def shard_files(self, index: int) -> ShardFiles:
         stem = shard_stem(index)
         d = self.shards_dir

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# Key of the file-level Parquet metadata where a stage stores its fingerprint and stats (JSON).
+PARQUET_META_KEY = b"densecurate"
+
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
 
@@ -53,5 +56,17 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field("top_p", pa.float32()),
         pa.field("seed", pa.int64()),
         pa.field("max_new_tokens", pa.int32()),
+    ]
+)
+
+# One row per scored key of a field (ROOT/density/FIELD/NNNNN.parquet).
+DENSITY_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("field", pa.string(), nullable=False),  # alt_text or a captioner name
+        pa.field("missing", pa.bool_(), nullable=False),  # no caption (or a blank one): zero nouns
+        pa.field("n_tokens", pa.int32(), nullable=False),  # words (spaCy tokens without punctuation)
+        pa.field("n_nouns", pa.int32(), nullable=False),
+        pa.field("nouns", pa.list_(pa.string()), nullable=False),  # lower-cased lemmas, in order
     ]
 )

