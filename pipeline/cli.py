@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
+import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
@@ -19,10 +20,17 @@ from pipeline.catalog import run_query
 from pipeline.nouns import SpacyModelNotAvailableError
 from pipeline.table_output import print_rows
 from schemas.caption_config import CaptionConfig
-from schemas.score_config import ALT_TEXT_FIELD, DEFAULT_SPACY_MODEL, NounSettings, ScoreConfig
+from schemas.score_config import (
+    ALT_TEXT_FIELD,
+    DEFAULT_SPACY_MODEL,
+    CurateConfig,
+    CurateRules,
+    NounSettings,
+    ScoreConfig,
+)
 from schemas.shard_config import ShardConfig
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
@@ -149,6 +157,41 @@ def _add_density_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_density)
 
 
+def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "curate",
+        help="keep samples whose chosen caption is dense enough, as new webdataset shards",
+        description="Writes OUT/NNNNN.tar (KEY.jpg, KEY.txt = the caption of --field, KEY.json with density), "
+        "OUT/NNNNN.parquet and OUT/NNNNN_stats.json, and prints how many samples each rule removed. "
+        "Rules come from --config (YAML with the keys min_valid_nouns, min_nouns, drop_flagged, min_words); "
+        "options given on the command line override it.",
+    )
+    p.add_argument("root", type=Path, help="dataset root (scored for --field)")
+    p.add_argument("--field", required=True, help="alt_text or a captioner name: the caption to keep")
+    p.add_argument("--out", required=True, type=Path, help="output folder of the curated shards")
+    p.add_argument("--min-valid-nouns", type=int, help="drop captions with fewer valid noun occurrences")
+    p.add_argument("--min-nouns", type=int, help="drop captions with fewer noun occurrences")
+    p.add_argument("--min-words", type=int, help="drop captions with fewer words (default 1: no caption)")
+    p.add_argument("--drop-flagged", action="store_true", default=None, help="drop truncated/repetitive/empty")
+    p.add_argument("--config", type=Path, help="curate.yaml with the rules")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray)")
+    p.set_defaults(handler=_cmd_curate)
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="compare caption fields: Table-1 rows side by side, noun distributions, long tail, flags",
+        description="Prints the report; with --html also writes one self-contained page with plots and a gallery.",
+    )
+    p.add_argument("root", type=Path, help="dataset root (scored)")
+    p.add_argument("--html", type=Path, help="write the HTML report here")
+    p.add_argument("--gallery", type=int, default=8, help="samples in the HTML gallery")
+    p.add_argument("--spacy-model", default=DEFAULT_SPACY_MODEL, help="for marking nouns in the gallery")
+    p.set_defaults(handler=_cmd_report)
+
+
 def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stats",
@@ -172,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_parser(sub)
     _add_density_parser(sub)
     _add_stats_parser(sub)
+    _add_report_parser(sub)
+    _add_curate_parser(sub)
     _add_models_parser(sub)
     _add_demo_parser(sub)
     return parser
@@ -329,6 +374,56 @@ def _cmd_density(args: argparse.Namespace) -> int:
         from pipeline.report import table1_table
 
         Console().print(table1_table([row], title=f"{args.file} [{args.column}]"))
+    return 0
+
+
+def curate_config_from_args(args: argparse.Namespace) -> CurateConfig:
+    """Rules from --config, overridden by the options given; validated with the file named in errors."""
+    rules: dict = {}
+    if args.config:
+        loaded = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of rules, got {type(loaded).__name__}")
+        rules = loaded.get("rules", loaded)
+        try:
+            CurateRules.model_validate(rules)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{args.config}: {where}: {err['msg']}") from None
+    for name in ("min_valid_nouns", "min_nouns", "min_words", "drop_flagged"):
+        if getattr(args, name) is not None:
+            rules[name] = getattr(args, name)
+    return CurateConfig.model_validate(
+        {"field": args.field, "rules": rules, "workers": args.workers, "ray_address": args.ray_address}
+    )
+
+
+def _cmd_curate(args: argparse.Namespace) -> int:
+    from pipeline.curate_stage import RULE_ORDER, run_curate_stage
+
+    config = curate_config_from_args(args)
+    summary = run_curate_stage(args.root, args.out, config)
+    table = Table(title=f"curate {config.field} -> {args.out}", show_header=False)
+    table.add_row("samples", str(summary.inputs))
+    for rule in RULE_ORDER:
+        table.add_row(f"  removed by {rule}", str(summary.removed_by_rule.get(rule, 0)))
+    table.add_row("kept", str(summary.kept))
+    table.add_row("shards", f"{summary.shards} ({summary.shards_reused} already done)")
+    Console().print(table)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import gather_report, print_report
+
+    reports = gather_report(args.root)
+    print_report(reports)
+    if args.html:
+        from pipeline.report_html import write_html_report
+
+        write_html_report(args.root, reports, args.html, gallery=args.gallery, spacy_model=args.spacy_model)
+        Console().print(f"HTML report written to {args.html}")
     return 0
 
 

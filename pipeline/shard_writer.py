@@ -55,8 +55,9 @@ def read_stats(files: ShardFiles) -> dict[str, Any] | None:
 class ShardWriter:
     """Collects a shard's rows and tar samples, then commits all three files."""
 
-    def __init__(self, files: ShardFiles) -> None:
+    def __init__(self, files: ShardFiles, schema: pa.Schema = SAMPLES_SCHEMA) -> None:
         self.files = files
+        self.schema = schema
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
         files.tar.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,7 @@ class ShardWriter:
         self._tar_file.close()
         os.replace(self._tar_tmp, self.files.tar)
         parquet_tmp = temp_path(self.files.parquet)
-        pq.write_table(pa.Table.from_pylist(self.rows, schema=SAMPLES_SCHEMA), parquet_tmp)
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), parquet_tmp)
         os.replace(parquet_tmp, self.files.parquet)
         skipped = Counter(r["reason"] for r in self.rows if r["status"] == STATUS_SKIPPED)
         ok = len(self.rows) - sum(skipped.values())

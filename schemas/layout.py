@@ -26,6 +26,14 @@ class ShardFiles:
         return (self.tar, self.parquet, self.stats)
 
 
+def shard_files_in(directory: Path, index: int) -> ShardFiles:
+    """The tar, Parquet and stats file of shard ``index`` in ``directory``."""
+    stem = shard_stem(index)
+    return ShardFiles(
+        tar=directory / f"{stem}.tar", parquet=directory / f"{stem}.parquet", stats=directory / f"{stem}_stats.json"
+    )
+
+
 @dataclass(frozen=True)
 class DatasetLayout:
     """Paths under one dataset root."""
@@ -53,6 +61,4 @@ class DatasetLayout:
         return self.root / "vocab" / f"{field}.parquet"
 
     def shard_files(self, index: int) -> ShardFiles:
-        stem = shard_stem(index)
-        d = self.shards_dir
-        return ShardFiles(tar=d / f"{stem}.tar", parquet=d / f"{stem}.parquet", stats=d / f"{stem}_stats.json")
+        return shard_files_in(self.shards_dir, index)

@@ -70,3 +70,20 @@ DENSITY_SCHEMA = pa.schema(
         pa.field("nouns", pa.list_(pa.string()), nullable=False),  # lower-cased lemmas, in order
     ]
 )
+
+# One row per written sample of the source shard (OUT/NNNNN.parquet of `densecurate curate`):
+# status ok = kept in OUT/NNNNN.tar, skipped = removed, with the first rule it failed as reason.
+CURATED_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("field", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("n_tokens", pa.int32()),
+        pa.field("n_nouns", pa.int32()),
+        pa.field("n_valid_nouns", pa.int32()),
+        pa.field("flagged", pa.bool_()),
+    ]
+)

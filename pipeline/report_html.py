@@ -1,0 +1,211 @@
+"""The self-contained HTML report: tables, matplotlib plots and a gallery with valid and rare nouns marked."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import defaultdict
+from pathlib import Path
+
+import duckdb
+
+from pipeline.catalog import connect
+from pipeline.nouns import NOUN_POS, load_spacy
+from pipeline.report import FieldReport
+from pipeline.shard_reading import iter_shard_samples
+from schemas.layout import DatasetLayout
+from schemas.score_config import ALT_TEXT_FIELD
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 1rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+.plots img { max-width: 48%; margin-right: 1%; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 1rem; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 0.6rem; }
+.card img { max-width: 100%; display: block; margin-bottom: 0.4rem; }
+.field { font-size: 0.8rem; color: #666; margin-top: 0.4rem; }
+mark.valid { background: #b7e4c7; }
+mark.rare { background: #ffd6a5; }
+#broken-images { color: #b00; font-weight: bold; }
+"""
+# Shows, on the page itself, how many pictures failed to render (the tests read it too).
+IMAGE_CHECK = """
+window.addEventListener('load', () => {
+  const broken = [...document.images].filter(img => !img.complete || img.naturalWidth === 0).length;
+  document.body.dataset.brokenImages = String(broken);
+  if (broken) document.getElementById('broken-images').textContent = broken + ' images could not be shown.';
+});
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(reports: list[FieldReport]) -> list[tuple[str, str]]:
+    """(title, base64 PNG): nouns-per-image histograms and noun rank-frequency, one line per field."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist, ax = plt.subplots(figsize=(6, 4))
+    for r in reports:
+        xs = [n for n, _ in r.nouns_histogram]
+        ax.step(xs, [c for _, c in r.nouns_histogram], where="mid", label=r.row.field)
+    ax.set(xlabel="nouns in a caption", ylabel="captions", title="nouns per image")
+    ax.legend()
+    rank, ax2 = plt.subplots(figsize=(6, 4))
+    for r in reports:
+        if r.rank_counts:
+            ax2.loglog(range(1, len(r.rank_counts) + 1), r.rank_counts, label=r.row.field)
+    ax2.axhline(reports[0].min_count, color="grey", linestyle=":", label="min-count (valid above)")
+    ax2.set(xlabel="noun rank", ylabel="occurrences", title="noun rank-frequency")
+    ax2.legend()
+    out = [("nouns per image", _png(hist)), ("noun rank-frequency", _png(rank))]
+    plt.close(hist)
+    plt.close(rank)
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _summary_tables(reports: list[FieldReport]) -> str:
+    names = [r.row.field for r in reports]
+    table1 = [
+        ["captions", *(f"{r.row.n_captions:,}" for r in reports)],
+        ["VN / DN", *(r.row.vn_dn() for r in reports)],
+        ["total nouns", *(f"{r.row.total_nouns:,}" for r in reports)],
+        ["nouns per image", *(f"{r.row.nouns_per_caption:.1f}" for r in reports)],
+        ["nouns per image p10 / median / p90", *("{:.0f} / {:.0f} / {:.0f}".format(*r.quantiles) for r in reports)],
+        ["words per caption (mean)", *(f"{r.words_mean:.1f}" for r in reports)],
+        ["distinct nouns seen <= min-count times", *(f"{100 * r.tail_distinct_share:.1f}%" for r in reports)],
+        ["noun occurrences from those nouns", *(f"{100 * r.tail_occurrence_share:.1f}%" for r in reports)],
+    ]
+    for flag in ("truncated", "repetitive", "empty"):
+        table1.append([f"flagged {flag}", *(f"{100 * r.flags[flag]:.1f}%" if r.flags else "-" for r in reports)])
+    depth = max((len(r.top_nouns) for r in reports), default=0)
+    top = [
+        [str(i + 1), *(f"{r.top_nouns[i][0]} ({r.top_nouns[i][1]})" if i < len(r.top_nouns) else "" for r in reports)]
+        for i in range(depth)
+    ]
+    return (
+        "<h2>Concept density (PixArt-α Table 1)</h2>"
+        + _table(["", *names], table1)
+        + "<h2>Most frequent nouns</h2>"
+        + _table(["rank", *names], top)
+    )
+
+
+def _gallery_samples(con: duckdb.DuckDBPyConnection, root: Path, n: int) -> list[tuple[str, str]]:
+    """``(key, shard tar)`` of ``n`` written samples, picked by a hash of the key (stable across runs)."""
+    shards = str(DatasetLayout(root).shards_dir.resolve() / "*.parquet")
+    rows = con.execute(
+        "SELECT key, filename FROM read_parquet(?, filename = true) WHERE status = 'ok' ORDER BY hash(key) LIMIT ?",
+        [shards, n],
+    ).fetchall()
+    return [(key, str(Path(parquet).with_suffix(".tar"))) for key, parquet in rows]
+
+
+def _thumbnails(samples: list[tuple[str, str]]) -> dict[str, str]:
+    from PIL import Image
+
+    wanted = defaultdict(set)
+    for key, tar in samples:
+        wanted[tar].add(key)
+    thumbs = {}
+    for tar, keys in wanted.items():
+        for key, members in iter_shard_samples(Path(tar)):
+            if key in keys:
+                im = Image.open(io.BytesIO(members["jpg"])).convert("RGB")
+                im.thumbnail((320, 320))
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=85)
+                thumbs[key] = base64.b64encode(buf.getvalue()).decode()
+    return thumbs
+
+
+def _captions(con: duckdb.DuckDBPyConnection, keys: list[str], fields: list[str]) -> dict[tuple[str, str], str]:
+    found = {}
+    if ALT_TEXT_FIELD in fields:
+        for key, text in con.execute(
+            "SELECT key, alt_text FROM samples WHERE list_contains(?, key)", [keys]
+        ).fetchall():
+            found[(ALT_TEXT_FIELD, key)] = text
+    captioners = [f for f in fields if f != ALT_TEXT_FIELD]
+    if captioners:
+        for name, key, text in con.execute(
+            "SELECT captioner, key, caption FROM captions WHERE list_contains(?, key) AND list_contains(?, captioner)",
+            [keys, captioners],
+        ).fetchall():
+            found[(name, key)] = text
+    return found
+
+
+def _marked(nlp, text: str | None, valid: set[str], pos: frozenset[str]) -> str:
+    """The caption as HTML with each noun marked valid (seen more than min-count times) or rare."""
+    if not text:
+        return "<em>no caption</em>"
+    parts = []
+    for token in nlp(text):
+        word = html.escape(token.text)
+        if token.pos_ in pos and any(c.isalpha() for c in token.lemma_):
+            kind = "valid" if token.lemma_.lower() in valid else "rare"
+            word = f'<mark class="{kind}" title="{html.escape(token.lemma_.lower())}">{word}</mark>'
+        parts.append(word + html.escape(token.whitespace_))
+    return "".join(parts)
+
+
+def _gallery(root: Path, fields: list[str], n: int, spacy_model: str) -> str:
+    with connect(root) as con:
+        samples = _gallery_samples(con, root, n)
+        keys = [k for k, _ in samples]
+        captions = _captions(con, keys, fields)
+        valid = {
+            f: {w for (w,) in con.execute("SELECT noun FROM vocab WHERE field = ? AND valid", [f]).fetchall()}
+            for f in fields
+        }
+    thumbs = _thumbnails(samples)
+    nlp = load_spacy(spacy_model)
+    cards = []
+    for key in keys:
+        body = [
+            f'<img src="data:image/jpeg;base64,{thumbs[key]}" alt="{html.escape(key)}">',
+            f"<b>{html.escape(key)}</b>",
+        ]
+        for f in fields:
+            marked = _marked(nlp, captions.get((f, key)), valid[f], NOUN_POS["all"])
+            body.append(f'<div class="field">{html.escape(f)}</div><div>{marked}</div>')
+        cards.append('<div class="card">' + "".join(body) + "</div>")
+    legend = (
+        '<p><mark class="valid">valid noun</mark> (seen more than min-count times) · '
+        '<mark class="rare">rare noun</mark></p>'
+    )
+    return "<h2>Gallery</h2>" + legend + '<div class="gallery">' + "".join(cards) + "</div>"
+
+
+def write_html_report(root: Path, reports: list[FieldReport], out: Path, *, gallery: int, spacy_model: str) -> Path:
+    """Write the report page to ``out`` (images and plots embedded: one file, no network)."""
+    fields = [r.row.field for r in reports]
+    plots = "".join(f'<img src="data:image/png;base64,{png}" alt="{html.escape(t)}">' for t, png in _plots(reports))
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>densecurate report: {html.escape(str(root))}</title><style>{STYLE}</style></head>"
+        f'<body><h1>densecurate report</h1><p>{html.escape(str(root))}</p><p id="broken-images"></p>'
+        + _summary_tables(reports)
+        + f'<h2>Plots</h2><div class="plots">{plots}</div>'
+        + _gallery(root, fields, gallery, spacy_model)
+        + f"<script>{IMAGE_CHECK}</script></body></html>"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out

@@ -1,0 +1,141 @@
+"""Curation rules, the report (console and HTML in headless Chromium), on a real shard -> caption -> score run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+from pipeline.caption_stage import run_caption_stage
+from pipeline.catalog import run_query
+from pipeline.cli import main
+from pipeline.curate_stage import first_failed_rule, run_curate_stage
+from pipeline.sample_data import write_sample_folder
+from pipeline.score_stage import run_score_stage
+from pipeline.shard_stage import run_shard_stage
+from schemas.caption_config import CaptionConfig
+from schemas.score_config import CurateConfig, CurateRules, ScoreConfig
+from schemas.shard_config import ShardConfig
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(ray_local, tiny_llava_dir, tmp_path_factory):
+    """shard -> caption (tiny LLaVA) -> score alt_text and the captions: the real stages, end to end."""
+    base = tmp_path_factory.mktemp("curate")
+    root = base / "root"
+    run_shard_stage([write_sample_folder(base / "photos")], root, ShardConfig(shard_size=4))
+    caption = {"name": "tiny", "model": {"model": str(tiny_llava_dir)}, "generation": {"max_new_tokens": 24}}
+    run_caption_stage(root, CaptionConfig.model_validate(caption))
+    run_score_stage(root, ScoreConfig(fields=("alt_text", "tiny"), min_count=1))
+    return root
+
+
+def test_rules_in_order():
+    rules = CurateRules(min_words=2, drop_flagged=True, min_nouns=2, min_valid_nouns=1)
+    sample = {"caption": "a cat on a sofa", "n_tokens": 5, "flagged": False, "n_nouns": 2, "n_valid_nouns": 1}
+    assert first_failed_rule(sample, rules) is None
+    assert first_failed_rule({**sample, "caption": None, "n_tokens": None}, rules)[0] == "missing_caption"
+    assert first_failed_rule({**sample, "n_tokens": 1}, rules)[0] == "min_words"
+    assert first_failed_rule({**sample, "flagged": True, "n_nouns": 0}, rules)[0] == "drop_flagged"
+    assert first_failed_rule({**sample, "n_nouns": 1}, rules)[0] == "min_nouns"
+    assert first_failed_rule({**sample, "n_valid_nouns": 0}, rules)[0] == "min_valid_nouns"
+
+
+def test_curate_alt_text_by_noun_count(pipeline_root, tmp_path):
+    expected_kept = run_query(pipeline_root, "SELECT count(*) FROM density WHERE field = 'alt_text' AND n_nouns >= 4")[
+        1
+    ][0][0]
+    config = CurateConfig(field="alt_text", rules=CurateRules(min_nouns=4))
+    summary = run_curate_stage(pipeline_root, tmp_path / "curated", config)
+    assert summary.inputs == 10 and summary.kept == expected_kept
+    assert summary.removed_by_rule == {"min_nouns": 10 - expected_kept}
+    assert 0 < expected_kept < 10, "the rule must keep some and drop some"
+    kept_txt = {}
+    for tar in sorted((tmp_path / "curated").glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for member in tf:
+                key, ext = member.name.split(".", 1)
+                data = tf.extractfile(member).read()
+                if ext == "txt":
+                    kept_txt[key] = data.decode()
+                if ext == "json":
+                    meta = json.loads(data)
+                    assert meta["caption_field"] == "alt_text" and meta["density"]["n_nouns"] >= 4
+    alt = dict(run_query(pipeline_root, "SELECT key, alt_text FROM samples WHERE status = 'ok'")[1])
+    assert kept_txt and all(alt[k] == v for k, v in kept_txt.items())
+    again = run_curate_stage(pipeline_root, tmp_path / "curated", config)
+    assert again.shards_reused == again.shards == 4
+
+
+def test_curate_captions_drop_flagged(pipeline_root, tmp_path):
+    flagged = run_query(
+        pipeline_root, "SELECT count(*) FROM captions WHERE captioner = 'tiny' AND (truncated OR repetitive OR empty)"
+    )[1][0][0]
+    summary = run_curate_stage(
+        pipeline_root, tmp_path / "c", CurateConfig(field="tiny", rules=CurateRules(drop_flagged=True))
+    )
+    assert summary.removed_by_rule.get("drop_flagged", 0) == flagged > 0
+    assert summary.kept + sum(summary.removed_by_rule.values()) == 10
+
+
+def test_curate_yaml_config_and_its_errors(pipeline_root, tmp_path, capsys):
+    good = tmp_path / "curate.yaml"
+    good.write_text("min_nouns: 4\ndrop_flagged: false\n")
+    out = tmp_path / "yaml_out"
+    assert main(["curate", str(pipeline_root), "--field", "alt_text", "--out", str(out), "--config", str(good)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"removed by min_nouns\s*│\s*[1-9]", printed)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("min_nouns: many\n")
+    assert main(["curate", str(pipeline_root), "--field", "alt_text", "--out", str(out), "--config", str(bad)]) == 2
+    assert "bad.yaml: min_nouns: Input should be a valid integer" in capsys.readouterr().err
+    bad.write_text("min_noun: 3\n")
+    assert main(["curate", str(pipeline_root), "--field", "alt_text", "--out", str(out), "--config", str(bad)]) == 2
+    assert "bad.yaml: min_noun: Extra inputs are not permitted" in capsys.readouterr().err
+
+
+def test_curate_needs_a_scored_field(pipeline_root, tmp_path, capsys):
+    assert main(["curate", str(pipeline_root), "--field", "other", "--out", str(tmp_path / "x")]) == 2
+    assert "densecurate score" in capsys.readouterr().err
+
+
+def test_report_on_the_console(pipeline_root, capsys):
+    assert main(["report", str(pipeline_root)]) == 0
+    out = capsys.readouterr().out
+    for text in ("VN / DN", "nouns per image", "most frequent nouns", "captions flagged truncated", "alt_text", "tiny"):
+        assert text in out
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return found
+
+
+@pytest.mark.slow
+def test_html_report_renders_in_chromium(pipeline_root, tmp_path):
+    page = tmp_path / "report.html"
+    assert main(["report", str(pipeline_root), "--html", str(page), "--gallery", "6"]) == 0
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text, "the page must be self-contained"
+    assert text.count('<mark class="valid"') + text.count('<mark class="rare"') > 0
+    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
+    browser += ["--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}"]
+    result = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    assert 'data-broken-images="0"' in dom
+    assert dom.count("<img") == 6 + 2  # gallery thumbnails and two plots
+    console_errors = [line for line in result.stderr.splitlines() if "CONSOLE" in line and "rror" in line]
+    assert console_errors == []
+    shot = tmp_path / "report.png"
+    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()], timeout=120)
+    assert shot.stat().st_size > 10_000
