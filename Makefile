@@ -30,3 +30,4 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/shard_bench.py
 	$(BIN)/python bench/caption_bench.py
+	$(BIN)/python bench/score_bench.py

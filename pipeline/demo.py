@@ -10,6 +10,7 @@ from pipeline.catalog import run_query
 from pipeline.sample_data import write_sample_folder
 from pipeline.table_output import print_rows
 from schemas.caption_config import CaptionConfig
+from schemas.score_config import ALT_TEXT_FIELD, DEFAULT_SPACY_MODEL, CurateConfig, ScoreConfig
 from schemas.shard_config import ShardConfig
 
 TINY_MODEL_NOTE = (
@@ -21,10 +22,14 @@ TINY_MODEL_NOTE = (
 
 
 def run_demo(out: Path, *, workers: int = 2) -> Path:
-    """Shard the sample photos into ``out/dataset``, caption them with the tiny LLaVA, and show the tables."""
+    """Shard the sample photos into ``out/dataset``, caption them with the tiny LLaVA, score, report, curate."""
     from captioner.tiny import make_tiny_llava
     from pipeline.caption_stage import run_caption_stage
     from pipeline.cli import print_caption_summary, print_shard_summary
+    from pipeline.curate_stage import run_curate_stage
+    from pipeline.report import gather_report, print_report
+    from pipeline.report_html import write_html_report
+    from pipeline.score_stage import run_score_stage
     from pipeline.shard_stage import run_shard_stage
 
     console = Console()
@@ -56,5 +61,18 @@ def run_demo(out: Path, *, workers: int = 2) -> Path:
     )
     console.rule("alt text and caption side by side")
     print_rows(*run_query(root, sql))
+
+    console.rule("score: concept density of alt text and captions")
+    run_score_stage(root, ScoreConfig(fields=(ALT_TEXT_FIELD, config.name), workers=workers))
+    reports = gather_report(root)
+    print_report(reports)
+    report_page = write_html_report(root, reports, out / "report.html", gallery=8, spacy_model=DEFAULT_SPACY_MODEL)
+
+    console.rule("curate: alt text with at least 3 nouns -> curated/")
+    curated = run_curate_stage(root, out / "curated", CurateConfig(field=ALT_TEXT_FIELD, rules={"min_nouns": 3}))
+    console.print(
+        f"kept {curated.kept} of {curated.inputs}; removed by rule: {dict(curated.removed_by_rule) or 'none'}"
+    )
+    console.print(f"Report page: {report_page}")
     console.print(f'Everything is under {root}; query it with: densecurate query {root} "SQL"')
     return root

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from pipeline.sample_data import write_sample_folder
 from pipeline.shard_stage import run_shard_stage
 from schemas.shard_config import ShardConfig
 
-SUBCOMMANDS = ["shard", "caption", "query", "models", "demo"]
+SUBCOMMANDS = ["shard", "caption", "score", "density", "stats", "report", "curate", "query", "models", "demo"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["models", "make-tiny", "--help"]] + [[c, "--help"] for c in SUBCOMMANDS])
@@ -91,6 +92,12 @@ def test_demo_runs_offline(tmp_path):
         text=True,
         timeout=300,
         check=True,
+        env={**os.environ, "COLUMNS": "250"},
     )
-    assert "written" in result.stdout and "too_small" in result.stdout
-    assert len(list((tmp_path / "demo" / "dataset" / "shards").glob("*.tar"))) == 4
+    assert "written" in result.stdout and "too_small" in result.stdout and "not meaningful" in result.stdout
+    demo = tmp_path / "demo"
+    assert len(list((demo / "dataset" / "shards").glob("*.tar"))) == 4
+    assert len(list((demo / "dataset" / "captions" / "tiny-llava").glob("*.parquet"))) == 4
+    assert (demo / "dataset" / "vocab" / "tiny-llava.parquet").is_file()
+    assert len(list((demo / "curated").glob("*.tar"))) == 4
+    assert "<img" in (demo / "report.html").read_text()
