@@ -33,6 +33,11 @@ from schemas.shard_config import ShardConfig
 console = Console(stderr=True, soft_wrap=True)
 
 
+def _add_ray_options(p: argparse.ArgumentParser, workers_help: str) -> None:
+    p.add_argument("--workers", type=int, help=workers_help)
+    p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray on 127.0.0.1)")
+
+
 def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "shard",
@@ -54,8 +59,7 @@ def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-column", default="image_path", help="parquet: column with the image path")
     p.add_argument("--caption-column", default="caption", help="parquet: column with the alt text")
     p.add_argument("--id-column", help="parquet: column with the original id (default: the image path)")
-    p.add_argument("--workers", type=int, help="shards processed at once (default: every CPU)")
-    p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray)")
+    _add_ray_options(p, "shards processed at once (default: every CPU)")
     p.set_defaults(handler=_cmd_shard)
 
 
@@ -104,8 +108,7 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", help="model revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
     p.add_argument("--gpus-per-worker", type=float, default=1.0)
-    p.add_argument("--workers", type=int, help="model replicas (default: one per GPU, or 1 on CPU)")
-    p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray)")
+    _add_ray_options(p, "model replicas (default: one per GPU, or 1 on CPU)")
     p.set_defaults(handler=_cmd_caption)
 
 
@@ -139,8 +142,7 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
         "--field", action="append", help="alt_text or a captioner name; repeat for several (default: alt_text)"
     )
     _add_nouns_options(p)
-    p.add_argument("--workers", type=int, help="spaCy processes (default: every CPU)")
-    p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray)")
+    _add_ray_options(p, "spaCy processes (default: every CPU)")
     p.set_defaults(handler=_cmd_score)
 
 
@@ -174,8 +176,7 @@ def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-words", type=int, help="drop captions with fewer words (default 1: no caption)")
     p.add_argument("--drop-flagged", action="store_true", default=None, help="drop truncated/repetitive/empty")
     p.add_argument("--config", type=Path, help="curate.yaml with the rules")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray)")
+    _add_ray_options(p, "tasks at once (default: every CPU)")
     p.set_defaults(handler=_cmd_curate)
 
 

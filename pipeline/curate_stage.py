@@ -19,7 +19,7 @@ import duckdb
 from pipeline.parquet_meta import read_meta
 from pipeline.ray_runner import TaskLauncher, cluster_cpus, init_ray, run_shard_jobs
 from pipeline.shard_reading import iter_shard_samples, shard_indices
-from pipeline.shard_writer import ShardWriter, read_stats
+from pipeline.shard_writer import ShardWriter, finished_stats
 from schemas.layout import DatasetLayout, shard_files_in
 from schemas.score_config import ALT_TEXT_FIELD, CurateConfig, CurateRules
 from schemas.tables import CURATED_SCHEMA
@@ -121,8 +121,7 @@ def curate_shard(job: CurateJob) -> dict[str, Any]:
 
 
 def finished_curation(job: CurateJob) -> dict[str, Any] | None:
-    stats = read_stats(shard_files_in(job.out_dir, job.index))
-    return stats if stats is not None and stats.get("inputs_fingerprint") == job.fingerprint else None
+    return finished_stats(shard_files_in(job.out_dir, job.index), job.fingerprint)
 
 
 def _file_digest(path: Path) -> str:

@@ -14,7 +14,7 @@ from pipeline.catalog import refresh_catalog
 from pipeline.imaging import process_image
 from pipeline.ray_runner import TaskLauncher, cluster_cpus, init_ray, run_shard_jobs
 from pipeline.records import InputRecord, SkipRecord
-from pipeline.shard_writer import ShardWriter, read_stats
+from pipeline.shard_writer import ShardWriter, finished_stats
 from pipeline.sources import list_inputs
 from pipeline.sources.reading import SampleReader
 from schemas.layout import DatasetLayout, shard_stem
@@ -51,10 +51,7 @@ def plan_shards(records: Sequence[InputRecord], root: Path, config: ShardConfig)
 
 def finished_shard(job: ShardJob) -> dict[str, Any] | None:
     """Stats of the job's shard if it is complete and was made from the same inputs and settings."""
-    stats = read_stats(DatasetLayout(job.root).shard_files(job.index))
-    if stats is None or stats.get("inputs_fingerprint") != job.fingerprint:
-        return None
-    return stats
+    return finished_stats(DatasetLayout(job.root).shard_files(job.index), job.fingerprint)
 
 
 def _sample_json(rec: InputRecord, img, meta: dict[str, Any]) -> str:

@@ -36,6 +36,12 @@ def remove_stale_temps(files: ShardFiles) -> None:
             stale.unlink(missing_ok=True)
 
 
+def finished_stats(files: ShardFiles, fingerprint: str) -> dict[str, Any] | None:
+    """The shard's stats if it is complete, consistent and was made with ``fingerprint``, else None."""
+    stats = read_stats(files)
+    return stats if stats is not None and stats.get("inputs_fingerprint") == fingerprint else None
+
+
 def read_stats(files: ShardFiles) -> dict[str, Any] | None:
     """The shard's stats if it is complete and consistent, else None."""
     if not all(p.is_file() for p in files.all()):
