@@ -1,0 +1,97 @@
+"""A tiny random-weight PixArt-α pipeline (T5 encoder, AutoencoderKL, PixArtTransformer2DModel) for tests.
+
+Saved with ``save_pretrained`` as a folder that ``PixArtAlphaPipeline.from_pretrained`` loads, so tests
+and the offline demo take exactly the code path of a hub checkpoint. It generates noise, quickly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers.processors import TemplateProcessing
+
+TINY_RESOLUTION = 64  # pixels; latents are 8x8 (the VAE downsamples by 8)
+_CORPUS = [
+    "a photo of a cat sitting on a red sofa next to a window",
+    "a white rocket on the launch pad with smoke and a blue sky",
+    "a cup of coffee on a saucer with a spoon on a wooden table",
+    "an astronaut in an orange suit in front of a flag",
+    "grey surface of the moon with craters and shadows",
+    "old coins on a dark background",
+    "a man with a camera on a tripod in a park",
+    "galaxies in the night sky",
+]
+
+
+def train_t5_tokenizer(vocab_size: int = 200):
+    """A Unigram tokenizer in T5's layout (pad 0, eos 1, unk 2; eos appended), trained on the corpus above."""
+    from transformers import T5Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(
+        _CORPUS * 8,
+        trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"),
+    )
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return T5Tokenizer(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
+
+
+def make_tiny_pixart(out: Path, *, seed: int = 0) -> Path:
+    """Write a tiny PixArtAlphaPipeline folder to ``out``; returns ``out``."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = train_t5_tokenizer()
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),  # four levels: 8x downsampling, as sd-vae-ft-ema
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.18215,
+    )
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,  # epsilon and the learned variance
+        num_layers=2,
+        cross_attention_dim=32,
+        caption_channels=32,
+        sample_size=TINY_RESOLUTION // 8,
+        patch_size=2,
+        norm_num_groups=8,
+        use_additional_conditions=False,
+    )
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.save_pretrained(out)
+    return out
