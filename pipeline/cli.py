@@ -20,6 +20,7 @@ from pipeline.catalog import run_query
 from pipeline.nouns import SpacyModelNotAvailableError
 from pipeline.table_output import print_rows
 from schemas.caption_config import CaptionConfig
+from schemas.features_config import FeaturesConfig
 from schemas.score_config import (
     ALT_TEXT_FIELD,
     DEFAULT_SPACY_MODEL,
@@ -119,7 +120,8 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
         "make-tiny",
         help="write tiny random-weight models of the real architectures (tests, offline demo)",
         description="Writes OUT/llava: a tiny LLaVA (CLIP vision tower + Llama, locally trained tokenizer, "
-        "chat template) that loads like a hub model.",
+        "chat template) and OUT/pixart: a tiny PixArtAlphaPipeline folder (T5 encoder, VAE, transformer, "
+        "scheduler); both load like hub models.",
     )
     tiny.add_argument("out", type=Path)
     tiny.set_defaults(handler=_cmd_make_tiny)
@@ -180,6 +182,26 @@ def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_curate)
 
 
+def _add_features_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "features",
+        help="precompute VAE posteriors and T5 states of curated shards for training",
+        description="Writes FEATS/NNNNN.tar (KEY.feat.safetensors: VAE mean+std and T5 states, fp16; KEY.txt; "
+        "KEY.json), NNNNN.parquet, NNNNN_stats.json and null_caption.safetensors. Finished shards are skipped.",
+    )
+    p.add_argument("curated", type=Path, help="folder of curated shards (densecurate curate --out)")
+    p.add_argument("--out", required=True, type=Path, help="folder of the feature shards")
+    p.add_argument("--vae", required=True, help="AutoencoderKL: hub id or directory (a PixArt pipeline folder works)")
+    p.add_argument("--text-encoder", required=True, help="T5 encoder and tokenizer: hub id or directory")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=120)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0)
+    _add_ray_options(p, "encoder replicas (default: one per GPU, or 1 on CPU)")
+    p.set_defaults(handler=_cmd_features)
+
+
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
@@ -218,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats_parser(sub)
     _add_report_parser(sub)
     _add_curate_parser(sub)
+    _add_features_parser(sub)
     _add_models_parser(sub)
     _add_demo_parser(sub)
     return parser
@@ -415,6 +438,17 @@ def _cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_features(args: argparse.Namespace) -> int:
+    from pipeline.features_stage import run_features_stage
+
+    keys = ("vae", "text_encoder", "resolution", "max_tokens", "batch_size", "device", "workers", "gpus_per_worker")
+    config = FeaturesConfig.model_validate({k: getattr(args, k) for k in (*keys, "ray_address")})
+    run = run_features_stage(args.curated, args.out, config)
+    samples = sum(s["successes"] for s in run.stats)
+    Console().print(f"features: {samples} samples in {len(run.stats)} shards ({run.reused} already done) -> {args.out}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import gather_report, print_report
 
@@ -437,9 +471,11 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from captioner.tiny import make_tiny_llava
+    from trainer.tiny import make_tiny_pixart
 
-    path = make_tiny_llava(args.out / "llava")
-    Console().print(f"tiny LLaVA written to {path} (random weights: its captions are not meaningful)")
+    llava = make_tiny_llava(args.out / "llava")
+    pixart = make_tiny_pixart(args.out / "pixart")
+    Console().print(f"tiny LLaVA: {llava}; tiny PixArt-alpha pipeline: {pixart} (random weights, for tests)")
     return 0
 
 

@@ -87,3 +87,15 @@ CURATED_SCHEMA = pa.schema(
         pa.field("flagged", pa.bool_()),
     ]
 )
+
+# One row per sample of the curated shard (FEATS/NNNNN.parquet of `densecurate features`).
+FEATURES_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | skipped
+        pa.field("reason", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("n_tokens", pa.int32()),  # T5 tokens kept (at most max_tokens)
+    ]
+)

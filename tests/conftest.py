@@ -37,3 +37,11 @@ def tiny_llava_dir(tmp_path_factory):
     from captioner.tiny import make_tiny_llava
 
     return make_tiny_llava(tmp_path_factory.mktemp("models") / "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_dir(tmp_path_factory):
+    """A tiny random-weight PixArtAlphaPipeline folder (``densecurate models make-tiny``)."""
+    from trainer.tiny import make_tiny_pixart
+
+    return make_tiny_pixart(tmp_path_factory.mktemp("models") / "pixart")

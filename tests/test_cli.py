@@ -16,7 +16,19 @@ from pipeline.sample_data import write_sample_folder
 from pipeline.shard_stage import run_shard_stage
 from schemas.shard_config import ShardConfig
 
-SUBCOMMANDS = ["shard", "caption", "score", "density", "stats", "report", "curate", "query", "models", "demo"]
+SUBCOMMANDS = [
+    "shard",
+    "caption",
+    "score",
+    "density",
+    "stats",
+    "report",
+    "curate",
+    "features",
+    "query",
+    "models",
+    "demo",
+]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["models", "make-tiny", "--help"]] + [[c, "--help"] for c in SUBCOMMANDS])

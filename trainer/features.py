@@ -1,0 +1,102 @@
+"""Precomputed training features, as PixArt-α's public code makes them: VAE posterior and T5 states.
+
+Per sample: the VAE posterior mean and std (2 x 4 = 8 channels at 1/8 resolution) and the T5 last hidden
+states of the caption's valid tokens (at most 120), both fp16, in one safetensors blob. Training draws a
+fresh latent ``(mean + std * noise) * scaling_factor`` at load time.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+FEATURE_EXT = "feat.safetensors"
+
+
+def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
+    """Load from ``source/subfolder`` when it exists (a pipeline folder or repo), else from ``source``."""
+    local = Path(source)
+    if local.is_dir():
+        return cls.from_pretrained(source, subfolder=subfolder if (local / subfolder).is_dir() else None, **kwargs)
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+    except OSError:
+        return cls.from_pretrained(source, **kwargs)
+
+
+def image_tensor(jpeg: bytes, resolution: int) -> torch.Tensor:
+    """A JPEG to a ``3 x R x R`` tensor in [-1, 1]: short side resized to R, centre crop."""
+    with Image.open(io.BytesIO(jpeg)) as im:
+        im = im.convert("RGB")
+        scale = resolution / min(im.size)
+        im = im.resize(
+            (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))),
+            Image.Resampling.BICUBIC,
+        )
+        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+@dataclass
+class Features:
+    """One sample's features: ``vae`` (8 x h x w: mean then std) and ``t5`` (tokens x dim)."""
+
+    vae: torch.Tensor
+    t5: torch.Tensor
+
+    def to_bytes(self) -> bytes:
+        return save_tensors({"vae": self.vae.contiguous(), "t5": self.t5.contiguous()})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Features:
+        tensors = load_tensors(data)
+        return cls(vae=tensors["vae"], t5=tensors["t5"])
+
+
+class FeatureEncoder:
+    """The frozen VAE and T5 encoder (with its tokenizer), loaded as from a hub id or a folder."""
+
+    def __init__(
+        self, vae: str, text_encoder: str, *, resolution: int = 256, max_tokens: int = 120, device: str = "auto"
+    ) -> None:
+        from diffusers import AutoencoderKL
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.resolution, self.max_tokens = resolution, max_tokens
+        self.vae = _from_pretrained(AutoencoderKL, vae, "vae", torch_dtype=self.dtype).to(self.device).eval()
+        self.text_encoder = (
+            _from_pretrained(T5EncoderModel, text_encoder, "text_encoder", dtype=self.dtype).to(self.device).eval()
+        )
+        self.tokenizer = _from_pretrained(AutoTokenizer, text_encoder, "tokenizer")
+
+    @torch.inference_mode()
+    def encode_images(self, jpegs: list[bytes]) -> torch.Tensor:
+        """``B x 8 x R/8 x R/8``: the posterior mean and std, fp16."""
+        pixels = torch.stack([image_tensor(j, self.resolution) for j in jpegs]).to(self.device, self.dtype)
+        posterior = self.vae.encode(pixels).latent_dist
+        return torch.cat([posterior.mean, posterior.std], dim=1).to(torch.float16).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> list[torch.Tensor]:
+        """Per text, the T5 states of its valid tokens (at most ``max_tokens``), fp16."""
+        tokens = self.tokenizer(
+            texts, max_length=self.max_tokens, padding="max_length", truncation=True, return_tensors="pt"
+        ).to(self.device)
+        states = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        lengths = tokens.attention_mask.sum(dim=1).tolist()
+        return [s[:n].to(torch.float16).cpu() for s, n in zip(states, lengths, strict=True)]
+
+    def encode(self, jpegs: list[bytes], texts: list[str]) -> list[Features]:
+        vae = self.encode_images(jpegs)
+        return [Features(vae=v, t5=t) for v, t in zip(vae, self.encode_texts(texts), strict=True)]
