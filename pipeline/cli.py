@@ -30,6 +30,7 @@ from schemas.score_config import (
     ScoreConfig,
 )
 from schemas.shard_config import ShardConfig
+from schemas.train_config import load_train_config
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -202,6 +203,31 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_features)
 
 
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the PixArt-alpha alignment stage on feature shards",
+        description="CONFIG is YAML (see trainer/configs/alignment_256.yaml and tiny.yaml); key.path=value "
+        "arguments override it. Checkpoints, TensorBoard logs and sample grids go to run_dir.",
+    )
+    p.add_argument("config", type=Path, help="training config (YAML)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.batch_size=32")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run's latest checkpoint as a folder PixArtAlphaPipeline.from_pretrained loads",
+        description="Transformer (or its EMA with --ema), the run's VAE, T5 encoder and tokenizer, DPM-Solver.",
+    )
+    p.add_argument("run", type=Path, help="run directory (run_dir of the training config)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.set_defaults(handler=_cmd_export)
+
+
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
@@ -241,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(sub)
     _add_curate_parser(sub)
     _add_features_parser(sub)
+    _add_train_parser(sub)
+    _add_export_parser(sub)
     _add_models_parser(sub)
     _add_demo_parser(sub)
     return parser
@@ -446,6 +474,27 @@ def _cmd_features(args: argparse.Namespace) -> int:
     run = run_features_stage(args.curated, args.out, config)
     samples = sum(s["successes"] for s in run.stats)
     Console().print(f"features: {samples} samples in {len(run.stats)} shards ({run.reused} already done) -> {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer.launch import launch_training
+
+    config = load_train_config(args.config.read_text(), args.overrides, source=str(args.config))
+    if config.workers > 1:
+        from pipeline.ray_runner import init_ray
+
+        init_ray()
+    result = launch_training(config, resume=args.resume)
+    Console().print(f"trained to step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_pipeline
+
+    out = export_pipeline(args.run, args.out, ema=args.ema)
+    Console().print(f"exported {'EMA ' if args.ema else ''}pipeline to {out}")
     return 0
 
 

@@ -20,8 +20,7 @@ from pipeline.shard_writer import ShardWriter, finished_stats, read_stats, temp_
 from schemas.features_config import FeaturesConfig
 from schemas.layout import shard_files_in
 from schemas.tables import FEATURES_SCHEMA
-
-NULL_CAPTION_FILE = "null_caption.safetensors"
+from trainer.features import NULL_CAPTION_FILE
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 FEATURE_EXT = "feat.safetensors"
+NULL_CAPTION_FILE = "null_caption.safetensors"  # the empty caption's T5 states, for caption dropout
 
 
-def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
+def from_pretrained_component(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
     """Load from ``source/subfolder`` when it exists (a pipeline folder or repo), else from ``source``."""
     local = Path(source)
     if local.is_dir():
@@ -74,11 +75,13 @@ class FeatureEncoder:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.resolution, self.max_tokens = resolution, max_tokens
-        self.vae = _from_pretrained(AutoencoderKL, vae, "vae", torch_dtype=self.dtype).to(self.device).eval()
+        self.vae = from_pretrained_component(AutoencoderKL, vae, "vae", torch_dtype=self.dtype).to(self.device).eval()
         self.text_encoder = (
-            _from_pretrained(T5EncoderModel, text_encoder, "text_encoder", dtype=self.dtype).to(self.device).eval()
+            from_pretrained_component(T5EncoderModel, text_encoder, "text_encoder", dtype=self.dtype)
+            .to(self.device)
+            .eval()
         )
-        self.tokenizer = _from_pretrained(AutoTokenizer, text_encoder, "tokenizer")
+        self.tokenizer = from_pretrained_component(AutoTokenizer, text_encoder, "tokenizer")
 
     @torch.inference_mode()
     def encode_images(self, jpegs: list[bytes]) -> torch.Tensor:

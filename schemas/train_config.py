@@ -1,0 +1,109 @@
+"""The training config of the PixArt-α alignment stage (YAML in, dotted overrides, clear errors out)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """A diffusers PixArt checkpoint (``pretrained``, subfolder ``transformer``) or sizes to build one."""
+
+    pretrained: str | None = Field(None, description="hub id or directory of a PixArt pipeline or transformer")
+    preset: Literal["xl-2"] | None = Field(None, description="xl-2: 28 blocks, 16 heads x 72, patch 2 (~0.6B)")
+    num_layers: int = Field(28, ge=1)
+    num_attention_heads: int = Field(16, ge=1)
+    attention_head_dim: int = Field(72, ge=1)
+    patch_size: int = Field(2, ge=1)
+    caption_channels: int = Field(4096, ge=1, description="T5 hidden size (4096 for T5 v1.1 XXL)")
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _preset_sizes(self) -> ModelConfig:
+        if self.preset == "xl-2":
+            xl = {"num_layers": 28, "num_attention_heads": 16, "attention_head_dim": 72, "patch_size": 2}
+            wrong = {k: getattr(self, k) for k, v in xl.items() if getattr(self, k) != v}
+            if wrong:
+                raise ValueError(f"preset xl-2 fixes {', '.join(wrong)}; leave them out or drop the preset")
+        return self
+
+
+class DataConfig(_Strict):
+    features: str = Field(..., min_length=1, description="folder of feature shards (densecurate features --out)")
+    batch_size: int = Field(178, ge=1, description="per worker")
+    num_workers: int = Field(4, ge=0, description="DataLoader processes")
+    max_tokens: int = Field(120, ge=1, description="T5 tokens per caption (padded)")
+
+
+class DiffusionConfig(_Strict):
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-4, gt=0)
+    beta_end: float = Field(0.02, gt=0)
+    loss: Literal["hybrid", "mse"] = "hybrid"
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.03, ge=0)
+    eps: float = Field(1e-10, gt=0)
+    warmup_steps: int = Field(1000, ge=0)
+    grad_clip: float = Field(0.01, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    """Everything `densecurate train` runs with."""
+
+    run_dir: str = Field(..., min_length=1)
+    pipeline: str = Field(..., min_length=1, description="PixArt pipeline (VAE, T5, tokenizer) for samples and export")
+    resolution: int = Field(256, ge=8, multiple_of=8)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    diffusion: DiffusionConfig = DiffusionConfig()
+    optim: OptimConfig = OptimConfig()
+    steps: int = Field(150_000, ge=1)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on GPU")
+    seed: int = 0
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(0, ge=0, description="0: no sample grids")
+    sample_prompts: tuple[str, ...] = ("a photo of a cat",)
+    sample_steps: int = Field(20, ge=1)
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP); 1 runs in this process")
+    use_gpu: bool | None = Field(None, description="default: when CUDA is available")
+
+
+def set_dotted(config: dict[str, Any], dotted: str) -> None:
+    """Apply ``a.b.c=value`` (the value parsed as YAML) to a nested dict."""
+    if "=" not in dotted:
+        raise ValueError(f"override {dotted!r} must look like key.path=value")
+    path, raw = dotted.split("=", 1)
+    *parents, leaf = path.strip().split(".")
+    node = config
+    for name in parents:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {name} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_train_config(text: str, overrides: list[str], source: str = "config") -> TrainConfig:
+    """Parse YAML, apply overrides, validate; errors name the field at fault."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping at the top level")
+    for item in overrides:
+        set_dotted(data, item)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise ValueError(f"{source}: {where}: {err['msg']}") from None

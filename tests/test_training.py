@@ -1,0 +1,135 @@
+"""Training the tiny PixArt-α: config errors, loss falls, exact resume, Ray Train DDP, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.features_stage import run_features_stage
+from pipeline.sample_data import write_sample_folder
+from pipeline.shard_stage import run_shard_stage
+from schemas.features_config import FeaturesConfig
+from schemas.shard_config import ShardConfig
+from schemas.train_config import load_train_config
+from trainer.loop import train
+
+TINY_YAML = Path(__file__).resolve().parents[1] / "trainer" / "configs" / "tiny.yaml"
+ALIGNMENT_YAML = TINY_YAML.with_name("alignment_256.yaml")
+
+
+@pytest.fixture(scope="module")
+def features_dir(ray_local, tiny_pixart_dir, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("train")
+    root = base / "root"
+    run_shard_stage([write_sample_folder(base / "photos", with_bad_files=False)], root, ShardConfig(shard_size=5))
+    config = FeaturesConfig(vae=str(tiny_pixart_dir), text_encoder=str(tiny_pixart_dir), resolution=64)
+    run_features_stage(root / "shards", base / "features", config)
+    return base / "features"
+
+
+def tiny_config(run_dir: Path, features: Path, pipeline: Path, *overrides: str):
+    base = [f"run_dir={run_dir}", f"pipeline={pipeline}", f"data.features={features}", "sample_every=0"]
+    return load_train_config(TINY_YAML.read_text(), [*base, *overrides], source="tiny.yaml")
+
+
+def test_shipped_configs_validate():
+    recipe = load_train_config(ALIGNMENT_YAML.read_text(), [], source="alignment_256.yaml")
+    assert (recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.eps) == (2e-5, 0.03, 1e-10)
+    assert (recipe.optim.warmup_steps, recipe.optim.grad_clip, recipe.optim.ema_decay) == (1000, 0.01, 0.9999)
+    assert (recipe.caption_dropout, recipe.data.max_tokens, recipe.resolution, recipe.steps) == (0.1, 120, 256, 150_000)
+    assert recipe.diffusion.loss == "hybrid" and recipe.model.preset == "xl-2"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=-1", "tiny.yaml: optim.lr: Input should be greater than 0"),
+        ("diffusion.loss=l1", "tiny.yaml: diffusion.loss: Input should be 'hybrid' or 'mse'"),
+        ("data.batchsize=3", "tiny.yaml: data.batchsize: Extra inputs are not permitted"),
+        ("resolution=100", "tiny.yaml: resolution: Input should be a multiple of 8"),
+    ],
+)
+def test_bad_config_names_the_field(override, message):
+    with pytest.raises(ValueError) as info:
+        load_train_config(TINY_YAML.read_text(), [override], source="tiny.yaml")
+    assert str(info.value).startswith(message)
+
+
+def test_bad_config_on_the_command_line(capsys):
+    assert main(["train", str(TINY_YAML), "model.preset=xl-2"]) == 2
+    assert "preset xl-2 fixes" in capsys.readouterr().err
+
+
+def test_loss_falls_when_overfitting(features_dir, tiny_pixart_dir, tmp_path):
+    config = tiny_config(
+        tmp_path / "run",
+        features_dir,
+        tiny_pixart_dir,
+        "steps=120",
+        "caption_dropout=0",
+        "diffusion.loss=mse",
+        "checkpoint_every=1000",
+        "log_every=1000",
+    )
+    losses = train(config).losses
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.7 * first, (first, last)
+
+
+def test_resume_equals_an_uninterrupted_run(features_dir, tiny_pixart_dir, tmp_path):
+    whole = train(tiny_config(tmp_path / "whole", features_dir, tiny_pixart_dir, "steps=6", "checkpoint_every=3"))
+    tiny_config_half = tiny_config(tmp_path / "split", features_dir, tiny_pixart_dir, "steps=3", "checkpoint_every=3")
+    train(tiny_config_half)
+    resumed = train(
+        tiny_config(tmp_path / "split", features_dir, tiny_pixart_dir, "steps=6", "checkpoint_every=3"), resume=True
+    )
+    assert resumed.step == 6 and len(resumed.losses) == 3
+    assert resumed.losses == pytest.approx(whole.losses[3:], rel=1e-5)
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
+@pytest.mark.slow
+def test_two_ray_train_workers_keep_identical_weights(features_dir, tiny_pixart_dir, tmp_path):
+    from trainer.launch import launch_training
+
+    config = tiny_config(tmp_path / "ddp", features_dir, tiny_pixart_dir, "steps=3", "workers=2", "use_gpu=false")
+    result = launch_training(config)
+    assert result.step == 3
+    sums = [json.loads((tmp_path / "ddp" / "workers" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert sums[0]["weights_checksum"] == pytest.approx(sums[1]["weights_checksum"], rel=1e-9)
+    assert (tmp_path / "ddp" / "checkpoints" / "step-00000003").is_dir()
+
+
+def test_export_loads_in_pixart_pipeline_and_generates(features_dir, tiny_pixart_dir, tmp_path):
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=2", "checkpoint_every=2"))
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export"), "--ema"]) == 0
+    pipe = PixArtAlphaPipeline.from_pretrained(tmp_path / "export")
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    image = pipe(
+        "a photo of a cat",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        use_resolution_binning=False,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+    assert list((run_dir / "tensorboard").iterdir()), "TensorBoard scalars are written"
+
+
+def test_sample_grid_is_saved(features_dir, tiny_pixart_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=2", "sample_every=2", "checkpoint_every=2"))
+    from PIL import Image
+
+    grid = Image.open(run_dir / "samples" / "step-00000002.png")
+    assert grid.size == (128, 64)  # the two prompts of tiny.yaml, 64 px each

@@ -1,0 +1,73 @@
+"""Run training in this process, or on Ray Train workers (TorchTrainer, DDP) when ``workers > 1``."""
+
+from __future__ import annotations
+
+import torch
+
+from schemas.train_config import TrainConfig
+from trainer.loop import TrainResult, train
+
+
+def launch_training(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """One process for ``workers == 1``; else one Ray Train worker per ``workers``, gradients all-reduced."""
+    if config.workers == 1:
+        return train(config, resume=resume)
+    return _ray_train(config, resume=resume)
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of all parameters (DDP ranks must agree on it)."""
+    with torch.no_grad():
+        return float(sum(p.double().abs().sum().item() + p.double().sum().item() for p in model.parameters()))
+
+
+def _worker_loop(loop_config: dict) -> None:
+    import json
+    from pathlib import Path
+
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    result = train(
+        config,
+        resume=loop_config["resume"],
+        rank=context.get_world_rank(),
+        world=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        wrap=ray.train.torch.prepare_model,
+    )
+    rank_file = Path(config.run_dir) / "workers" / f"rank-{context.get_world_rank()}.json"
+    rank_file.parent.mkdir(parents=True, exist_ok=True)
+    rank_file.write_text(json.dumps({"step": result.step, "weights_checksum": weights_checksum(result.model)}))
+
+
+def _ray_train(config: TrainConfig, *, resume: bool) -> TrainResult:
+    """Needs a connected Ray (the CLI connects, to 127.0.0.1 unless told otherwise)."""
+    from pathlib import Path
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = torch.cuda.is_available() if config.use_gpu is None else config.use_gpu
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "resume": resume},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
+        run_config=RunConfig(storage_path=str(Path(config.run_dir).resolve() / "ray_train"), name="train"),
+    )
+    trainer.fit()
+    step = check_ranks_agree(Path(config.run_dir), config.workers)
+    return TrainResult(step=step, run_dir=Path(config.run_dir))
+
+
+def check_ranks_agree(run_dir, workers: int) -> int:
+    """Every DDP rank must end at the same step with the same weights; returns the step, raises otherwise."""
+    import json
+
+    ranks = [json.loads((run_dir / "workers" / f"rank-{r}.json").read_text()) for r in range(workers)]
+    sums = [r["weights_checksum"] for r in ranks]
+    if len({r["step"] for r in ranks}) != 1 or max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        raise RuntimeError(f"DDP ranks ended differently: {ranks}")
+    return ranks[0]["step"]
