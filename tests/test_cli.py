@@ -25,6 +25,8 @@ SUBCOMMANDS = [
     "report",
     "curate",
     "features",
+    "train",
+    "export",
     "query",
     "models",
     "demo",
