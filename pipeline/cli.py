@@ -121,8 +121,8 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
         "make-tiny",
         help="write tiny random-weight models of the real architectures (tests, offline demo)",
         description="Writes OUT/llava: a tiny LLaVA (CLIP vision tower + Llama, locally trained tokenizer, "
-        "chat template) and OUT/pixart: a tiny PixArtAlphaPipeline folder (T5 encoder, VAE, transformer, "
-        "scheduler); both load like hub models.",
+        "chat template), OUT/pixart: a tiny PixArtAlphaPipeline folder (T5 encoder, VAE, transformer, "
+        "scheduler), and OUT/clip: a tiny open_clip model (local-dir:OUT/clip); all load like hub models.",
     )
     tiny.add_argument("out", type=Path)
     tiny.set_defaults(handler=_cmd_make_tiny)
@@ -228,6 +228,24 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_export)
 
 
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="generate images for prompts with an exported pipeline and report their CLIP score",
+        description="CLIP score = 100 * max(cosine(image, prompt), 0) with an open_clip model, per prompt and mean.",
+    )
+    p.add_argument("pipeline", type=Path, help="exported pipeline folder (densecurate export --out)")
+    p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
+    p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name, or local-dir:DIR")
+    p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or file")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=Path, help="save the generated images here")
+    p.add_argument("--format", default="table", choices=["table", "json"])
+    p.set_defaults(handler=_cmd_eval)
+
+
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
@@ -269,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_features_parser(sub)
     _add_train_parser(sub)
     _add_export_parser(sub)
+    _add_eval_parser(sub)
     _add_models_parser(sub)
     _add_demo_parser(sub)
     return parser
@@ -498,6 +517,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate, read_prompts
+
+    scores = evaluate(
+        args.pipeline,
+        read_prompts(args.prompts),
+        clip_model=args.clip_model,
+        clip_pretrained=args.clip_pretrained,
+        resolution=args.resolution,
+        steps=args.steps,
+        seed=args.seed,
+        images_out=args.images,
+    )
+    mean = sum(s.clip_score for s in scores) / len(scores)
+    if args.format == "json":
+        print(json.dumps({"clip_score": mean, "prompts": [vars(s) for s in scores]}, indent=1))
+    else:
+        print_rows(
+            ["prompt", "clip_score"], [(s.prompt, f"{s.clip_score:.2f}") for s in scores] + [("mean", f"{mean:.2f}")]
+        )
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import gather_report, print_report
 
@@ -520,11 +562,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from captioner.tiny import make_tiny_llava
-    from trainer.tiny import make_tiny_pixart
+    from trainer.tiny import make_tiny_clip, make_tiny_pixart
 
     llava = make_tiny_llava(args.out / "llava")
     pixart = make_tiny_pixart(args.out / "pixart")
-    Console().print(f"tiny LLaVA: {llava}; tiny PixArt-alpha pipeline: {pixart} (random weights, for tests)")
+    clip = make_tiny_clip(args.out / "clip")
+    Console().print(f"tiny models (random weights, for tests): {llava}, {pixart}, {clip} (local-dir:{clip})")
     return 0
 
 

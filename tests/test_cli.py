@@ -27,6 +27,7 @@ SUBCOMMANDS = [
     "features",
     "train",
     "export",
+    "eval",
     "query",
     "models",
     "demo",

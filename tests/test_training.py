@@ -133,3 +133,24 @@ def test_sample_grid_is_saved(features_dir, tiny_pixart_dir, tmp_path):
 
     grid = Image.open(run_dir / "samples" / "step-00000002.png")
     assert grid.size == (128, 64)  # the two prompts of tiny.yaml, 64 px each
+
+
+def test_eval_reports_clip_scores(features_dir, tiny_pixart_dir, tmp_path, capsys):
+    from trainer.tiny import make_tiny_clip
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=2", "checkpoint_every=2"))
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    clip = make_tiny_clip(tmp_path / "clip")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\na rocket on the launch pad\n")
+    argv = ["eval", str(tmp_path / "export"), "--prompts", str(prompts), "--clip-model", f"local-dir:{clip}"]
+    capsys.readouterr()
+    assert (
+        main([*argv, "--resolution", "64", "--steps", "2", "--images", str(tmp_path / "imgs"), "--format", "json"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert [p["prompt"] for p in report["prompts"]] == ["a photo of a cat", "a rocket on the launch pad"]
+    assert all(0 <= p["clip_score"] <= 100 for p in report["prompts"])
+    assert report["clip_score"] == pytest.approx(sum(p["clip_score"] for p in report["prompts"]) / 2)
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["0000.png", "0001.png"]

@@ -95,3 +95,24 @@ def make_tiny_pixart(out: Path, *, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(out)
     return out
+
+
+def make_tiny_clip(out: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random-weight open_clip model to ``out`` (load it as ``local-dir:OUT``); returns ``out``."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**config)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    preprocess = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}))
+    return out
