@@ -52,6 +52,30 @@ def vae_scaling_factor(pipeline: str) -> float:
     return float(AutoencoderKL.load_config(pipeline, subfolder=subfolder).get("scaling_factor", 0.18215))
 
 
+def diffusion_terms(
+    model: Any,
+    latents: torch.Tensor,
+    t5: torch.Tensor,
+    mask: torch.Tensor,
+    scheduler: Any,
+    loss_fn: HybridLoss,
+    generator: torch.Generator,
+) -> Any:
+    """Noise the latents at random timesteps (drawn from ``generator``), predict, and return the loss terms."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    output = model(
+        noisy,
+        encoder_hidden_states=t5,
+        encoder_attention_mask=mask,
+        timestep=timesteps,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    ).sample
+    return loss_fn(output, latents, noisy, noise, timesteps)
+
+
 @dataclass
 class TrainResult:
     """Where the run ended and the losses this process saw."""
@@ -136,20 +160,8 @@ def train(
                 f"{t5.shape[-1]} channels"
             )
         gen = seeded_generator(config.seed, step, rank, 3)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(
-            device
-        )
-        noisy = scheduler.add_noise(latents, noise, timesteps)
         with _autocast(config, device):
-            output = train_model(
-                noisy,
-                encoder_hidden_states=t5,
-                encoder_attention_mask=mask,
-                timestep=timesteps,
-                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            ).sample
-        terms = loss_fn(output, latents, noisy, noise, timesteps)
+            terms = diffusion_terms(train_model, latents, t5, mask, scheduler, loss_fn, gen)
         loss = terms.loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
