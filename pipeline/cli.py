@@ -213,6 +213,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", type=Path, help="training config (YAML)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.batch_size=32")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
+    p.add_argument("--workers", type=int, help="Ray Train workers (DDP), overriding the config's `workers`")
+    p.add_argument("--ray-address", help="Ray cluster for --workers > 1 (default: a local Ray on 127.0.0.1)")
     p.set_defaults(handler=_cmd_train)
 
 
@@ -499,11 +501,12 @@ def _cmd_features(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.launch import launch_training
 
-    config = load_train_config(args.config.read_text(), args.overrides, source=str(args.config))
+    overrides = [*args.overrides, *([f"workers={args.workers}"] if args.workers else [])]
+    config = load_train_config(args.config.read_text(), overrides, source=str(args.config))
     if config.workers > 1:
         from pipeline.ray_runner import init_ray
 
-        init_ray()
+        init_ray(args.ray_address)
     result = launch_training(config, resume=args.resume)
     Console().print(f"trained to step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
     return 0

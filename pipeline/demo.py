@@ -10,8 +10,12 @@ from pipeline.catalog import run_query
 from pipeline.sample_data import write_sample_folder
 from pipeline.table_output import print_rows
 from schemas.caption_config import CaptionConfig
+from schemas.features_config import FeaturesConfig
 from schemas.score_config import ALT_TEXT_FIELD, DEFAULT_SPACY_MODEL, CurateConfig, ScoreConfig
 from schemas.shard_config import ShardConfig
+from schemas.train_config import load_train_config
+
+TINY_TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "trainer" / "configs" / "tiny.yaml"
 
 TINY_MODEL_NOTE = (
     "These captions come from a tiny random-weight LLaVA built offline: they are not meaningful; they show "
@@ -22,15 +26,19 @@ TINY_MODEL_NOTE = (
 
 
 def run_demo(out: Path, *, workers: int = 2) -> Path:
-    """Shard the sample photos into ``out/dataset``, caption them with the tiny LLaVA, score, report, curate."""
+    """The whole path on the sample photos: shard, caption (tiny LLaVA), score, report, curate, train, export."""
     from captioner.tiny import make_tiny_llava
     from pipeline.caption_stage import run_caption_stage
     from pipeline.cli import print_caption_summary, print_shard_summary
     from pipeline.curate_stage import run_curate_stage
+    from pipeline.features_stage import run_features_stage
     from pipeline.report import gather_report, print_report
     from pipeline.report_html import write_html_report
     from pipeline.score_stage import run_score_stage
     from pipeline.shard_stage import run_shard_stage
+    from trainer.export import export_pipeline
+    from trainer.loop import train
+    from trainer.tiny import make_tiny_pixart
 
     console = Console()
     photos = write_sample_folder(out / "sample_photos")
@@ -73,6 +81,18 @@ def run_demo(out: Path, *, workers: int = 2) -> Path:
     console.print(
         f"kept {curated.kept} of {curated.inputs}; removed by rule: {dict(curated.removed_by_rule) or 'none'}"
     )
+
+    console.rule("train: a few PixArt-alpha alignment steps of a tiny model on the curated shards")
+    pixart = out / "models" / "pixart"
+    if not (pixart / "model_index.json").is_file():
+        make_tiny_pixart(pixart)
+    features = FeaturesConfig(vae=str(pixart), text_encoder=str(pixart), resolution=64, batch_size=8)
+    run_features_stage(out / "curated", out / "features", features)
+    overrides = [f"run_dir={out / 'runs' / 'tiny'}", f"pipeline={pixart}", f"data.features={out / 'features'}"]
+    config = load_train_config(TINY_TRAIN_CONFIG.read_text(), overrides, source=str(TINY_TRAIN_CONFIG))
+    result = train(config, resume=True)
+    exported = export_pipeline(result.run_dir, out / "export", ema=True)
+    console.print(f"trained to step {result.step}; exported pipeline (EMA): {exported}")
     console.print(f"Report page: {report_page}")
     console.print(f'Everything is under {root}; query it with: densecurate query {root} "SQL"')
     return root

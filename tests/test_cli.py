@@ -116,3 +116,5 @@ def test_demo_runs_offline(tmp_path):
     assert (demo / "dataset" / "vocab" / "tiny-llava.parquet").is_file()
     assert len(list((demo / "curated").glob("*.tar"))) == 4
     assert "<img" in (demo / "report.html").read_text()
+    assert (demo / "export" / "model_index.json").is_file() and (demo / "export" / "transformer").is_dir()
+    assert (demo / "runs" / "tiny" / "checkpoints" / "step-00000010").is_dir()
