@@ -35,10 +35,20 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    features: str = Field(..., min_length=1, description="folder of feature shards (densecurate features --out)")
+    source: Literal["features", "curated"] = Field(
+        "features", description="features: precomputed shards; curated: images + captions, encoders run online"
+    )
+    features: str | None = Field(None, description="folder of feature shards (densecurate features --out)")
+    curated: str | None = Field(None, description="folder of curated shards (densecurate curate --out)")
     batch_size: int = Field(178, ge=1, description="per worker")
     num_workers: int = Field(4, ge=0, description="DataLoader processes")
     max_tokens: int = Field(120, ge=1, description="T5 tokens per caption (padded)")
+
+    @model_validator(mode="after")
+    def _source_folder(self) -> DataConfig:
+        if getattr(self, self.source) is None:
+            raise ValueError(f"data.source is {self.source!r}: set data.{self.source} to its folder")
+        return self
 
 
 class DiffusionConfig(_Strict):

@@ -31,6 +31,12 @@ def features_dir(ray_local, tiny_pixart_dir, tmp_path_factory) -> Path:
     return base / "features"
 
 
+@pytest.fixture(scope="module")
+def shards_dir(features_dir) -> Path:
+    """The shards the features were made from (same layout as curated shards)."""
+    return features_dir.parent / "root" / "shards"
+
+
 def tiny_config(run_dir: Path, features: Path, pipeline: Path, *overrides: str):
     base = [f"run_dir={run_dir}", f"pipeline={pipeline}", f"data.features={features}", "sample_every=0"]
     return load_train_config(TINY_YAML.read_text(), [*base, *overrides], source="tiny.yaml")
@@ -94,6 +100,29 @@ def test_resume_equals_an_uninterrupted_run(features_dir, tiny_pixart_dir, tmp_p
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
 
 
+def test_online_encoding_matches_precomputed_features(features_dir, shards_dir, tiny_pixart_dir, tmp_path):
+    common = ("steps=3", "caption_dropout=0", "checkpoint_every=1000")
+    pre = train(tiny_config(tmp_path / "pre", features_dir, tiny_pixart_dir, *common))
+    online = train(
+        tiny_config(
+            tmp_path / "online",
+            features_dir,
+            tiny_pixart_dir,
+            *common,
+            "data.source=curated",
+            f"data.curated={shards_dir}",
+        )
+    )
+    # Same samples, same draws; only the fp16 rounding of stored features differs.
+    assert online.losses == pytest.approx(pre.losses, rel=2e-2)
+
+
+def test_data_source_needs_its_folder():
+    with pytest.raises(ValueError, match=r"set data\.curated to its folder"):
+        load_train_config(TINY_YAML.read_text(), ["data.source=curated"], source="tiny.yaml")
+
+
+@pytest.mark.slow
 @pytest.mark.slow
 def test_two_ray_train_workers_keep_identical_weights(features_dir, tiny_pixart_dir, tmp_path):
     from trainer.launch import launch_training

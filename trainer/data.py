@@ -1,4 +1,4 @@
-"""Feature shards as a deterministic, resumable training stream.
+"""Training data as a deterministic, resumable stream: feature shards, or curated shards encoded online.
 
 Samples are indexed once (tar member offsets); epoch ``e`` visits them in a permutation seeded by
 ``(seed, e)``; global sample ``p`` of the run gets its own random generator seeded by ``(seed, p)`` for
@@ -17,30 +17,39 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset, Sampler
 
-from trainer.features import FEATURE_EXT, NULL_CAPTION_FILE, Features
+from trainer.features import FEATURE_EXT, NULL_CAPTION_FILE, Features, image_tensor
 
 
 @dataclass(frozen=True)
-class FeatureRef:
-    """Where one sample's features are: a tar and the member's byte range."""
+class SampleRef:
+    """One sample of a tar: its key and the byte range of each member it needs."""
 
     tar: str
-    offset: int
-    size: int
     key: str
+    spans: tuple[tuple[str, int, int], ...]  # (extension, offset, size)
+
+    def read(self, ext: str) -> bytes | None:
+        for name, offset, size in self.spans:
+            if name == ext:
+                with open(self.tar, "rb") as handle:
+                    handle.seek(offset)
+                    return handle.read(size)
+        return None
 
 
-def index_features(folder: Path) -> list[FeatureRef]:
-    """Every ``KEY.feat.safetensors`` member of the folder's tars, in a stable order."""
+def index_samples(folder: Path, required: str) -> list[SampleRef]:
+    """Every sample of the folder's tars that has a ``required`` member, in a stable order."""
     refs = []
     for tar in sorted(folder.glob("*.tar")):
+        members: dict[str, list[tuple[str, int, int]]] = {}
         with tarfile.open(tar, mode="r:") as tf:
             for member in tf:
-                key, _, ext = member.name.partition(".")
-                if ext == FEATURE_EXT and member.isfile():
-                    refs.append(FeatureRef(str(tar), member.offset_data, member.size, key))
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    members.setdefault(key, []).append((ext, member.offset_data, member.size))
+        refs += [SampleRef(str(tar), k, tuple(v)) for k, v in members.items() if any(e == required for e, *_ in v)]
     if not refs:
-        raise FileNotFoundError(f"no feature shards in {folder}: run `densecurate features` first")
+        raise FileNotFoundError(f"no samples with a .{required} member in {folder}")
     return refs
 
 
@@ -51,42 +60,65 @@ def seeded_generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class FeatureDataset(Dataset):
-    """Item ``position`` (the run's global sample counter) -> latent, T5 states, mask."""
+class _StepOrdered(Dataset):
+    """Maps the run's global sample counter to a sample (a fresh permutation every epoch)."""
 
-    def __init__(
-        self, folder: Path, *, seed: int, max_tokens: int, scaling_factor: float, caption_dropout: float
-    ) -> None:
-        self.refs = index_features(folder)
-        self.null_t5 = load_file(str(folder / NULL_CAPTION_FILE))["t5"]
-        self.seed, self.max_tokens = seed, max_tokens
-        self.scaling_factor, self.caption_dropout = scaling_factor, caption_dropout
+    def __init__(self, refs: list[SampleRef], seed: int, caption_dropout: float) -> None:
+        self.refs, self.seed, self.caption_dropout = refs, seed, caption_dropout
         self._order: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def ref_at(self, position: int) -> FeatureRef:
+    def ref_at(self, position: int) -> SampleRef:
         epoch, offset = divmod(position, len(self.refs))
         if epoch not in self._order:
             self._order = {epoch: torch.randperm(len(self.refs), generator=seeded_generator(self.seed, epoch, 1))}
         return self.refs[int(self._order[epoch][offset])]
 
-    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        ref = self.ref_at(position)
-        with open(ref.tar, "rb") as handle:
-            handle.seek(ref.offset)
-            feats = Features.from_bytes(handle.read(ref.size))
+    def draws(self, position: int, latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
+        """This sample's latent noise and whether its caption is dropped."""
         gen = seeded_generator(self.seed, position, 2)
+        noise = torch.randn(latent_shape, generator=gen)
+        return noise, torch.rand((), generator=gen).item() < self.caption_dropout
+
+
+class FeatureDataset(_StepOrdered):
+    """Position -> latent (drawn from the stored posterior), padded T5 states, mask."""
+
+    def __init__(
+        self, folder: Path, *, seed: int, max_tokens: int, scaling_factor: float, caption_dropout: float
+    ) -> None:
+        super().__init__(index_samples(folder, FEATURE_EXT), seed, caption_dropout)
+        self.null_t5 = load_file(str(folder / NULL_CAPTION_FILE))["t5"]
+        self.max_tokens, self.scaling_factor = max_tokens, scaling_factor
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        feats = Features.from_bytes(self.ref_at(position).read(FEATURE_EXT))
         mean, std = feats.vae.float().chunk(2, dim=0)
-        latent = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling_factor
-        t5 = self.null_t5 if torch.rand((), generator=gen).item() < self.caption_dropout else feats.t5
-        t5 = t5[: self.max_tokens].float()
+        noise, dropped = self.draws(position, tuple(mean.shape))
+        latent = (mean + std * noise) * self.scaling_factor
+        t5 = (self.null_t5 if dropped else feats.t5)[: self.max_tokens].float()
         padded = torch.zeros(self.max_tokens, t5.shape[1])
         padded[: t5.shape[0]] = t5
         mask = torch.zeros(self.max_tokens, dtype=torch.long)
         mask[: t5.shape[0]] = 1
         return {"latent": latent, "t5": padded, "mask": mask}
+
+
+class CuratedDataset(_StepOrdered):
+    """Position -> image tensor, caption ("" when dropped) and latent noise, for encoders run in the loop."""
+
+    def __init__(self, folder: Path, *, seed: int, resolution: int, caption_dropout: float) -> None:
+        super().__init__(index_samples(folder, "jpg"), seed, caption_dropout)
+        self.resolution = resolution
+
+    def __getitem__(self, position: int) -> dict[str, object]:
+        ref = self.ref_at(position)
+        latent_side = self.resolution // 8
+        noise, dropped = self.draws(position, (4, latent_side, latent_side))
+        caption = "" if dropped else (ref.read("txt") or b"").decode()
+        return {"image": image_tensor(ref.read("jpg"), self.resolution), "caption": caption, "noise": noise}
 
 
 class StepBatches(Sampler[list[int]]):

@@ -100,6 +100,19 @@ class FeatureEncoder:
         lengths = tokens.attention_mask.sum(dim=1).tolist()
         return [s[:n].to(torch.float16).cpu() for s, n in zip(states, lengths, strict=True)]
 
+    @torch.no_grad()  # not inference_mode: the outputs feed a graph that autograd tracks
+    def encode_for_training(
+        self, images: torch.Tensor, captions: list[str], noise: torch.Tensor, scaling_factor: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Online encoding of a batch: ``(latents, T5 states, mask)`` in fp32, the latents drawn with ``noise``."""
+        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        latents = (posterior.mean.float() + posterior.std.float() * noise.to(self.device)) * scaling_factor
+        tokens = self.tokenizer(
+            captions, max_length=self.max_tokens, padding="max_length", truncation=True, return_tensors="pt"
+        ).to(self.device)
+        states = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return latents, states.float(), tokens.attention_mask
+
     def encode(self, jpegs: list[bytes], texts: list[str]) -> list[Features]:
         vae = self.encode_images(jpegs)
         return [Features(vae=v, t5=t) for v, t in zip(vae, self.encode_texts(texts), strict=True)]

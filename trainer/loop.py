@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 
 from schemas.train_config import TrainConfig
 from trainer.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
-from trainer.data import FeatureDataset, StepBatches, seeded_generator
+from trainer.data import CuratedDataset, FeatureDataset, StepBatches, seeded_generator
 from trainer.diffusion import HybridLoss, linear_scheduler
-from trainer.features import from_pretrained_component
+from trainer.features import FeatureEncoder, from_pretrained_component
 
 CONFIG_FILE = "config.yaml"
 
@@ -134,13 +134,30 @@ def train(
     if start >= config.steps:
         return result
 
-    dataset = FeatureDataset(
-        Path(config.data.features),
-        seed=config.seed,
-        max_tokens=config.data.max_tokens,
-        scaling_factor=vae_scaling_factor(config.pipeline),
-        caption_dropout=config.caption_dropout,
-    )
+    scaling = vae_scaling_factor(config.pipeline)
+    online = None
+    if config.data.source == "curated":
+        online = FeatureEncoder(
+            config.pipeline,
+            config.pipeline,
+            resolution=config.resolution,
+            max_tokens=config.data.max_tokens,
+            device=str(device),
+        )
+        dataset = CuratedDataset(
+            Path(config.data.curated),
+            seed=config.seed,
+            resolution=config.resolution,
+            caption_dropout=config.caption_dropout,
+        )
+    else:
+        dataset = FeatureDataset(
+            Path(config.data.features),
+            seed=config.seed,
+            max_tokens=config.data.max_tokens,
+            scaling_factor=scaling,
+            caption_dropout=config.caption_dropout,
+        )
     batches = StepBatches(start=start, stop=config.steps, batch_size=config.data.batch_size, rank=rank, world=world)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.data.num_workers)
     scheduler = linear_scheduler(
@@ -152,8 +169,11 @@ def train(
     last_log = time.perf_counter()
     model.train()
     for step, batch in enumerate(loader, start=start):
-        latents = batch["latent"].to(device)
-        t5, mask = batch["t5"].to(device), batch["mask"].to(device)
+        if online is not None:
+            latents, t5, mask = online.encode_for_training(batch["image"], batch["caption"], batch["noise"], scaling)
+        else:
+            latents = batch["latent"].to(device)
+            t5, mask = batch["t5"].to(device), batch["mask"].to(device)
         if step == start and t5.shape[-1] != config.model.caption_channels and not config.model.pretrained:
             raise ValueError(
                 f"model.caption_channels is {config.model.caption_channels} but the features' T5 states have "
