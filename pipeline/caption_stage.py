@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.catalog import refresh_catalog
 from pipeline.parquet_meta import finished_output, write_atomic
-from pipeline.ray_runner import ActorLauncher, cluster_cpus, init_ray, run_shard_jobs
+from pipeline.ray_runner import ActorLauncher, init_ray, run_shard_jobs, start_model_actors
 from pipeline.shard_reading import iter_shard_samples, read_shard_stats, shard_indices
 from schemas.caption_config import CaptionConfig
 from schemas.layout import DatasetLayout
@@ -156,19 +156,6 @@ class CaptionSummary:
     device: str = "cpu"
 
 
-def _actor_resources(config: CaptionConfig) -> tuple[int, dict[str, float], int | None]:
-    """(workers, actor resources, torch CPU threads) for the connected cluster."""
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus and config.gpus_per_worker > 0 and config.model.device != "cpu":
-        workers = config.workers or max(1, int(gpus // config.gpus_per_worker))
-        return workers, {"num_gpus": config.gpus_per_worker, "num_cpus": 1}, None
-    workers = config.workers or 1
-    threads = max(1, cluster_cpus() // workers)
-    return workers, {"num_cpus": threads}, threads
-
-
 def run_caption_stage(root: Path, config: CaptionConfig) -> CaptionSummary:
     """Caption every finished shard under ``root`` that has no valid caption file yet."""
     import ray
@@ -185,11 +172,15 @@ def run_caption_stage(root: Path, config: CaptionConfig) -> CaptionSummary:
     todo = [job for job in jobs if finished_captions(job) is None]
     actors = []
     if todo:
-        workers, resources, threads = _actor_resources(config)
-        worker_cls = ray.remote(max_restarts=2, max_task_retries=2)(CaptionWorker)
-        actors = [worker_cls.options(**resources).remote(config, threads) for _ in range(min(workers, len(todo)))]
+        actors, summary.device = start_model_actors(
+            CaptionWorker,
+            (config,),
+            count_cap=len(todo),
+            workers=config.workers,
+            gpus_per_worker=config.gpus_per_worker,
+            device=config.model.device,
+        )
         summary.workers = len(actors)
-        summary.device = "cuda" if "num_gpus" in resources else "cpu"
     try:
         run = run_shard_jobs(
             jobs,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.ray_runner import ActorLauncher, StageRun, cluster_cpus, init_ray, run_shard_jobs
+from pipeline.ray_runner import ActorLauncher, StageRun, init_ray, run_shard_jobs, start_model_actors
 from pipeline.shard_reading import iter_shard_samples
 from pipeline.shard_writer import ShardWriter, finished_stats, read_stats, temp_path
 from schemas.features_config import FeaturesConfig
@@ -117,16 +117,14 @@ def run_features_stage(source_dir: Path, out_dir: Path, config: FeaturesConfig) 
     init_ray(config.ray_address)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if finished_stats(shard_files_in(out_dir, j.index), j.fingerprint) is None]
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus and config.gpus_per_worker > 0 and config.device != "cpu":
-        workers = config.workers or max(1, int(gpus // config.gpus_per_worker))
-        resources, threads = {"num_gpus": config.gpus_per_worker, "num_cpus": 1}, None
-    else:
-        workers = config.workers or 1
-        threads = max(1, cluster_cpus() // workers)
-        resources = {"num_cpus": threads}
-    worker_cls = ray.remote(max_restarts=2, max_task_retries=2)(FeaturesWorker)
-    actors = [worker_cls.options(**resources).remote(config, threads) for _ in range(max(1, min(workers, len(todo))))]
+    actors, _ = start_model_actors(
+        FeaturesWorker,
+        (config,),
+        count_cap=len(todo),
+        workers=config.workers,
+        gpus_per_worker=config.gpus_per_worker,
+        device=config.device,
+    )
     try:
         ray.get(actors[0].write_null_caption.remote(out_dir))
         return run_shard_jobs(

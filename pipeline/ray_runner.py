@@ -40,6 +40,30 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def start_model_actors(
+    actor_cls: type, args: tuple, *, count_cap: int, workers: int | None, gpus_per_worker: float, device: str
+) -> tuple[list[Any], str]:
+    """Start model-holding actors: one per ``gpus_per_worker`` GPUs, or CPU actors sharing the cores.
+
+    ``args`` go to the actor's constructor followed by its torch CPU thread count (None on GPUs).
+    Actors restart when they die and retry the call they were running. Returns them and the device kind.
+    """
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus and gpus_per_worker > 0 and device != "cpu":
+        count = workers or max(1, int(gpus // gpus_per_worker))
+        resources: dict[str, float] = {"num_gpus": gpus_per_worker, "num_cpus": 1}
+        threads, kind = None, "cuda"
+    else:
+        count = workers or 1
+        threads = max(1, cluster_cpus() // count)
+        resources, kind = {"num_cpus": threads}, "cpu"
+    remote_cls = ray.remote(max_restarts=2, max_task_retries=2)(actor_cls)
+    actors = [remote_cls.options(**resources).remote(*args, threads) for _ in range(max(1, min(count, count_cap)))]
+    return actors, kind
+
+
 @dataclass
 class StageRun:
     """What a stage run did: stats of every shard, and which shards this run produced."""
