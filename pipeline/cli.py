@@ -21,6 +21,7 @@ from pipeline.nouns import SpacyModelNotAvailableError
 from pipeline.table_output import print_rows
 from schemas.caption_config import CaptionConfig
 from schemas.features_config import FeaturesConfig
+from schemas.pipeline_spec import STAGES, PipelineSpec, parse_spec, resolve_paths
 from schemas.score_config import (
     ALT_TEXT_FIELD,
     DEFAULT_SPACY_MODEL,
@@ -81,11 +82,10 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the pipeline offline on the bundled sample photos",
-        description="Writes the sample photos to DIR/sample_photos, shards them into DIR/dataset and "
-        "captions them with a tiny random-weight LLaVA (DIR/models/llava).",
+        description="Runs jobs/examples/demo.yaml with DIR for demo_out: sample photos, tiny models, shard, "
+        "caption, score, report (DIR/report.html), curate, features, train, export (DIR/export).",
     )
     p.add_argument("--out", required=True, type=Path, help="demo directory")
-    p.add_argument("--workers", type=int, default=2)
     p.set_defaults(handler=_cmd_demo)
 
 
@@ -248,6 +248,34 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_eval)
 
 
+def _add_spec_parsers(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser(
+        "run",
+        help="run a pipeline spec in this process (local Ray), stage after stage, skipping what is done",
+        description="SPEC is YAML (see jobs/examples/); relative paths are taken from the current directory.",
+    )
+    run.add_argument("spec", type=Path)
+    run.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    run.set_defaults(handler=_cmd_run)
+    submit = sub.add_parser(
+        "submit",
+        help="submit a pipeline spec to a Ray cluster as a job (Ray Job Submission API)",
+        description="Validates the spec, resolves its relative paths here, and submits it with a runtime "
+        "environment that carries densecurate's packages. Address: --address, else RAY_ADDRESS, else "
+        "the local head (http://127.0.0.1:8265).",
+    )
+    submit.add_argument("spec", type=Path)
+    submit.add_argument("--address", help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    submit.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+    submit.set_defaults(handler=_cmd_submit)
+    jobs = sub.add_parser("jobs", help="list, inspect, read or stop submitted jobs", description="Ray jobs.")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", help="needed by status, logs and stop")
+    jobs.add_argument("--address", help="the cluster's dashboard (default: RAY_ADDRESS, then the local head)")
+    jobs.set_defaults(handler=_cmd_jobs)
+
+
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
@@ -290,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_export_parser(sub)
     _add_eval_parser(sub)
+    _add_spec_parsers(sub)
     _add_models_parser(sub)
     _add_demo_parser(sub)
     return parser
@@ -543,6 +572,64 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_spec(path: Path) -> PipelineSpec:
+    if not path.is_file():
+        raise FileNotFoundError(f"spec {path} does not exist")
+    return resolve_paths(parse_spec(path.read_text(), source=str(path)), Path.cwd())
+
+
+def _check_stages(stages: list[str] | None) -> None:
+    unknown = [s for s in stages or () if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from jobs.stages import run_pipeline
+
+    _check_stages(args.stage)
+    run_pipeline(_load_spec(args.spec), only=args.stage)
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.submission import follow, job_address, submit
+
+    _check_stages(args.stage)
+    spec = _load_spec(args.spec)
+    job_id = submit(spec, address=args.address, stages=args.stage)
+    print(job_id, flush=True)
+    console.print(f"submitted {spec.name} to {job_address(args.address)} as {job_id}")
+    if args.follow:
+        status = follow(job_id, address=args.address)
+        console.print(f"job {job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from jobs.submission import client
+
+    jobs = client(args.address)
+    if args.action == "list":
+        rows = [
+            (j.submission_id, str(j.status.value), (j.metadata or {}).get("densecurate_spec", ""), j.entrypoint[:60])
+            for j in jobs.list_jobs()
+        ]
+        print_rows(["job_id", "status", "spec", "entrypoint"], rows)
+        return 0
+    if not args.job_id:
+        raise ValueError(f"`densecurate jobs {args.action}` needs a job id")
+    if args.action == "status":
+        print(jobs.get_job_status(args.job_id).value)
+    elif args.action == "logs":
+        print(jobs.get_job_logs(args.job_id), end="")
+    else:
+        stopped = jobs.stop_job(args.job_id)
+        print("stopped" if stopped else "not running")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import gather_report, print_report
 
@@ -581,9 +668,9 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from jobs.demo import run_demo
 
-    run_demo(args.out, workers=args.workers)
+    run_demo(args.out)
     return 0
 
 

