@@ -28,7 +28,7 @@ def run_prepare(spec: PipelineSpec) -> None:
 
 
 def run_shard(spec: PipelineSpec) -> None:
-    from pipeline.cli import print_shard_summary
+    from pipeline.commands import print_shard_summary
     from pipeline.shard_stage import run_shard_stage
 
     step = spec.shard
@@ -38,7 +38,7 @@ def run_shard(spec: PipelineSpec) -> None:
 
 def run_caption(spec: PipelineSpec) -> None:
     from pipeline.caption_stage import run_caption_stage
-    from pipeline.cli import print_caption_summary
+    from pipeline.commands import print_caption_summary
 
     for config in spec.caption:
         print_caption_summary(run_caption_stage(Path(spec.root), config), Path(spec.root), config.name)

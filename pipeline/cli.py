@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
-import yaml
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
 from captioner.errors import ModelNotAvailableError
-from pipeline.catalog import run_query
+from pipeline import commands
 from pipeline.nouns import SpacyModelNotAvailableError
-from pipeline.table_output import print_rows
-from schemas.caption_config import CaptionConfig
-from schemas.features_config import FeaturesConfig
-from schemas.pipeline_spec import STAGES, PipelineSpec, parse_spec, resolve_paths
-from schemas.score_config import (
-    ALT_TEXT_FIELD,
-    DEFAULT_SPACY_MODEL,
-    CurateConfig,
-    CurateRules,
-    NounSettings,
-    ScoreConfig,
-)
-from schemas.shard_config import ShardConfig
-from schemas.train_config import load_train_config
+from schemas.score_config import DEFAULT_SPACY_MODEL
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -63,7 +46,7 @@ def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-column", default="caption", help="parquet: column with the alt text")
     p.add_argument("--id-column", help="parquet: column with the original id (default: the image path)")
     _add_ray_options(p, "shards processed at once (default: every CPU)")
-    p.set_defaults(handler=_cmd_shard)
+    p.set_defaults(handler=commands.cmd_shard)
 
 
 def _add_query_parser(sub: argparse._SubParsersAction) -> None:
@@ -75,7 +58,7 @@ def _add_query_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("root", type=Path, help="dataset root")
     p.add_argument("sql", help='SQL, e.g. "SELECT status, count(*) FROM samples GROUP BY ALL"')
     p.add_argument("--format", default="table", choices=["table", "csv", "json"])
-    p.set_defaults(handler=_cmd_query)
+    p.set_defaults(handler=commands.cmd_query)
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +69,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "caption, score, report (DIR/report.html), curate, features, train, export (DIR/export).",
     )
     p.add_argument("--out", required=True, type=Path, help="demo directory")
-    p.set_defaults(handler=_cmd_demo)
+    p.set_defaults(handler=commands.cmd_demo)
 
 
 def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
@@ -111,7 +94,7 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
     p.add_argument("--gpus-per-worker", type=float, default=1.0)
     _add_ray_options(p, "model replicas (default: one per GPU, or 1 on CPU)")
-    p.set_defaults(handler=_cmd_caption)
+    p.set_defaults(handler=commands.cmd_caption)
 
 
 def _add_models_parser(sub: argparse._SubParsersAction) -> None:
@@ -125,7 +108,7 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
         "scheduler), and OUT/clip: a tiny open_clip model (local-dir:OUT/clip); all load like hub models.",
     )
     tiny.add_argument("out", type=Path)
-    tiny.set_defaults(handler=_cmd_make_tiny)
+    tiny.set_defaults(handler=commands.cmd_make_tiny)
 
 
 def _add_nouns_options(p: argparse.ArgumentParser) -> None:
@@ -146,7 +129,7 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add_nouns_options(p)
     _add_ray_options(p, "spaCy processes (default: every CPU)")
-    p.set_defaults(handler=_cmd_score)
+    p.set_defaults(handler=commands.cmd_score)
 
 
 def _add_density_parser(sub: argparse._SubParsersAction) -> None:
@@ -159,7 +142,7 @@ def _add_density_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--column", required=True, help="the caption column")
     _add_nouns_options(p)
     p.add_argument("--format", default="table", choices=["table", "json"])
-    p.set_defaults(handler=_cmd_density)
+    p.set_defaults(handler=commands.cmd_density)
 
 
 def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
@@ -180,7 +163,7 @@ def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-flagged", action="store_true", default=None, help="drop truncated/repetitive/empty")
     p.add_argument("--config", type=Path, help="curate.yaml with the rules")
     _add_ray_options(p, "tasks at once (default: every CPU)")
-    p.set_defaults(handler=_cmd_curate)
+    p.set_defaults(handler=commands.cmd_curate)
 
 
 def _add_features_parser(sub: argparse._SubParsersAction) -> None:
@@ -200,7 +183,7 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--gpus-per-worker", type=float, default=1.0)
     _add_ray_options(p, "encoder replicas (default: one per GPU, or 1 on CPU)")
-    p.set_defaults(handler=_cmd_features)
+    p.set_defaults(handler=commands.cmd_features)
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -215,7 +198,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
     p.add_argument("--workers", type=int, help="Ray Train workers (DDP), overriding the config's `workers`")
     p.add_argument("--ray-address", help="Ray cluster for --workers > 1 (default: a local Ray on 127.0.0.1)")
-    p.set_defaults(handler=_cmd_train)
+    p.set_defaults(handler=commands.cmd_train)
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -227,7 +210,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path, help="run directory (run_dir of the training config)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
-    p.set_defaults(handler=_cmd_export)
+    p.set_defaults(handler=commands.cmd_export)
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -245,7 +228,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=Path, help="save the generated images here")
     p.add_argument("--format", default="table", choices=["table", "json"])
-    p.set_defaults(handler=_cmd_eval)
+    p.set_defaults(handler=commands.cmd_eval)
 
 
 def _add_spec_parsers(sub: argparse._SubParsersAction) -> None:
@@ -256,7 +239,7 @@ def _add_spec_parsers(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("spec", type=Path)
     run.add_argument("--stage", action="append", help="run only this stage (repeatable)")
-    run.set_defaults(handler=_cmd_run)
+    run.set_defaults(handler=commands.cmd_run)
     submit = sub.add_parser(
         "submit",
         help="submit a pipeline spec to a Ray cluster as a job (Ray Job Submission API)",
@@ -268,12 +251,12 @@ def _add_spec_parsers(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--address", help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
     submit.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     submit.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
-    submit.set_defaults(handler=_cmd_submit)
+    submit.set_defaults(handler=commands.cmd_submit)
     jobs = sub.add_parser("jobs", help="list, inspect, read or stop submitted jobs", description="Ray jobs.")
     jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
     jobs.add_argument("job_id", nargs="?", help="needed by status, logs and stop")
     jobs.add_argument("--address", help="the cluster's dashboard (default: RAY_ADDRESS, then the local head)")
-    jobs.set_defaults(handler=_cmd_jobs)
+    jobs.set_defaults(handler=commands.cmd_jobs)
 
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
@@ -286,7 +269,7 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--html", type=Path, help="write the HTML report here")
     p.add_argument("--gallery", type=int, default=8, help="samples in the HTML gallery")
     p.add_argument("--spacy-model", default=DEFAULT_SPACY_MODEL, help="for marking nouns in the gallery")
-    p.set_defaults(handler=_cmd_report)
+    p.set_defaults(handler=commands.cmd_report)
 
 
 def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
@@ -296,7 +279,7 @@ def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
         description="Runs the common DuckDB queries on the dataset root's catalog.",
     )
     p.add_argument("root", type=Path, help="dataset root")
-    p.set_defaults(handler=_cmd_stats)
+    p.set_defaults(handler=commands.cmd_stats)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,356 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models_parser(sub)
     _add_demo_parser(sub)
     return parser
-
-
-def shard_config_from_args(args: argparse.Namespace) -> ShardConfig:
-    """Validate the shard options into a ``ShardConfig``."""
-    return ShardConfig.model_validate(
-        {
-            "sources": {
-                "format": args.format,
-                "source_name": args.source_name,
-                "image_column": args.image_column,
-                "caption_column": args.caption_column,
-                "id_column": args.id_column,
-            },
-            "image": {
-                "resize": args.resize,
-                "crop": args.crop,
-                "min_size": args.min_size,
-                "max_aspect": args.max_aspect,
-                "max_pixels": args.max_pixels,
-                "jpeg_quality": args.jpeg_quality,
-            },
-            "shard_size": args.shard_size,
-            "workers": args.workers,
-            "ray_address": args.ray_address,
-        }
-    )
-
-
-def print_shard_summary(summary, root: Path) -> None:
-    """The end-of-run summary: written, skipped by reason, speed."""
-    table = Table(title=f"shard stage -> {root}/shards", show_header=False)
-    table.add_row("inputs", str(summary.inputs))
-    table.add_row("written", str(summary.written))
-    table.add_row("skipped", str(summary.skipped))
-    for reason, count in sorted(summary.skipped_by_reason.items()):
-        table.add_row(f"  skipped: {reason}", str(count))
-    table.add_row("shards", f"{summary.shards} ({summary.shards_reused} already done)")
-    table.add_row(
-        "speed",
-        f"{summary.images_processed} images in {summary.seconds:.1f} s = {summary.images_per_second:.1f} images/s",
-    )
-    Console().print(table)
-
-
-def _cmd_shard(args: argparse.Namespace) -> int:
-    from pipeline.shard_stage import run_shard_stage  # imports Ray: only when needed
-
-    config = shard_config_from_args(args)
-    summary = run_shard_stage(args.src, args.out, config)
-    print_shard_summary(summary, args.out)
-    return 0
-
-
-def default_captioner_name(model: str) -> str:
-    """``llava-hf/llava-1.5-7b-hf`` -> ``llava-1.5-7b-hf``; a directory -> its name."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(model.rstrip("/")).name)
-    return name or "captioner"
-
-
-def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
-    """Validate the caption options into a ``CaptionConfig``."""
-    return CaptionConfig.model_validate(
-        {
-            "name": args.name or default_captioner_name(args.model),
-            "model": {
-                "model": args.model,
-                "revision": args.revision,
-                "dtype": args.dtype,
-                "device": args.device,
-                "trust_remote_code": args.trust_remote_code,
-            },
-            "generation": {
-                "prompt": args.prompt,
-                "batch_size": args.batch_size,
-                "max_new_tokens": args.max_new_tokens,
-                "temperature": args.temperature,
-                "top_p": args.top_p,
-                "seed": args.seed,
-            },
-            "workers": args.workers,
-            "gpus_per_worker": args.gpus_per_worker,
-            "ray_address": args.ray_address,
-        }
-    )
-
-
-def print_caption_summary(summary, root: Path, name: str) -> None:
-    """The end-of-run summary of the caption stage."""
-    t = summary.totals
-    table = Table(title=f"caption stage -> {root}/captions/{name}", show_header=False)
-    table.add_row("keys", str(t["count"]))
-    table.add_row("captioned", str(t["ok"]))
-    for reason, count in sorted(summary.errors_by_reason.items()):
-        table.add_row(f"  error: {reason}", str(count))
-    for flag in ("truncated", "repetitive", "empty"):
-        table.add_row(f"  flagged {flag}", str(t[flag]))
-    table.add_row("shards", f"{summary.shards} ({summary.shards_reused} already done)")
-    if summary.seconds and summary.captions_this_run:
-        rate = summary.captions_this_run / summary.seconds
-        table.add_row("speed", f"{rate:.2f} captions/s on {summary.workers} {summary.device} worker(s)")
-    Console().print(table)
-
-
-def _cmd_caption(args: argparse.Namespace) -> int:
-    from pipeline.caption_stage import run_caption_stage
-
-    config = caption_config_from_args(args)
-    summary = run_caption_stage(args.root, config)
-    print_caption_summary(summary, args.root, config.name)
-    return 0
-
-
-def _noun_settings(args: argparse.Namespace) -> dict:
-    return {"spacy_model": args.spacy_model, "nouns": args.nouns}
-
-
-def _cmd_score(args: argparse.Namespace) -> int:
-    from pipeline.score_stage import run_score_stage
-
-    config = ScoreConfig.model_validate(
-        {
-            "fields": args.field or [ALT_TEXT_FIELD],
-            "nouns": _noun_settings(args),
-            "min_count": args.min_count,
-            "workers": args.workers,
-            "ray_address": args.ray_address,
-        }
-    )
-    results = run_score_stage(args.root, config)
-    table = Table("field", "captions", "missing", "nouns", "distinct texts tagged", "shards", title="score stage")
-    for r in results:
-        t = r.totals
-        shards = f"{r.shards} ({r.shards_reused} already done)"
-        table.add_row(
-            r.field, str(t["count"]), str(t["missing"]), str(t["total_nouns"]), str(t["texts_tagged"]), shards
-        )
-    Console().print(table)
-    from pipeline.report import print_table1
-
-    print_table1(args.root)
-    return 0
-
-
-def _cmd_density(args: argparse.Namespace) -> int:
-    from pipeline.density_file import score_file
-
-    settings = NounSettings.model_validate(_noun_settings(args))
-    row = score_file(args.file, args.column, settings, min_count=args.min_count)
-    if args.format == "json":
-        print(json.dumps(row.as_json(), indent=1))
-    else:
-        from pipeline.report import table1_table
-
-        Console().print(table1_table([row], title=f"{args.file} [{args.column}]"))
-    return 0
-
-
-def curate_config_from_args(args: argparse.Namespace) -> CurateConfig:
-    """Rules from --config, overridden by the options given; validated with the file named in errors."""
-    rules: dict = {}
-    if args.config:
-        loaded = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of rules, got {type(loaded).__name__}")
-        rules = loaded.get("rules", loaded)
-        try:
-            CurateRules.model_validate(rules)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"{args.config}: {where}: {err['msg']}") from None
-    for name in ("min_valid_nouns", "min_nouns", "min_words", "drop_flagged"):
-        if getattr(args, name) is not None:
-            rules[name] = getattr(args, name)
-    return CurateConfig.model_validate(
-        {"field": args.field, "rules": rules, "workers": args.workers, "ray_address": args.ray_address}
-    )
-
-
-def _cmd_curate(args: argparse.Namespace) -> int:
-    from pipeline.curate_stage import RULE_ORDER, run_curate_stage
-
-    config = curate_config_from_args(args)
-    summary = run_curate_stage(args.root, args.out, config)
-    table = Table(title=f"curate {config.field} -> {args.out}", show_header=False)
-    table.add_row("samples", str(summary.inputs))
-    for rule in RULE_ORDER:
-        table.add_row(f"  removed by {rule}", str(summary.removed_by_rule.get(rule, 0)))
-    table.add_row("kept", str(summary.kept))
-    table.add_row("shards", f"{summary.shards} ({summary.shards_reused} already done)")
-    Console().print(table)
-    return 0
-
-
-def _cmd_features(args: argparse.Namespace) -> int:
-    from pipeline.features_stage import run_features_stage
-
-    keys = ("vae", "text_encoder", "resolution", "max_tokens", "batch_size", "device", "workers", "gpus_per_worker")
-    config = FeaturesConfig.model_validate({k: getattr(args, k) for k in (*keys, "ray_address")})
-    run = run_features_stage(args.curated, args.out, config)
-    samples = sum(s["successes"] for s in run.stats)
-    Console().print(f"features: {samples} samples in {len(run.stats)} shards ({run.reused} already done) -> {args.out}")
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from trainer.launch import launch_training
-
-    overrides = [*args.overrides, *([f"workers={args.workers}"] if args.workers else [])]
-    config = load_train_config(args.config.read_text(), overrides, source=str(args.config))
-    if config.workers > 1:
-        from pipeline.ray_runner import init_ray
-
-        init_ray(args.ray_address)
-    result = launch_training(config, resume=args.resume)
-    Console().print(f"trained to step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from trainer.export import export_pipeline
-
-    out = export_pipeline(args.run, args.out, ema=args.ema)
-    Console().print(f"exported {'EMA ' if args.ema else ''}pipeline to {out}")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate, read_prompts
-
-    scores = evaluate(
-        args.pipeline,
-        read_prompts(args.prompts),
-        clip_model=args.clip_model,
-        clip_pretrained=args.clip_pretrained,
-        resolution=args.resolution,
-        steps=args.steps,
-        seed=args.seed,
-        images_out=args.images,
-    )
-    mean = sum(s.clip_score for s in scores) / len(scores)
-    if args.format == "json":
-        print(json.dumps({"clip_score": mean, "prompts": [vars(s) for s in scores]}, indent=1))
-    else:
-        print_rows(
-            ["prompt", "clip_score"], [(s.prompt, f"{s.clip_score:.2f}") for s in scores] + [("mean", f"{mean:.2f}")]
-        )
-    return 0
-
-
-def _load_spec(path: Path) -> PipelineSpec:
-    if not path.is_file():
-        raise FileNotFoundError(f"spec {path} does not exist")
-    return resolve_paths(parse_spec(path.read_text(), source=str(path)), Path.cwd())
-
-
-def _check_stages(stages: list[str] | None) -> None:
-    unknown = [s for s in stages or () if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)})")
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from jobs.stages import run_pipeline
-
-    _check_stages(args.stage)
-    run_pipeline(_load_spec(args.spec), only=args.stage)
-    return 0
-
-
-def _cmd_submit(args: argparse.Namespace) -> int:
-    from jobs.submission import follow, job_address, submit
-
-    _check_stages(args.stage)
-    spec = _load_spec(args.spec)
-    job_id = submit(spec, address=args.address, stages=args.stage)
-    print(job_id, flush=True)
-    console.print(f"submitted {spec.name} to {job_address(args.address)} as {job_id}")
-    if args.follow:
-        status = follow(job_id, address=args.address)
-        console.print(f"job {job_id}: {status}")
-        return 0 if status == "SUCCEEDED" else 1
-    return 0
-
-
-def _cmd_jobs(args: argparse.Namespace) -> int:
-    from jobs.submission import client
-
-    jobs = client(args.address)
-    if args.action == "list":
-        rows = [
-            (j.submission_id, str(j.status.value), (j.metadata or {}).get("densecurate_spec", ""), j.entrypoint[:60])
-            for j in jobs.list_jobs()
-        ]
-        print_rows(["job_id", "status", "spec", "entrypoint"], rows)
-        return 0
-    if not args.job_id:
-        raise ValueError(f"`densecurate jobs {args.action}` needs a job id")
-    if args.action == "status":
-        print(jobs.get_job_status(args.job_id).value)
-    elif args.action == "logs":
-        print(jobs.get_job_logs(args.job_id), end="")
-    else:
-        stopped = jobs.stop_job(args.job_id)
-        print("stopped" if stopped else "not running")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import gather_report, print_report
-
-    reports = gather_report(args.root)
-    print_report(reports)
-    if args.html:
-        from pipeline.report_html import write_html_report
-
-        write_html_report(args.root, reports, args.html, gallery=args.gallery, spacy_model=args.spacy_model)
-        Console().print(f"HTML report written to {args.html}")
-    return 0
-
-
-def _cmd_stats(args: argparse.Namespace) -> int:
-    from pipeline.stats_queries import print_stats
-
-    print_stats(args.root)
-    return 0
-
-
-def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from captioner.tiny import make_tiny_llava
-    from trainer.tiny import make_tiny_clip, make_tiny_pixart
-
-    llava = make_tiny_llava(args.out / "llava")
-    pixart = make_tiny_pixart(args.out / "pixart")
-    clip = make_tiny_clip(args.out / "clip")
-    Console().print(f"tiny models (random weights, for tests): {llava}, {pixart}, {clip} (local-dir:{clip})")
-    return 0
-
-
-def _cmd_query(args: argparse.Namespace) -> int:
-    columns, rows = run_query(args.root, args.sql)
-    print_rows(columns, rows, args.format)
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from jobs.demo import run_demo
-
-    run_demo(args.out)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
