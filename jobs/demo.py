@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -21,7 +22,8 @@ TINY_MODEL_NOTE = (
 def demo_spec(out: Path) -> PipelineSpec:
     """jobs/examples/demo.yaml with its ``demo_out`` folder moved to ``out``, paths made absolute."""
     folder = f"{out.resolve()}/"
-    spec = yaml.safe_load(EXAMPLE.read_text().replace("./demo_out/", folder).replace("demo_out/", folder))
+    text = re.sub(r"(?<![\w/.])(\./)?demo_out/", lambda _: folder, EXAMPLE.read_text())
+    spec = yaml.safe_load(text)
     spec["train"]["config"] = str(Path(__file__).resolve().parents[1] / "trainer" / "configs" / "tiny.yaml")
     return resolve_paths(PipelineSpec.model_validate(spec), Path.cwd())
 

@@ -199,3 +199,16 @@ def test_job_stopped_half_way_then_resubmitted_gives_the_same_records(submitted_
     assert _records(out) == _records(reference)
     leftovers = [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("out", ["demo_out", "elsewhere/demo_out", "/tmp/x/demo"])
+def test_demo_spec_moves_every_demo_path_once(out, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    spec = demo_spec(Path(out))
+    folder = str((tmp_path / out).resolve())
+    assert spec.root == f"{folder}/dataset"
+    assert spec.caption[0].model.model == f"{folder}/models/llava"
+    assert spec.features.vae == f"{folder}/models/pixart" and spec.export.out == f"{folder}/export"
+    assert f"pipeline={folder}/models/pixart" in spec.train.overrides
+    dumped = spec.model_dump_json()
+    assert f"{folder}/{folder}" not in dumped and f"{folder}//" not in dumped
