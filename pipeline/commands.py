@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -26,6 +25,7 @@ from schemas.score_config import (
 )
 from schemas.shard_config import ShardConfig
 from schemas.train_config import load_train_config
+from schemas.validation import validated
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -190,15 +190,8 @@ def curate_config_from_args(args: argparse.Namespace) -> CurateConfig:
     rules: dict = {}
     if args.config:
         loaded = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of rules, got {type(loaded).__name__}")
-        rules = loaded.get("rules", loaded)
-        try:
-            CurateRules.model_validate(rules)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"{args.config}: {where}: {err['msg']}") from None
+        rules = loaded.get("rules", loaded) if isinstance(loaded, dict) else loaded
+        rules = validated(CurateRules, rules, str(args.config)).model_dump(exclude_unset=True)
     for name in ("min_valid_nouns", "min_nouns", "min_words", "drop_flagged"):
         if getattr(args, name) is not None:
             rules[name] = getattr(args, name)

@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.caption_config import CaptionConfig
 from schemas.features_config import FeaturesConfig
 from schemas.score_config import CurateConfig, ScoreConfig
 from schemas.shard_config import ShardConfig
+from schemas.validation import validated
 
 
 class _Strict(BaseModel):
@@ -78,15 +79,7 @@ STAGES = ("prepare", "shard", "caption", "score", "report", "curate", "features"
 
 def parse_spec(text: str, source: str = "spec") -> PipelineSpec:
     """Validate a YAML spec; an error names the file and the field at fault."""
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping at the top level")
-    try:
-        return PipelineSpec.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ValueError(f"{source}: {where}: {err['msg']}") from None
+    return validated(PipelineSpec, yaml.safe_load(text) or {}, source)
 
 
 def local_path(value: str, base: Path) -> str:

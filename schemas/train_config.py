@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.validation import validated
 
 
 class _Strict(BaseModel):
@@ -111,9 +113,4 @@ def load_train_config(text: str, overrides: list[str], source: str = "config") -
         raise ValueError(f"{source}: expected a mapping at the top level")
     for item in overrides:
         set_dotted(data, item)
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ValueError(f"{source}: {where}: {err['msg']}") from None
+    return validated(TrainConfig, data, source)
