@@ -20,6 +20,7 @@ from pipeline.catalog import refresh_catalog
 from pipeline.parquet_meta import finished_output, write_atomic
 from pipeline.ray_runner import ActorLauncher, init_ray, run_shard_jobs, start_model_actors
 from pipeline.shard_reading import iter_shard_samples, read_shard_stats, shard_indices
+from pipeline.shard_writer import prune_outputs
 from schemas.caption_config import CaptionConfig
 from schemas.layout import DatasetLayout
 from schemas.tables import CAPTIONS_SCHEMA
@@ -167,6 +168,7 @@ def run_caption_stage(root: Path, config: CaptionConfig) -> CaptionSummary:
     from captioner.loading import check_model_available
 
     check_model_available(config.model)
+    prune_outputs(DatasetLayout(root).captions_dir(config.name), {job.index for job in jobs})
     init_ray(config.ray_address)
     summary = CaptionSummary(shards=len(jobs))
     todo = [job for job in jobs if finished_captions(job) is None]

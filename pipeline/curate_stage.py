@@ -19,7 +19,7 @@ import duckdb
 from pipeline.parquet_meta import read_meta
 from pipeline.ray_runner import TaskLauncher, cluster_cpus, init_ray, run_shard_jobs
 from pipeline.shard_reading import iter_shard_samples, shard_indices
-from pipeline.shard_writer import ShardWriter, finished_stats
+from pipeline.shard_writer import ShardWriter, finished_stats, prune_outputs, read_stats
 from schemas.layout import DatasetLayout, shard_files_in
 from schemas.score_config import ALT_TEXT_FIELD, CurateConfig, CurateRules
 from schemas.tables import CURATED_SCHEMA
@@ -124,6 +124,15 @@ def finished_curation(job: CurateJob) -> dict[str, Any] | None:
     return finished_stats(shard_files_in(job.out_dir, job.index), job.fingerprint)
 
 
+def _texts_fingerprint(layout: DatasetLayout, field_name: str, index: int) -> str | None:
+    """The fingerprint of the texts the field has now for shard ``index`` (what score records it scored)."""
+    if field_name == ALT_TEXT_FIELD:
+        stats = read_stats(layout.shard_files(index))
+        return stats["inputs_fingerprint"] if stats else None
+    meta = read_meta(layout.caption_file(field_name, index))
+    return meta["fingerprint"] if meta else None
+
+
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -142,6 +151,11 @@ def plan_curate_jobs(root: Path, out_dir: Path, config: CurateConfig) -> list[Cu
         density = read_meta(layout.density_file(config.field, index))
         if density is None:
             raise FileNotFoundError(f"shard {index} has no density for {config.field!r}: rerun `densecurate score`")
+        if density.get("source_fingerprint") != _texts_fingerprint(layout, config.field, index):
+            raise ValueError(
+                f"the density of shard {index} was computed from other {config.field!r} texts than the current "
+                f"ones: rerun `densecurate score {root} --field {config.field}` first"
+            )
         digest = hashlib.sha256((base + density["fingerprint"]).encode()).hexdigest()
         jobs.append(CurateJob(index, root, out_dir, config.field, config.rules, digest))
     return jobs
@@ -162,6 +176,7 @@ def run_curate_stage(root: Path, out_dir: Path, config: CurateConfig) -> CurateS
     """Curate every shard of ``root`` into ``out_dir``."""
     root, out_dir = root.resolve(), out_dir.resolve()
     jobs = plan_curate_jobs(root, out_dir, config)
+    prune_outputs(out_dir, {job.index for job in jobs})
     init_ray(config.ray_address, None if config.ray_address else config.workers)
     run = run_shard_jobs(
         jobs,

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.ray_runner import ActorLauncher, StageRun, init_ray, run_shard_jobs, start_model_actors
 from pipeline.shard_reading import iter_shard_samples
-from pipeline.shard_writer import ShardWriter, finished_stats, read_stats, temp_path
+from pipeline.shard_writer import ShardWriter, finished_stats, prune_outputs, read_stats, temp_path
 from schemas.features_config import FeaturesConfig
 from schemas.layout import shard_files_in
 from schemas.tables import FEATURES_SCHEMA
@@ -77,8 +77,8 @@ class FeaturesWorker:
 
     def encode_shard(self, job: FeaturesJob) -> dict[str, Any]:
         """Encode every sample of the job's shard and commit the feature shard; returns its stats."""
-        writer = ShardWriter(shard_files_in(job.out_dir, job.index), schema=FEATURES_SCHEMA)
         samples = list(iter_shard_samples(shard_files_in(job.source_dir, job.index).tar))
+        writer = ShardWriter(shard_files_in(job.out_dir, job.index), schema=FEATURES_SCHEMA)
         size = self.config.batch_size
         try:
             for start in range(0, len(samples), size):
@@ -116,6 +116,7 @@ def run_features_stage(source_dir: Path, out_dir: Path, config: FeaturesConfig) 
         raise FileNotFoundError(f"no finished shards in {source_dir}: run `densecurate curate` first")
     init_ray(config.ray_address)
     out_dir.mkdir(parents=True, exist_ok=True)
+    prune_outputs(out_dir, {job.index for job in jobs})
     todo = [j for j in jobs if finished_stats(shard_files_in(out_dir, j.index), j.fingerprint) is None]
     actors, _ = start_model_actors(
         FeaturesWorker,

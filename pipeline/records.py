@@ -20,6 +20,11 @@ class SkipRecord(Exception):
         self.detail = detail
 
 
+def clean_text(text: str) -> str:
+    """``text`` as valid UTF-8: undecodable bytes of file names and lone surrogates become U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def make_key(source: str, original_id: str) -> str:
     """A stable, webdataset-safe key ``<source>-<original id>``.
 
@@ -29,7 +34,8 @@ def make_key(source: str, original_id: str) -> str:
     flat = original_id.replace("/", "_")
     safe = _UNSAFE_KEY_CHARS.sub("_", flat)
     if safe != flat:
-        safe = f"{safe}-{hashlib.sha1(original_id.encode()).hexdigest()[:8]}"
+        digest = hashlib.sha1(original_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        safe = f"{safe}-{digest}"
     return f"{source}-{safe}"
 
 

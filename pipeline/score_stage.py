@@ -22,7 +22,7 @@ from pipeline.nouns import NounExtractor
 from pipeline.parquet_meta import finished_output, read_meta, write_atomic
 from pipeline.ray_runner import ActorLauncher, cluster_cpus, init_ray, run_shard_jobs
 from pipeline.shard_reading import read_shard_stats, shard_indices
-from pipeline.shard_writer import temp_path
+from pipeline.shard_writer import prune_outputs, temp_path
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD, NounSettings, ScoreConfig
 from schemas.tables import DENSITY_SCHEMA, STATUS_OK
@@ -38,6 +38,7 @@ class ScoreJob:
     text_column: str
     out: Path
     fingerprint: str
+    source_fingerprint: str  # of the texts scored (shard inputs, or the caption file), for later stages to check
 
 
 def captioner_names(layout: DatasetLayout) -> list[str]:
@@ -70,6 +71,7 @@ def plan_score_jobs(layout: DatasetLayout, field_name: str, nouns: NounSettings)
             text_column=column,
             out=layout.density_file(field_name, index),
             fingerprint=hashlib.sha256((settings + upstream).encode()).hexdigest(),
+            source_fingerprint=upstream,
         )
         for index, source, column, upstream in jobs
     ]
@@ -111,7 +113,12 @@ class ScoreWorker:
             "total_nouns": sum(r["n_nouns"] for r in rows),
             "texts_tagged": self.extractor.texts_tagged - tagged_before,
         }
-        meta = {"fingerprint": job.fingerprint, "stats": stats, "spacy": self.extractor.model_version}
+        meta = {
+            "fingerprint": job.fingerprint,
+            "source_fingerprint": job.source_fingerprint,
+            "stats": stats,
+            "spacy": self.extractor.model_version,
+        }
         write_atomic(job.out, rows, DENSITY_SCHEMA, meta)
         return stats
 
@@ -157,6 +164,7 @@ def run_score_stage(root: Path, config: ScoreConfig) -> list[FieldScore]:
     for name, jobs in plans.items():
         if not jobs:
             raise FileNotFoundError(f"nothing to score for {name!r} under {layout.root}: run the earlier stages")
+        prune_outputs(layout.density_file(name, 0).parent, {job.index for job in jobs})
     init_ray(config.ray_address, None if config.ray_address else config.workers)
     todo = sum(1 for jobs in plans.values() for job in jobs if finished_output(job.out, job.fingerprint) is None)
     workers = min(config.workers or cluster_cpus(), max(todo, 1))

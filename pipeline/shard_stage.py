@@ -13,8 +13,8 @@ from typing import Any
 from pipeline.catalog import refresh_catalog
 from pipeline.imaging import process_image
 from pipeline.ray_runner import TaskLauncher, cluster_cpus, init_ray, run_shard_jobs
-from pipeline.records import InputRecord, SkipRecord
-from pipeline.shard_writer import ShardWriter, finished_stats
+from pipeline.records import InputRecord, SkipRecord, clean_text
+from pipeline.shard_writer import ShardWriter, finished_stats, prune_outputs
 from pipeline.sources import list_inputs
 from pipeline.sources.reading import SampleReader
 from schemas.layout import DatasetLayout, shard_stem
@@ -59,7 +59,7 @@ def _sample_json(rec: InputRecord, img, meta: dict[str, Any]) -> str:
         {
             "key": rec.key,
             "source": rec.source,
-            "original_id": rec.original_id,
+            "original_id": clean_text(rec.original_id),
             "original_width": img.original_width,
             "original_height": img.original_height,
             "width": img.width,
@@ -78,7 +78,11 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
     try:
         with SampleReader() as reader:
             for rec in job.records:
-                where = {"source": rec.source, "original_id": rec.original_id, "location": rec.location}
+                where = {
+                    "source": rec.source,
+                    "original_id": clean_text(rec.original_id),
+                    "location": clean_text(rec.location),
+                }
                 try:
                     sample = reader.load(rec)
                     img = process_image(sample.image, job.image)
@@ -137,6 +141,7 @@ def run_shard_stage(srcs: Sequence[Path], root: Path, config: ShardConfig) -> Sh
     records = list_inputs(srcs, config.sources)
     root = root.resolve()
     jobs = plan_shards(records, root, config)
+    prune_outputs(DatasetLayout(root).shards_dir, {job.index for job in jobs})
     init_ray(config.ray_address, None if config.ray_address else config.workers)
     run = run_shard_jobs(
         jobs,

@@ -42,6 +42,23 @@ def finished_stats(files: ShardFiles, fingerprint: str) -> dict[str, Any] | None
     return stats if stats is not None and stats.get("inputs_fingerprint") == fingerprint else None
 
 
+def prune_outputs(directory: Path, keep: set[int]) -> list[Path]:
+    """Delete ``NNNNN.tar``/``.parquet``/``_stats.json`` files whose index is not in ``keep``.
+
+    They are left by an earlier plan with more shards (other inputs or --shard-size); kept, they would
+    put the same records into the stage's output twice.
+    """
+    removed: list[Path] = []
+    if not keep:  # an empty plan never empties a folder
+        return removed
+    for path in sorted(directory.glob("[0-9]*")) if directory.is_dir() else []:
+        stem = path.name.split(".")[0].removesuffix("_stats")
+        if stem.isdigit() and int(stem) not in keep and TMP_MARK not in path.name:
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def read_stats(files: ShardFiles) -> dict[str, Any] | None:
     """The shard's stats if it is complete and consistent, else None."""
     if not all(p.is_file() for p in files.all()):

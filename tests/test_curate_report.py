@@ -139,3 +139,15 @@ def test_html_report_renders_in_chromium(pipeline_root, tmp_path):
     shot = tmp_path / "report.png"
     subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()], timeout=120)
     assert shot.stat().st_size > 10_000
+
+
+def test_curate_refuses_density_older_than_the_captions(ray_local, tiny_llava_dir, tmp_path):
+    root = tmp_path / "root"
+    run_shard_stage([write_sample_folder(tmp_path / "photos")], root, ShardConfig(shard_size=100))
+    caption = {"name": "tiny", "model": {"model": str(tiny_llava_dir)}, "generation": {"max_new_tokens": 8}}
+    run_caption_stage(root, CaptionConfig.model_validate(caption))
+    run_score_stage(root, ScoreConfig(fields=("tiny",)))
+    caption["generation"]["max_new_tokens"] = 12  # re-caption, but do not re-score
+    run_caption_stage(root, CaptionConfig.model_validate(caption))
+    with pytest.raises(ValueError, match="rerun `densecurate score"):
+        run_curate_stage(root, tmp_path / "curated", CurateConfig(field="tiny"))

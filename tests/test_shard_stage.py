@@ -251,3 +251,26 @@ def test_sigkill_half_way_then_rerun_equals_uninterrupted_run(tmp_path):
     assert "already done" in result.stdout
     assert _snapshot(killed) == _snapshot(reference)
     assert not [p for p in (killed / "shards").iterdir() if ".tmp-" in p.name]
+
+
+def test_odd_names_and_captions_do_not_stop_the_stage(ray_local, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    odd = os.fsdecode(b"caf\xe9.jpg")
+    (photos / odd).write_bytes(mk.jpeg_bytes(mk.photo_image((300, 200))))
+    (photos / "surrogate.jpg").write_bytes(mk.jpeg_bytes(mk.photo_image((300, 200))))
+    (photos / "surrogate.json").write_text('{"caption": "broken emoji \\ud83d here"}')
+    summary = run_shard_stage([photos], tmp_path / "root", ShardConfig())
+    assert (summary.inputs, summary.written) == (2, 2)
+    rows = {r["key"]: r for r in shard_rows(tmp_path / "root")}
+    assert rows["folder-surrogate"]["alt_text"] == "broken emoji \ufffd\ufffd\ufffd here"
+
+
+def test_a_smaller_plan_prunes_the_shards_of_a_larger_one(ray_local, tmp_path):
+    photos = write_sample_folder(tmp_path / "photos", with_bad_files=False)
+    root = tmp_path / "root"
+    assert run_shard_stage([photos], root, ShardConfig(shard_size=3)).shards == 4
+    again = run_shard_stage([photos], root, ShardConfig(shard_size=100))
+    assert again.shards == 1
+    assert sorted(p.name for p in (root / "shards").iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    assert len(shard_rows(root)) == 10

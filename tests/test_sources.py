@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 
 import pyarrow as pa
@@ -150,3 +151,22 @@ def test_tar_cut_short_keeps_the_members_before_the_cut(tmp_path):
         assert reader.load(records["a"]).image == photo
         with pytest.raises(SkipRecord, match="read_error"):
             reader.load(records["b"])
+
+
+def test_the_same_input_twice_is_one_record_and_one_duplicate(tmp_path):
+    (tmp_path / "one.jpg").write_bytes(mk.jpeg_bytes(mk.photo_image((100, 100))))
+    table = tmp_path / "table.parquet"
+    pq.write_table(pa.Table.from_pylist([{"image_path": "one.jpg"}, {"image_path": "one.jpg"}]), table)
+    first, second = list_inputs([table], SourceSettings())
+    assert first.key == second.key and first.preset_skip is None
+    assert second.preset_skip[0] == "duplicate_key"
+
+
+def test_undecodable_names_and_captions_are_cleaned(tmp_path):
+    from pipeline.records import clean_text
+
+    assert clean_text("x\ud83dy") == "x\ufffd\ufffd\ufffdy"
+    name = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 file name on a UTF-8 system
+    (tmp_path / name).write_bytes(mk.jpeg_bytes(mk.photo_image((100, 100))))
+    (record,) = list_inputs([tmp_path], SourceSettings())
+    assert record.key.startswith("folder-caf_-") and record.key.isascii()

@@ -183,3 +183,14 @@ def test_eval_reports_clip_scores(features_dir, tiny_pixart_dir, tmp_path, capsy
     assert all(0 <= p["clip_score"] <= 100 for p in report["prompts"])
     assert report["clip_score"] == pytest.approx(sum(p["clip_score"] for p in report["prompts"]) / 2)
     assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["0000.png", "0001.png"]
+
+
+def test_latest_checkpoint_ignores_unfinished_folders(tmp_path):
+    from trainer.checkpoint import latest_checkpoint
+
+    done = tmp_path / "checkpoints" / "step-00000004"
+    done.mkdir(parents=True)
+    (done / "state.json").write_text('{"step": 4}')
+    (tmp_path / "checkpoints" / "step-00000008.tmp-1234").mkdir()  # killed while saving
+    (tmp_path / "checkpoints" / "step-00000009").mkdir()  # no state.json: incomplete
+    assert latest_checkpoint(tmp_path) == done

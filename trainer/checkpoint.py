@@ -18,8 +18,10 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step (complete ones only: they are renamed into place)."""
-    found = sorted(checkpoints_dir(run_dir).glob("step-*[0-9]"))
+    """The checkpoint with the highest step; in-progress folders (``.tmp-``) and incomplete ones are ignored."""
+    found = sorted(
+        p for p in checkpoints_dir(run_dir).glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file()
+    )
     return found[-1] if found else None
 
 

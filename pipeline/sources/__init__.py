@@ -55,8 +55,9 @@ def _mark_duplicate_keys(records: list[InputRecord]) -> list[InputRecord]:
     first_location: dict[str, str] = {}
     out = []
     for rec in records:
-        seen = first_location.setdefault(rec.key, rec.location)
-        if seen != rec.location and rec.preset_skip is None:
+        if rec.key in first_location and rec.preset_skip is None:
+            seen = first_location[rec.key]
             rec = replace(rec, preset_skip=("duplicate_key", f"key {rec.key} already belongs to {seen}"))
+        first_location.setdefault(rec.key, rec.location)
         out.append(rec)
     return out

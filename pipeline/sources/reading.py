@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.records import InputRecord, LoadedSample, MemberRef, SkipRecord
+from pipeline.records import InputRecord, LoadedSample, MemberRef, SkipRecord, clean_text
 from pipeline.sources.sa1b import sa1b_meta
 from pipeline.sources.tar_members import read_member
 
@@ -75,5 +75,5 @@ class SampleReader:
             else:
                 meta.update(obj)
                 if alt_text is None and isinstance(obj.get("caption"), str):
-                    alt_text = obj["caption"].strip() or None
+                    alt_text = clean_text(obj["caption"]).strip() or None
         return LoadedSample(image=image, alt_text=alt_text, meta=meta)
