@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -137,10 +136,6 @@ class CaptionWorker:
         meta = {"fingerprint": job.fingerprint, "stats": stats, "settings": json.loads(self.config.model_dump_json())}
         write_atomic(job.out, rows, CAPTIONS_SCHEMA, meta)
         return stats
-
-    def pid(self) -> int:
-        """The worker's process id (tests kill it to check recovery)."""
-        return os.getpid()
 
 
 @dataclass

@@ -46,7 +46,8 @@ VIEWS: tuple[View, ...] = (
 )
 
 
-def _sql_string(text: str) -> str:
+def sql_string(text: str) -> str:
+    """``text`` as a DuckDB string literal."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -68,7 +69,7 @@ def refresh_catalog(layout: DatasetLayout) -> Path:
     with duckdb.connect(str(tmp)) as con:
         for view in VIEWS:
             if view.name in views:
-                select = view.select.format(files=_sql_string(views[view.name]))
+                select = view.select.format(files=sql_string(views[view.name]))
                 con.execute(f"CREATE VIEW {view.name} AS {select}")
         con.execute("CREATE TABLE catalog_info (info VARCHAR)")
         con.execute("INSERT INTO catalog_info VALUES (?)", [json.dumps(views, sort_keys=True)])

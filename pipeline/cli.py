@@ -9,14 +9,14 @@ from pathlib import Path
 
 import duckdb
 from pydantic import ValidationError
-from rich.console import Console
 
 from captioner.errors import ModelNotAvailableError
 from pipeline import commands
 from pipeline.nouns import SpacyModelNotAvailableError
+from schemas.pipeline_spec import STAGES
 from schemas.score_config import DEFAULT_SPACY_MODEL
 
-console = Console(stderr=True, soft_wrap=True)
+console = commands.console
 
 
 def _add_ray_options(p: argparse.ArgumentParser, workers_help: str) -> None:
@@ -238,7 +238,7 @@ def _add_spec_parsers(sub: argparse._SubParsersAction) -> None:
         description="SPEC is YAML (see jobs/examples/); relative paths are taken from the current directory.",
     )
     run.add_argument("spec", type=Path)
-    run.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    run.add_argument("--stage", action="append", choices=STAGES, help="run only this stage (repeatable)")
     run.set_defaults(handler=commands.cmd_run)
     submit = sub.add_parser(
         "submit",
@@ -249,7 +249,7 @@ def _add_spec_parsers(sub: argparse._SubParsersAction) -> None:
     )
     submit.add_argument("spec", type=Path)
     submit.add_argument("--address", help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
-    submit.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    submit.add_argument("--stage", action="append", choices=STAGES, help="run only this stage (repeatable)")
     submit.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
     submit.set_defaults(handler=commands.cmd_submit)
     jobs = sub.add_parser("jobs", help="list, inspect, read or stop submitted jobs", description="Ray jobs.")

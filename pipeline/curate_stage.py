@@ -16,6 +16,7 @@ from typing import Any
 
 import duckdb
 
+from pipeline.catalog import sql_string
 from pipeline.parquet_meta import read_meta
 from pipeline.ray_runner import TaskLauncher, cluster_cpus, init_ray, run_shard_jobs
 from pipeline.shard_reading import iter_shard_samples, shard_indices
@@ -40,30 +41,31 @@ class CurateJob:
     fingerprint: str
 
 
-def _sql_path(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
 def _candidates(job: CurateJob) -> list[dict[str, Any]]:
     """The shard's written samples with the chosen caption, its density and flags (DuckDB join)."""
     layout = DatasetLayout(job.root)
+    density = sql_string(str(layout.density_file(job.field, job.index)))
+    vocab = sql_string(str(layout.vocab_file(job.field)))
+    shard = sql_string(str(layout.shard_files(job.index).parquet))
     if job.field == ALT_TEXT_FIELD:
         caption, flagged, captions_join = "s.alt_text", "false", ""
     else:
         caption = "CASE WHEN c.status = 'ok' THEN c.caption END"
         flagged = "coalesce(c.truncated OR c.repetitive OR c.empty, false)"
-        captions_join = f"LEFT JOIN read_parquet({_sql_path(layout.caption_file(job.field, job.index))}) c USING (key)"
+        captions_join = (
+            f"LEFT JOIN read_parquet({sql_string(str(layout.caption_file(job.field, job.index)))}) c USING (key)"
+        )
     sql = f"""
-        WITH d AS (SELECT * FROM read_parquet({_sql_path(layout.density_file(job.field, job.index))})),
+        WITH d AS (SELECT * FROM read_parquet({density})),
         valid AS (
             SELECT x.key, count(*) AS n_valid
             FROM (SELECT key, unnest(nouns) AS noun FROM d) x
-            JOIN (SELECT noun FROM read_parquet({_sql_path(layout.vocab_file(job.field))}) WHERE valid) v USING (noun)
+            JOIN (SELECT noun FROM read_parquet({vocab}) WHERE valid) v USING (noun)
             GROUP BY x.key
         )
         SELECT s.key, {caption} AS caption, {flagged} AS flagged, d.n_tokens, d.n_nouns,
                coalesce(valid.n_valid, 0) AS n_valid_nouns, d.nouns
-        FROM read_parquet({_sql_path(layout.shard_files(job.index).parquet)}) s
+        FROM read_parquet({shard}) s
         {captions_join}
         LEFT JOIN d USING (key)
         LEFT JOIN valid USING (key)

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shard_writer import TMP_MARK, temp_path
+from pipeline.shard_writer import remove_stale_temps, temp_path
 from schemas.tables import PARQUET_META_KEY
 
 
@@ -40,8 +40,7 @@ def write_atomic(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, meta
         {PARQUET_META_KEY: json.dumps(meta).encode()}
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f"{path.name}{TMP_MARK}*"):
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(path)
     tmp = temp_path(path)
     pq.write_table(table, tmp)
     os.replace(tmp, path)

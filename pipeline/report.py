@@ -9,7 +9,7 @@ import duckdb
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.catalog import connect
+from pipeline.catalog import connect, sql_string
 from pipeline.density_stats import Table1Row, table1_rows
 from schemas.layout import DatasetLayout
 
@@ -85,7 +85,7 @@ def gather_report(root: Path, *, top: int = 15) -> list[FieldReport]:
     glob = density_glob(root)
     if not list(Path(glob).parent.parent.glob("*/*.parquet")):
         raise FileNotFoundError(f"nothing scored under {root}: run `densecurate score {root}` first")
-    density = "'" + glob.replace("'", "''") + "'"
+    density = sql_string(glob)
     with connect(root) as con:
         return [_field_report(con, row, density, top) for row in table1_rows(con, glob)]
 

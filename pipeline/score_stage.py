@@ -17,7 +17,7 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
-from pipeline.catalog import refresh_catalog
+from pipeline.catalog import refresh_catalog, sql_string
 from pipeline.nouns import NounExtractor
 from pipeline.parquet_meta import finished_output, read_meta, write_atomic
 from pipeline.ray_runner import ActorLauncher, cluster_cpus, init_ray, run_shard_jobs
@@ -136,7 +136,7 @@ def write_vocab(layout: DatasetLayout, field_name: str, min_count: int) -> Path:
                 SELECT noun, count(*) AS count, count(*) > $min AS valid, $min AS min_count, $field AS field
                 FROM (SELECT unnest(nouns) AS noun FROM read_parquet($files))
                 GROUP BY noun ORDER BY count DESC, noun
-            ) TO '{str(tmp).replace("'", "''")}' (FORMAT parquet)
+            ) TO {sql_string(str(tmp))} (FORMAT parquet)
             """,
             {"min": min_count, "field": field_name, "files": files},
         )

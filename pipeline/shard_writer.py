@@ -29,9 +29,9 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
 
 
-def remove_stale_temps(files: ShardFiles) -> None:
-    """Delete in-progress files a killed run left for this shard."""
-    for final in files.all():
+def remove_stale_temps(*finals: Path) -> None:
+    """Delete the in-progress files a killed run left for these outputs."""
+    for final in finals:
         for stale in final.parent.glob(f"{final.name}{TMP_MARK}*"):
             stale.unlink(missing_ok=True)
 
@@ -84,7 +84,7 @@ class ShardWriter:
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
         files.tar.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(files)
+        remove_stale_temps(*files.all())
         self._tar_tmp = temp_path(files.tar)
         self._tar_file = self._tar_tmp.open("wb")
         # Fixed mtime and owner make the tar bytes reproducible run to run.

@@ -103,7 +103,9 @@ def train(
     """Train from step 0, or from the latest checkpoint with ``resume``; returns the final step and losses."""
     from diffusers.optimization import get_constant_schedule_with_warmup
 
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        gpu = torch.cuda.is_available() if config.use_gpu is None else config.use_gpu
+        device = torch.device("cuda" if gpu else "cpu")
     run_dir = Path(config.run_dir)
     torch.manual_seed(config.seed)
     model = build_transformer(config).to(device)
