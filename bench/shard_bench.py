@@ -107,7 +107,7 @@ def main() -> None:
             mine = time_pool(ours, files, workers, args.resize)
             rows.append(("naive baseline (process pool)", workers, base, base))
             rows.append(("densecurate process_image (process pool)", workers, mine, base))
-        from pipeline.ray_runner import init_ray
+        from pipeline.ray_cluster import init_ray
 
         init_ray(num_cpus=2)
         for workers in (1, 2):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from captioner.errors import ModelNotAvailableError
+from captioner.errors import ModelNotAvailableError, UnsupportedModelError
 from schemas.caption_config import ModelSettings
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -73,7 +73,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         raise _not_available(settings.model, exc) from exc
     model.to(device).eval()
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "chat_template", None) is None:
-        raise ValueError(f"{settings.model!r} has no processor with a tokenizer and a chat template")
+        raise UnsupportedModelError(f"{settings.model!r} has no processor with a tokenizer and a chat template")
     processor.tokenizer.padding_side = "left"  # decoder-only batching: prompts end where generation starts
     revision = getattr(model.config, "_commit_hash", None) or settings.revision
     if revision is None and Path(settings.model).is_dir():

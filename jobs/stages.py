@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from schemas.errors import ConfigError
 from schemas.pipeline_spec import STAGES, PipelineSpec
 
 console = Console()
@@ -28,27 +29,25 @@ def run_prepare(spec: PipelineSpec) -> None:
 
 
 def run_shard(spec: PipelineSpec) -> None:
-    from pipeline.commands import print_shard_summary
     from pipeline.shard_stage import run_shard_stage
 
     step = spec.shard
     config = step.model_copy(update={"ray_address": None})
-    print_shard_summary(run_shard_stage([Path(p) for p in step.inputs], Path(spec.root), config), Path(spec.root))
+    console.print(run_shard_stage([Path(p) for p in step.inputs], Path(spec.root), config).render())
 
 
 def run_caption(spec: PipelineSpec) -> None:
     from pipeline.caption_stage import run_caption_stage
-    from pipeline.commands import print_caption_summary
 
     for config in spec.caption:
-        print_caption_summary(run_caption_stage(Path(spec.root), config), Path(spec.root), config.name)
+        console.print(run_caption_stage(Path(spec.root), config).render())
 
 
 def run_score(spec: PipelineSpec) -> None:
     from pipeline.report import print_table1
     from pipeline.score_stage import run_score_stage
 
-    run_score_stage(Path(spec.root), spec.score)
+    console.print(run_score_stage(Path(spec.root), spec.score).render())
     print_table1(Path(spec.root))
 
 
@@ -69,35 +68,37 @@ def run_curate(spec: PipelineSpec) -> None:
     from pipeline.curate_stage import run_curate_stage
 
     step = spec.curate
-    summary = run_curate_stage(Path(spec.root), Path(step.out), step)
-    console.print(
-        f"curate {step.field}: kept {summary.kept} of {summary.inputs}; removed {dict(summary.removed_by_rule)}"
-    )
+    console.print(run_curate_stage(Path(spec.root), Path(step.out), step).render())
 
 
 def run_features(spec: PipelineSpec) -> None:
     from pipeline.features_stage import run_features_stage
 
     step = spec.features
-    run = run_features_stage(Path(step.source), Path(step.out), step)
-    console.print(f"features: {sum(s['successes'] for s in run.stats)} samples -> {step.out}")
+    console.print(run_features_stage(Path(step.source), Path(step.out), step).render())
 
 
 def run_train(spec: PipelineSpec) -> None:
     from schemas.train_config import load_train_config
+    from schemas.validation import read_input_text
     from trainer.launch import launch_training
 
     step = spec.train
-    config = load_train_config(Path(step.config).read_text(), step.overrides, source=step.config)
-    result = launch_training(config, resume=step.resume)
+    config = load_train_config(read_input_text(step.config, "training config"), step.overrides, source=step.config)
+    result = launch_training(
+        config, resume=step.resume, overwrite=step.overwrite, allow_config_change=step.allow_config_change
+    )
     console.print(f"train: step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
 
 
 def run_export(spec: PipelineSpec) -> None:
     from schemas.train_config import load_train_config
+    from schemas.validation import read_input_text
     from trainer.export import export_pipeline
 
-    config = load_train_config(Path(spec.train.config).read_text(), spec.train.overrides, source=spec.train.config)
+    config = load_train_config(
+        read_input_text(spec.train.config, "training config"), spec.train.overrides, source=spec.train.config
+    )
     out = export_pipeline(Path(config.run_dir), Path(spec.export.out), ema=spec.export.ema)
     console.print(f"export: {out}")
 
@@ -121,11 +122,11 @@ def present_stages(spec: PipelineSpec) -> list[str]:
 
 def run_pipeline(spec: PipelineSpec, only: Sequence[str] | None = None) -> list[str]:
     """Run the spec's stages (or ``only`` those), in order; returns the stages run."""
-    from pipeline.ray_runner import init_ray
+    from pipeline.ray_cluster import init_ray
 
     stages = [s for s in present_stages(spec) if not only or s in only]
     if spec.export and not spec.train and "export" in stages:
-        raise ValueError("export needs the train step of the spec (its run_dir)")
+        raise ConfigError("export needs the train step of the spec (its run_dir)")
     init_ray()
     for stage in stages:
         console.rule(f"{spec.name}: {stage}")

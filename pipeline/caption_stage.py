@@ -7,7 +7,6 @@ mid-shard is restarted by Ray and its shard redone, so every key appears exactly
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -15,50 +14,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog import refresh_catalog
-from pipeline.parquet_meta import finished_output, write_atomic
-from pipeline.ray_runner import ActorLauncher, init_ray, run_shard_jobs, start_model_actors
-from pipeline.shard_reading import iter_shard_samples, read_shard_stats, shard_indices
-from pipeline.shard_writer import prune_outputs
+from rich.table import Table
+
+from pipeline.guards import require_complete
+from pipeline.parquet_meta import write_table_atomic
+from pipeline.runner import run_stage
+from pipeline.shard_reading import iter_shard_samples, read_shard_stats
+from pipeline.stage import Actors, Stage, StageRun, TableJob, fingerprint, shards_table
 from schemas.caption_config import CaptionConfig
+from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout
 from schemas.tables import CAPTIONS_SCHEMA
 
 
-@dataclass(frozen=True)
-class CaptionJob:
-    """One shard to caption: its tar, where the captions go, and what they must match to be reused."""
+@dataclass(frozen=True, kw_only=True)
+class CaptionJob(TableJob):
+    """One shard to caption: its tar; the captions go to ``captions/NAME/NNNNN.parquet``."""
 
-    index: int
     tar: Path
-    out: Path
-    expected_rows: int
-    fingerprint: str
-
-
-def plan_caption_jobs(root: Path, config: CaptionConfig) -> list[CaptionJob]:
-    """A job per finished shard; the fingerprint covers the model, the generation settings and the shard."""
-    layout = DatasetLayout(root)
-    settings = config.model.model_dump_json() + config.generation.model_dump_json()
-    jobs = []
-    for index in shard_indices(layout):
-        stats = read_shard_stats(layout, index)
-        digest = hashlib.sha256((settings + stats["inputs_fingerprint"]).encode()).hexdigest()
-        jobs.append(
-            CaptionJob(
-                index=index,
-                tar=layout.shard_files(index).tar,
-                out=layout.caption_file(config.name, index),
-                expected_rows=stats["successes"],
-                fingerprint=digest,
-            )
-        )
-    return jobs
-
-
-def finished_captions(job: CaptionJob) -> dict[str, Any] | None:
-    """The stats of a complete caption file made with the same settings from the same shard, else None."""
-    return finished_output(job.out, job.fingerprint, job.expected_rows)
 
 
 def _row(result, config: CaptionConfig, loaded) -> dict[str, Any]:
@@ -134,7 +107,7 @@ class CaptionWorker:
         rows.sort(key=lambda r: r["key"])
         stats = caption_stats(rows, time.perf_counter() - started)
         meta = {"fingerprint": job.fingerprint, "stats": stats, "settings": json.loads(self.config.model_dump_json())}
-        write_atomic(job.out, rows, CAPTIONS_SCHEMA, meta)
+        write_table_atomic(job.out, rows, CAPTIONS_SCHEMA, meta)
         return stats
 
 
@@ -142,6 +115,7 @@ class CaptionWorker:
 class CaptionSummary:
     """Totals over every shard of the run (reused ones included)."""
 
+    out_dir: Path
     shards: int = 0
     shards_reused: int = 0
     totals: Counter[str] = field(default_factory=Counter)
@@ -151,49 +125,81 @@ class CaptionSummary:
     workers: int = 0
     device: str = "cpu"
 
+    def render(self) -> Table:
+        """Keys, captioned, errors by reason, flags, shards, speed."""
+        t = self.totals
+        rows = [("keys", str(t["count"])), ("captioned", str(t["ok"]))]
+        rows += [(f"  error: {reason}", str(n)) for reason, n in sorted(self.errors_by_reason.items())]
+        rows += [(f"  flagged {flag}", str(t[flag])) for flag in ("truncated", "repetitive", "empty")]
+        rows.append(("shards", f"{self.shards} ({self.shards_reused} already done)"))
+        if self.seconds and self.captions_this_run:
+            rate = self.captions_this_run / self.seconds
+            rows.append(("speed", f"{rate:.2f} captions/s on {self.workers} {self.device} worker(s)"))
+        return shards_table(f"caption stage -> {self.out_dir}", rows)
+
+
+class CaptionStage(Stage[CaptionJob, CaptionSummary]):
+    """Caption every finished shard of a root with one model, on model-holding actors."""
+
+    label = "shards"
+    item_label = "captions"
+
+    def __init__(self, root: Path, config: CaptionConfig) -> None:
+        self.config = config
+        self.catalog = DatasetLayout(root.resolve())
+        self.ray_address = config.ray_address
+        self.inputs = (self.catalog.shards_dir,)
+        self.outputs = (self.catalog.captions_dir(config.name),)
+        self.repair = config.repair
+
+    def plan(self) -> list[CaptionJob]:
+        """A job per finished shard; the fingerprint covers the model, the generation settings and the shard."""
+        layout, config = self.catalog, self.config
+        settings = config.model.model_dump_json() + config.generation.model_dump_json()
+        jobs = []
+        for index in require_complete(layout.shards_dir).finished:
+            stats = read_shard_stats(layout, index)
+            jobs.append(
+                CaptionJob(
+                    index=index,
+                    out_dir=layout.captions_dir(config.name),
+                    fingerprint=fingerprint(settings, stats["inputs_fingerprint"]),
+                    items=stats["successes"],
+                    expected_rows=stats["successes"],
+                    tar=layout.shard_files(index).tar,
+                )
+            )
+        if not jobs:
+            raise MissingInputError(f"no finished shards under {layout.shards_dir}: run `densecurate shard` first")
+        return jobs
+
+    def check(self) -> None:
+        from captioner.loading import check_model_available
+
+        check_model_available(self.config.model)
+
+    def work(self) -> Actors:
+        c = self.config
+        return Actors(
+            CaptionWorker, (c,), "caption_shard", c.workers, gpus_per_worker=c.gpus_per_worker, device=c.model.device
+        )
+
+    def summarize(self, run: StageRun[CaptionJob]) -> CaptionSummary:
+        summary = CaptionSummary(
+            out_dir=self.catalog.captions_dir(self.config.name),
+            shards=len(run.results),
+            shards_reused=run.reused,
+            captions_this_run=run.items_processed,
+            seconds=run.seconds,
+            workers=run.workers,
+            device=run.device,
+        )
+        for stats in run.stats:
+            summary.totals.update({k: stats[k] for k in ("count", "ok", "truncated", "repetitive", "empty", "tokens")})
+            summary.errors_by_reason.update(stats["errors_by_reason"])
+        return summary
+
 
 def run_caption_stage(root: Path, config: CaptionConfig) -> CaptionSummary:
     """Caption every finished shard under ``root`` that has no valid caption file yet."""
-    import ray
-
-    root = root.resolve()
-    jobs = plan_caption_jobs(root, config)
-    if not jobs:
-        raise FileNotFoundError(f"no finished shards under {root / 'shards'}: run `densecurate shard` first")
-    from captioner.loading import check_model_available
-
-    check_model_available(config.model)
-    prune_outputs(DatasetLayout(root).captions_dir(config.name), {job.index for job in jobs})
-    init_ray(config.ray_address)
-    summary = CaptionSummary(shards=len(jobs))
-    todo = [job for job in jobs if finished_captions(job) is None]
-    actors = []
-    if todo:
-        actors, summary.device = start_model_actors(
-            CaptionWorker,
-            (config,),
-            count_cap=len(todo),
-            workers=config.workers,
-            gpus_per_worker=config.gpus_per_worker,
-            device=config.model.device,
-        )
-        summary.workers = len(actors)
-    try:
-        run = run_shard_jobs(
-            jobs,
-            ActorLauncher(actors, "caption_shard"),
-            finished=finished_captions,
-            items_in=lambda job: job.expected_rows,
-            item_label="captions",
-        )
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    summary.shards_reused = run.reused
-    summary.captions_this_run = run.items_processed
-    summary.seconds = run.seconds
-    for stats in run.stats:
-        summary.totals.update({k: stats[k] for k in ("count", "ok", "truncated", "repetitive", "empty", "tokens")})
-        summary.errors_by_reason.update(stats["errors_by_reason"])
-    refresh_catalog(DatasetLayout(root))
-    return summary
+    return run_stage(CaptionStage(root, config))

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from schemas.atomic import atomic_output
+from schemas.errors import MissingInputError, UserError
 from schemas.layout import DatasetLayout
+
+log = logging.getLogger(__name__)
 
 READ_ALL = "SELECT * FROM read_parquet({files}, union_by_name = true)"
 # Density rows plus, from the vocabulary, how many of each caption's nouns are valid.
@@ -26,6 +31,10 @@ SELECT d.*, coalesce(valid.n_valid_nouns, 0) AS n_valid_nouns,
        CASE WHEN d.n_nouns > 0 THEN coalesce(valid.n_valid_nouns, 0) / d.n_nouns END AS valid_share
 FROM d LEFT JOIN valid USING (field, key)
 """
+
+
+class QueryError(UserError):
+    """A query DuckDB refused (a syntax error, an unknown table or column, a statement that would write)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,34 @@ VIEWS: tuple[View, ...] = (
     View("density", "density/*/*.parquet", DENSITY_WITH_VALID, requires=("vocab",)),
 )
 
+# Settings fixed when a connection opens: no extension is installed or loaded behind a query's back.
+CONNECT_CONFIG: dict[str, str | bool] = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+}
+# What a refused statement would do, by its first word; any other would "change the database".
+REFUSED_ACTIONS: dict[str, str] = {
+    "COPY": "write files",
+    "EXPORT": "write files",
+    "INSTALL": "install or load extensions",
+    "FORCE": "install or load extensions",
+    "LOAD": "install or load extensions",
+    "ATTACH": "attach or detach databases",
+    "DETACH": "attach or detach databases",
+    "SET": "change settings",
+    "RESET": "change settings",
+    "PRAGMA": "run PRAGMA or CALL statements (SHOW, DESCRIBE and SELECT * FROM pragma_... functions read)",
+    "CALL": "run PRAGMA or CALL statements (SELECT * FROM the function reads)",
+}
+READ_STATEMENTS = "SELECT, FROM, WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE, PIVOT and EXPLAIN"
+# A PIVOT without an IN list parses as several statements (MULTI): allowed when it starts like a read.
+READ_WORDS = frozenset(
+    {"(", "SELECT", "FROM", "WITH", "VALUES", "TABLE", "DESCRIBE", "SHOW", "SUMMARIZE", "PIVOT", "UNPIVOT"}
+    | {"PIVOT_WIDER", "PIVOT_LONGER"}
+)
+EXPLAIN_PREFIX_TOKENS = 32  # EXPLAIN [ANALYZE] [(options)] before the statement explained
+
 
 def sql_string(text: str) -> str:
     """``text`` as a DuckDB string literal."""
@@ -52,53 +89,158 @@ def sql_string(text: str) -> str:
 
 
 def _available_views(layout: DatasetLayout) -> dict[str, str]:
+    """Each view whose table has files, with its glob relative to the root."""
     root = layout.root.resolve()
     found: dict[str, str] = {}
     for view in VIEWS:
         if any(root.glob(view.glob)) and all(r in found for r in view.requires):
-            found[view.name] = str(root / view.glob)
+            found[view.name] = view.glob
     return found
+
+
+def _catalog_info(layout: DatasetLayout) -> dict[str, Any]:
+    """What a current catalog records: the root it was built for and its views."""
+    return {"root": str(layout.root.resolve()), "views": _available_views(layout)}
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, info: dict[str, Any]) -> None:
+    """Create the views of ``info`` on ``con``, reading the Parquet files by absolute path under the root."""
+    root = Path(info["root"])
+    for view in VIEWS:
+        if view.name in info["views"]:
+            select = view.select.format(files=sql_string(str(root / view.glob)))
+            con.execute(f"CREATE VIEW {view.name} AS {select}")
 
 
 def refresh_catalog(layout: DatasetLayout) -> Path:
     """Rewrite the catalog with one view per table that has files; swapped in atomically."""
-    views = _available_views(layout)
-    target = layout.catalog_path
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    with duckdb.connect(str(tmp)) as con:
-        for view in VIEWS:
-            if view.name in views:
-                select = view.select.format(files=sql_string(views[view.name]))
-                con.execute(f"CREATE VIEW {view.name} AS {select}")
+    info = _catalog_info(layout)
+    with atomic_output(layout.catalog_path) as tmp, duckdb.connect(str(tmp)) as con:
+        _create_views(con, info)
         con.execute("CREATE TABLE catalog_info (info VARCHAR)")
-        con.execute("INSERT INTO catalog_info VALUES (?)", [json.dumps(views, sort_keys=True)])
-    os.replace(tmp, target)
-    return target
+        con.execute("INSERT INTO catalog_info VALUES (?)", [json.dumps(info, sort_keys=True)])
+    return layout.catalog_path
 
 
 def _catalog_is_current(layout: DatasetLayout) -> bool:
+    """Whether the catalog was built for this root (not a copy's old place) and these tables."""
     try:
         with duckdb.connect(str(layout.catalog_path), read_only=True) as con:
             (stored,) = con.execute("SELECT info FROM catalog_info").fetchone()
     except (duckdb.Error, TypeError):
         return False
-    return json.loads(stored) == _available_views(layout)
+    return json.loads(stored) == _catalog_info(layout)
+
+
+def _open_catalog(layout: DatasetLayout) -> duckdb.DuckDBPyConnection:
+    """The root's catalog, rebuilt first when stale; in memory when a stale one cannot be rewritten."""
+    if layout.catalog_path.is_file() and _catalog_is_current(layout):
+        return duckdb.connect(str(layout.catalog_path), read_only=True, config=CONNECT_CONFIG)
+    try:
+        refresh_catalog(layout)
+    except (OSError, duckdb.Error) as exc:  # a read-only root, e.g. a moved copy on a read-only mount
+        log.warning("cannot rewrite %s (%s): using a catalog in memory", layout.catalog_path, exc)
+        con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
+        _create_views(con, _catalog_info(layout))
+        return con
+    return duckdb.connect(str(layout.catalog_path), read_only=True, config=CONNECT_CONFIG)
+
+
+def _confine_to_root(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    """Let ``con`` touch no file outside ``root``, nor the network, and lock its settings."""
+    allowed = sorted({str(root.absolute()), str(root.resolve())})
+    con.execute("SET allowed_directories = ?", [allowed])  # only while external access is still on
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")  # a query's SET or RESET cannot undo the two above
 
 
 def connect(root: Path) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the root's catalog, refreshed first when tables appeared or moved."""
+    """A read-only connection to the root's catalog, refreshed first when tables appeared or the root moved.
+
+    The connection reads files under the root only: no other file, no network, no extension
+    installed or loaded, and its settings are locked.
+    """
     layout = DatasetLayout(root)
     if not layout.root.is_dir():
-        raise FileNotFoundError(f"dataset root {root} does not exist")
-    if not (layout.catalog_path.is_file() and _catalog_is_current(layout)):
-        refresh_catalog(layout)
-    return duckdb.connect(str(layout.catalog_path), read_only=True)
+        raise MissingInputError(f"dataset root {root} does not exist")
+    con = _open_catalog(layout)
+    try:
+        _confine_to_root(con, layout.root)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _token_starts(text: str) -> list[int]:
+    """Where each token of ``text`` that is not a comment starts."""
+    return [pos for pos, kind in duckdb.tokenize(text) if kind != duckdb.token_type.comment]
+
+
+def _first_word(text: str) -> str:
+    """The statement's first keyword upper case, or its first character when it starts with no word."""
+    starts = _token_starts(text)
+    match = re.match(r"\w+|\S", text[starts[0] :]) if starts else None
+    return match.group(0).upper() if match else ""
+
+
+def _explained(con: duckdb.DuckDBPyConnection, text: str) -> duckdb.Statement | None:
+    """The statement an EXPLAIN shows (or runs, with ANALYZE): the first suffix after EXPLAIN that parses."""
+    for start in _token_starts(text)[1:EXPLAIN_PREFIX_TOKENS]:
+        try:
+            (inner,) = con.extract_statements(text[start:])
+        except (duckdb.Error, ValueError):
+            continue
+        return inner
+    return None
+
+
+def _refusal(con: duckdb.DuckDBPyConnection, statement: duckdb.Statement) -> str | None:
+    """Why ``statement`` may not run in a query, as one sentence; None for a read."""
+    kind = statement.type.name
+    if kind == "SELECT" or (kind == "MULTI" and _first_word(statement.query) in READ_WORDS):
+        return None
+    if kind == "EXPLAIN":
+        inner = _explained(con, statement.query)
+        return _refusal(con, inner) if inner is not None else f"query may only EXPLAIN a {READ_STATEMENTS} statement"
+    word = _first_word(statement.query) or kind
+    action = REFUSED_ACTIONS.get(word, "change the database")
+    return f"query may not {action}: `densecurate query` is read-only and runs {READ_STATEMENTS}, not {word}"
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise QueryError unless every statement of ``sql`` only reads."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(f"query failed: {exc}") from None
+    for statement in statements:
+        if (reason := _refusal(con, statement)) is not None:
+            raise QueryError(reason)
+
+
+def _query_error(root: Path, exc: duckdb.Error) -> QueryError:
+    """The QueryError for what DuckDB refused; the sandbox's refusals in one line."""
+    first = str(exc).splitlines()[0]
+    if isinstance(exc, duckdb.PermissionException):
+        return QueryError(
+            f"query may read only files under the dataset root {root}, with no network or extensions ({first})"
+        )
+    if "configuration has been locked" in first:
+        return QueryError(f"query may not change settings: the connection's configuration is locked ({first})")
+    return QueryError(f"query failed: {exc}")
 
 
 def run_query(root: Path, sql: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run ``sql`` on a read-only connection to the root's catalog; returns column names and rows."""
+    """Run ``sql`` on a read-only connection to the root's catalog; returns column names and rows.
+
+    Only reads run (see ``check_read_only``), and they read files under the root only.
+    """
     with connect(root) as con:
-        cursor = con.execute(sql, params or [])
+        check_read_only(con, sql)
+        try:
+            cursor = con.execute(sql, params or [])
+        except duckdb.Error as exc:
+            raise _query_error(root, exc) from None
         columns = [d[0] for d in cursor.description] if cursor.description else []
         return columns, cursor.fetchall()

@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+from rich.table import Table
 
 from pipeline.catalog import sql_string
+from pipeline.guards import require_complete
 from pipeline.parquet_meta import read_meta
-from pipeline.ray_runner import TaskLauncher, cluster_cpus, init_ray, run_shard_jobs
-from pipeline.shard_reading import iter_shard_samples, shard_indices
-from pipeline.shard_writer import ShardWriter, finished_stats, prune_outputs, read_stats
-from schemas.layout import DatasetLayout, shard_files_in
+from pipeline.runner import run_stage
+from pipeline.shard_reading import iter_shard_samples
+from pipeline.shard_writer import ShardWriter, read_stats
+from pipeline.stage import ShardFilesJob, Stage, StageRun, Tasks, fingerprint, shards_table
+from schemas.errors import MissingInputError, StaleInputError
+from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD, CurateConfig, CurateRules
 from schemas.tables import CURATED_SCHEMA
 
@@ -29,16 +33,13 @@ from schemas.tables import CURATED_SCHEMA
 RULE_ORDER = ("missing_caption", "min_words", "drop_flagged", "min_nouns", "min_valid_nouns")
 
 
-@dataclass(frozen=True)
-class CurateJob:
-    """One source shard to curate into ``out_dir``."""
+@dataclass(frozen=True, kw_only=True)
+class CurateJob(ShardFilesJob):
+    """One source shard of ``root`` to curate into ``out_dir`` (same index)."""
 
-    index: int
     root: Path
-    out_dir: Path
     field: str
     rules: CurateRules
-    fingerprint: str
 
 
 def _candidates(job: CurateJob) -> list[dict[str, Any]]:
@@ -99,8 +100,8 @@ def first_failed_rule(sample: dict[str, Any], rules: CurateRules) -> tuple[str, 
 def curate_shard(job: CurateJob) -> dict[str, Any]:
     """Write one curated shard; returns its stats."""
     candidates = {s["key"]: s for s in _candidates(job)}
-    writer = ShardWriter(shard_files_in(job.out_dir, job.index), schema=CURATED_SCHEMA)
-    try:
+    extra = {"source_shard": job.index, "inputs_fingerprint": job.fingerprint}
+    with ShardWriter(job.files, extra, schema=CURATED_SCHEMA) as writer:
         for key, members in iter_shard_samples(DatasetLayout(job.root).shard_files(job.index).tar):
             sample = candidates[key]
             row = {k: sample[k] for k in ("caption", "n_tokens", "n_nouns", "n_valid_nouns", "flagged")}
@@ -116,14 +117,7 @@ def curate_shard(job: CurateJob) -> dict[str, Any]:
             if sample["caption"]:
                 files["txt"] = sample["caption"]
             writer.add_sample(key, files, row)
-        return writer.commit({"source_shard": job.index, "inputs_fingerprint": job.fingerprint})
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def finished_curation(job: CurateJob) -> dict[str, Any] | None:
-    return finished_stats(shard_files_in(job.out_dir, job.index), job.fingerprint)
+    return writer.stats
 
 
 def _texts_fingerprint(layout: DatasetLayout, field_name: str, index: int) -> str | None:
@@ -139,58 +133,91 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def plan_curate_jobs(root: Path, out_dir: Path, config: CurateConfig) -> list[CurateJob]:
-    """A job per shard; needs the field scored (density and vocabulary) first."""
-    layout = DatasetLayout(root)
-    vocab = layout.vocab_file(config.field)
-    if not vocab.is_file():
-        raise FileNotFoundError(
-            f"{config.field!r} is not scored under {root}: run `densecurate score {root} --field {config.field}` first"
-        )
-    base = config.field + config.rules.model_dump_json() + _file_digest(vocab)
-    jobs = []
-    for index in shard_indices(layout):
-        density = read_meta(layout.density_file(config.field, index))
-        if density is None:
-            raise FileNotFoundError(f"shard {index} has no density for {config.field!r}: rerun `densecurate score`")
-        if density.get("source_fingerprint") != _texts_fingerprint(layout, config.field, index):
-            raise ValueError(
-                f"the density of shard {index} was computed from other {config.field!r} texts than the current "
-                f"ones: rerun `densecurate score {root} --field {config.field}` first"
-            )
-        digest = hashlib.sha256((base + density["fingerprint"]).encode()).hexdigest()
-        jobs.append(CurateJob(index, root, out_dir, config.field, config.rules, digest))
-    return jobs
-
-
 @dataclass
 class CurateSummary:
     """Totals over every shard (reused ones included)."""
 
+    field: str
+    out_dir: Path
     inputs: int = 0
     kept: int = 0
     removed_by_rule: Counter[str] = field(default_factory=Counter)
     shards: int = 0
     shards_reused: int = 0
 
+    def render(self) -> Table:
+        """Samples, removals per rule (in rule order), kept, shards."""
+        removed = [(f"  removed by {rule}", str(self.removed_by_rule.get(rule, 0))) for rule in RULE_ORDER]
+        rows = [
+            ("samples", str(self.inputs)),
+            *removed,
+            ("kept", str(self.kept)),
+            ("shards", f"{self.shards} ({self.shards_reused} already done)"),
+        ]
+        return shards_table(f"curate {self.field} -> {self.out_dir}", rows)
+
+
+class CurateStage(Stage[CurateJob, CurateSummary]):
+    """Keep the samples whose chosen caption passes the rules, shard by shard, in Ray tasks."""
+
+    label = "curate"
+    takes_replace = True
+
+    def __init__(self, root: Path, out_dir: Path, config: CurateConfig) -> None:
+        self.layout = layout = DatasetLayout(root.resolve())
+        self.out_dir = out_dir.resolve()
+        self.config = config
+        self.ray_address = config.ray_address
+        self.local_cpus = config.workers
+        captions = () if config.field == ALT_TEXT_FIELD else (layout.captions_dir(config.field),)
+        self.inputs = (layout.shards_dir, *captions, layout.density_dir(config.field), layout.vocab_dir)
+        self.outputs = (self.out_dir,)
+        self.replace, self.repair = config.replace, config.repair
+
+    def plan(self) -> list[CurateJob]:
+        """A job per shard; needs the field scored (density and vocabulary) from its current texts."""
+        layout, name = self.layout, self.config.field
+        vocab = layout.vocab_file(name)
+        if not vocab.is_file():
+            command = f"densecurate score {layout.root} --field {name}"
+            raise MissingInputError(f"{name!r} is not scored under {layout.root}: run `{command}` first")
+        settings = name + self.config.rules.model_dump_json() + _file_digest(vocab)
+        jobs = []
+        for index in require_complete(layout.shards_dir).finished:
+            density = read_meta(layout.density_file(name, index))
+            if density is None:
+                raise MissingInputError(f"shard {index} has no density for {name!r}: rerun `densecurate score`")
+            if density.get("source_fingerprint") != _texts_fingerprint(layout, name, index):
+                raise StaleInputError(
+                    f"the density of shard {index} was computed from other {name!r} texts than the current "
+                    f"ones: rerun `densecurate score {layout.root} --field {name}` first"
+                )
+            jobs.append(
+                CurateJob(
+                    index=index,
+                    out_dir=self.out_dir,
+                    fingerprint=fingerprint(settings, density["fingerprint"]),
+                    root=layout.root,
+                    field=name,
+                    rules=self.config.rules,
+                )
+            )
+        return jobs
+
+    def work(self) -> Tasks:
+        return Tasks(curate_shard, workers=self.config.workers)
+
+    def summarize(self, run: StageRun[CurateJob]) -> CurateSummary:
+        summary = CurateSummary(
+            field=self.config.field, out_dir=self.out_dir, shards=len(run.results), shards_reused=run.reused
+        )
+        for stats in run.stats:
+            summary.inputs += stats["count"]
+            summary.kept += stats["successes"]
+            summary.removed_by_rule.update(stats["skipped_by_reason"])
+        return summary
+
 
 def run_curate_stage(root: Path, out_dir: Path, config: CurateConfig) -> CurateSummary:
     """Curate every shard of ``root`` into ``out_dir``."""
-    root, out_dir = root.resolve(), out_dir.resolve()
-    jobs = plan_curate_jobs(root, out_dir, config)
-    prune_outputs(out_dir, {job.index for job in jobs})
-    init_ray(config.ray_address, None if config.ray_address else config.workers)
-    run = run_shard_jobs(
-        jobs,
-        TaskLauncher(curate_shard, capacity=config.workers or cluster_cpus()),
-        finished=finished_curation,
-        items_in=lambda job: 0,
-        label="curate",
-        item_label=None,
-    )
-    summary = CurateSummary(shards=len(jobs), shards_reused=run.reused)
-    for stats in run.stats:
-        summary.inputs += stats["count"]
-        summary.kept += stats["successes"]
-        summary.removed_by_rule.update(stats["skipped_by_reason"])
-    return summary
+    return run_stage(CurateStage(root, out_dir, config))

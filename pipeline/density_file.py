@@ -8,6 +8,7 @@ import duckdb
 
 from pipeline.density_stats import Table1Row, table1_from_nouns
 from pipeline.nouns import NounExtractor
+from schemas.errors import ConfigError, MissingInputError
 from schemas.score_config import NounSettings
 
 READERS = {".parquet": "read_parquet", ".csv": "read_csv_auto", ".tsv": "read_csv_auto", ".jsonl": "read_json_auto"}
@@ -18,13 +19,13 @@ def read_text_column(path: Path, column: str) -> list[str | None]:
     """Every value of ``column`` (as text) from a Parquet, CSV/TSV or JSON-lines file."""
     reader = READERS.get(path.suffix.lower())
     if reader is None:
-        raise ValueError(f"cannot read {path}: use a .parquet, .csv, .tsv or .jsonl file")
+        raise ConfigError(f"cannot read {path}: use a .parquet, .csv, .tsv or .jsonl file")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingInputError(f"{path} does not exist")
     with duckdb.connect() as con:
         names = [d[0] for d in con.execute(f"DESCRIBE SELECT * FROM {reader}(?)", [str(path)]).fetchall()]
         if column not in names:
-            raise ValueError(f"{path} has no column {column!r} (columns: {', '.join(names)})")
+            raise ConfigError(f"{path} has no column {column!r} (columns: {', '.join(names)})")
         quoted = '"' + column.replace('"', '""') + '"'
         return [v for (v,) in con.execute(f"SELECT {quoted}::VARCHAR FROM {reader}(?)", [str(path)]).fetchall()]
 

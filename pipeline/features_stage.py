@@ -7,43 +7,29 @@ for caption dropout. One Ray actor per GPU (one CPU actor without GPUs) holds th
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.ray_runner import ActorLauncher, StageRun, init_ray, run_shard_jobs, start_model_actors
+from pipeline.guards import require_complete
+from pipeline.runner import run_stage
 from pipeline.shard_reading import iter_shard_samples
-from pipeline.shard_writer import ShardWriter, finished_stats, prune_outputs, read_stats, temp_path
+from pipeline.shard_writer import ShardWriter, read_stats
+from pipeline.stage import Actors, ShardFilesJob, Stage, StageRun, fingerprint
+from schemas.atomic import atomic_output
+from schemas.errors import MissingInputError
 from schemas.features_config import FeaturesConfig
 from schemas.layout import shard_files_in
 from schemas.tables import FEATURES_SCHEMA
 from trainer.features import NULL_CAPTION_FILE
 
 
-@dataclass(frozen=True)
-class FeaturesJob:
-    index: int
+@dataclass(frozen=True, kw_only=True)
+class FeaturesJob(ShardFilesJob):
+    """One shard of ``source_dir`` to encode into a feature shard of the same index."""
+
     source_dir: Path
-    out_dir: Path
-    expected: int
-    fingerprint: str
-
-
-def plan_features_jobs(source_dir: Path, out_dir: Path, config: FeaturesConfig) -> list[FeaturesJob]:
-    """A job per finished shard of ``source_dir`` (curated shards, or the dataset's shards)."""
-    settings = config.model_dump_json(include={"vae", "text_encoder", "resolution", "max_tokens"})
-    jobs = []
-    for stats_file in sorted(source_dir.glob("*_stats.json")):
-        index = int(stats_file.name.removesuffix("_stats.json"))
-        stats = read_stats(shard_files_in(source_dir, index))
-        if stats is None:
-            continue
-        digest = hashlib.sha256((settings + stats["inputs_fingerprint"]).encode()).hexdigest()
-        jobs.append(FeaturesJob(index, source_dir, out_dir, stats["successes"], digest))
-    return jobs
 
 
 class FeaturesWorker:
@@ -70,17 +56,15 @@ class FeaturesWorker:
         from safetensors.torch import save_file
 
         (null,) = self.encoder.encode_texts([""])
-        target = out_dir / NULL_CAPTION_FILE
-        tmp = temp_path(target)
-        save_file({"t5": null.contiguous()}, str(tmp))
-        os.replace(tmp, target)
+        with atomic_output(out_dir / NULL_CAPTION_FILE) as tmp:
+            save_file({"t5": null.contiguous()}, str(tmp))
 
     def encode_shard(self, job: FeaturesJob) -> dict[str, Any]:
         """Encode every sample of the job's shard and commit the feature shard; returns its stats."""
         samples = list(iter_shard_samples(shard_files_in(job.source_dir, job.index).tar))
-        writer = ShardWriter(shard_files_in(job.out_dir, job.index), schema=FEATURES_SCHEMA)
+        extra = {"source_shard": job.index, "inputs_fingerprint": job.fingerprint}
         size = self.config.batch_size
-        try:
+        with ShardWriter(job.files, extra, schema=FEATURES_SCHEMA) as writer:
             for start in range(0, len(samples), size):
                 batch = samples[start : start + size]
                 captions = [m.get("txt", b"").decode() for _, m in batch]
@@ -90,10 +74,7 @@ class FeaturesWorker:
                     files = {"feat.safetensors": feats.to_bytes(), "txt": caption, "json": json.dumps(meta)}
                     row = {"caption": caption, "n_tokens": feats.t5.shape[0]}
                     writer.add_sample(key, files, row)
-            return writer.commit({"source_shard": job.index, "inputs_fingerprint": job.fingerprint})
-        except BaseException:
-            writer.abort()
-            raise
+        return writer.stats
 
     def _describe(self, feats) -> dict[str, Any]:
         c = self.config
@@ -106,36 +87,74 @@ class FeaturesWorker:
         }
 
 
-def run_features_stage(source_dir: Path, out_dir: Path, config: FeaturesConfig) -> StageRun:
-    """Encode every finished shard of ``source_dir`` that ``out_dir`` does not hold yet."""
-    import ray
+@dataclass
+class FeaturesSummary:
+    """Samples encoded and shards (reused ones included)."""
 
-    source_dir, out_dir = source_dir.resolve(), out_dir.resolve()
-    jobs = plan_features_jobs(source_dir, out_dir, config)
-    if not jobs:
-        raise FileNotFoundError(f"no finished shards in {source_dir}: run `densecurate curate` first")
-    init_ray(config.ray_address)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prune_outputs(out_dir, {job.index for job in jobs})
-    todo = [j for j in jobs if finished_stats(shard_files_in(out_dir, j.index), j.fingerprint) is None]
-    actors, _ = start_model_actors(
-        FeaturesWorker,
-        (config,),
-        count_cap=len(todo),
-        workers=config.workers,
-        gpus_per_worker=config.gpus_per_worker,
-        device=config.device,
-    )
-    try:
-        ray.get(actors[0].write_null_caption.remote(out_dir))
-        return run_shard_jobs(
-            jobs,
-            ActorLauncher(actors, "encode_shard"),
-            finished=lambda j: finished_stats(shard_files_in(j.out_dir, j.index), j.fingerprint),
-            items_in=lambda j: j.expected,
-            label="features",
-            item_label="samples",
+    out_dir: Path
+    samples: int = 0
+    shards: int = 0
+    shards_reused: int = 0
+
+    def render(self) -> str:
+        shards = f"{self.shards} shards ({self.shards_reused} already done)"
+        return f"features: {self.samples} samples in {shards} -> {self.out_dir}"
+
+
+class FeaturesStage(Stage[FeaturesJob, FeaturesSummary]):
+    """Encode every finished shard of a folder (curated shards, or a root's shards) on encoder actors."""
+
+    label = "features"
+    item_label = "samples"
+    takes_replace = True
+
+    def __init__(self, source_dir: Path, out_dir: Path, config: FeaturesConfig) -> None:
+        self.source_dir, self.out_dir = source_dir.resolve(), out_dir.resolve()
+        self.config = config
+        self.ray_address = config.ray_address
+        self.inputs, self.outputs = (self.source_dir,), (self.out_dir,)
+        self.replace, self.repair = config.replace, config.repair
+
+    def plan(self) -> list[FeaturesJob]:
+        """A job per finished shard of the source folder."""
+        settings = self.config.model_dump_json(include={"vae", "text_encoder", "resolution", "max_tokens"})
+        jobs = []
+        for index in require_complete(self.source_dir).finished:
+            stats = read_stats(shard_files_in(self.source_dir, index))
+            if stats is None:
+                continue
+            jobs.append(
+                FeaturesJob(
+                    index=index,
+                    out_dir=self.out_dir,
+                    fingerprint=fingerprint(settings, stats["inputs_fingerprint"]),
+                    items=stats["successes"],
+                    source_dir=self.source_dir,
+                )
+            )
+        if not jobs:
+            raise MissingInputError(f"no finished shards in {self.source_dir}: run `densecurate curate` first")
+        return jobs
+
+    def work(self) -> Actors:
+        c = self.config
+        return Actors(
+            FeaturesWorker,
+            (c,),
+            "encode_shard",
+            c.workers,
+            gpus_per_worker=c.gpus_per_worker,
+            device=c.device,
+            setup="write_null_caption",
+            setup_args=(self.out_dir,),
+            setup_output=self.out_dir / NULL_CAPTION_FILE,
         )
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+
+    def summarize(self, run: StageRun[FeaturesJob]) -> FeaturesSummary:
+        samples = sum(stats["successes"] for stats in run.stats)
+        return FeaturesSummary(self.out_dir, samples=samples, shards=len(run.results), shards_reused=run.reused)
+
+
+def run_features_stage(source_dir: Path, out_dir: Path, config: FeaturesConfig) -> FeaturesSummary:
+    """Encode every finished shard of ``source_dir`` that ``out_dir`` does not hold yet."""
+    return run_stage(FeaturesStage(source_dir, out_dir, config))

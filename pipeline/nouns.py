@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.errors import UserError
 from schemas.score_config import NounSettings
 
 # The lemmatizer needs the tagger and attribute ruler (for POS); parsing and NER add nothing here.
@@ -13,7 +14,7 @@ NOT_NEEDED = ["parser", "ner", "senter"]
 NOUN_POS = {"all": frozenset({"NOUN", "PROPN"}), "common": frozenset({"NOUN"})}
 
 
-class SpacyModelNotAvailableError(RuntimeError):
+class SpacyModelNotAvailableError(UserError):
     """The spaCy pipeline is not installed."""
 
 

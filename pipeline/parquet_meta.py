@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shard_writer import remove_stale_temps, temp_path
+from schemas.atomic import atomic_output
 from schemas.tables import PARQUET_META_KEY
 
 
@@ -34,13 +33,10 @@ def finished_output(path: Path, fingerprint: str, expected_rows: int | None = No
     return meta["stats"]
 
 
-def write_atomic(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, meta: dict[str, Any]) -> None:
-    """Write ``rows`` with ``meta`` in the file metadata under a temporary name, then rename."""
+def write_table_atomic(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, meta: dict[str, Any]) -> None:
+    """Write ``rows`` with ``meta`` in the file metadata, atomically."""
     table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
         {PARQUET_META_KEY: json.dumps(meta).encode()}
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = temp_path(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]*")
+# The shape of a hashed key: a flattened id (always holding a ``_``) then ``-`` and 8 lowercase hex digits.
+_HASHED_SHAPE = re.compile(r"_.*-[0-9a-f]{8}\Z")
 
 
 class SkipRecord(Exception):
@@ -26,17 +29,30 @@ def clean_text(text: str) -> str:
 
 
 def make_key(source: str, original_id: str) -> str:
-    """A stable, webdataset-safe key ``<source>-<original id>``.
+    """A stable, webdataset-safe key ``<source>-<id part>``, distinct for distinct original ids.
 
-    Path separators become ``_``; any other character outside ``[A-Za-z0-9_-]`` is replaced too,
-    and then a short hash of the original id is appended so distinct ids keep distinct keys.
+    The rule depends on the original id alone (never on what else is listed), so a key never
+    changes when inputs are added or a job is rerun:
+
+    * An id made only of ``[A-Za-z0-9_-]`` is used as it is (``sa_10039``, ``000001234``,
+      ``IMG_0001``), unless it has the shape of a hashed key (below: a ``_`` somewhere and a tail
+      ``-`` + 8 lowercase hex digits), in which case it is hashed like the next case.
+    * Any other id (one holding ``/``, ``.``, a space, a non-ASCII character, ...) is flattened,
+      every character outside ``[A-Za-z0-9_-]`` becoming ``_``, and ``-`` plus the first 8 hex
+      digits of the SHA-1 of its UTF-8 bytes is appended: ``cats/tom`` -> ``cats_tom-e6bc0f9f``,
+      while ``cats_tom`` stays ``cats_tom``.
+
+    Kept ids never have the hashed shape and hashed keys always do, so the two kinds never meet;
+    two kept ids differ as the ids do; two hashed keys can only meet if their ids flatten alike
+    *and* share 32 bits of SHA-1 (``list_inputs`` reports that as ``duplicate_key`` naming both
+    ids). Source names hold no ``-``, so the key splits back at its first ``-``. Keys hold no
+    ``.``, which webdataset would take as the start of the extension.
     """
-    flat = original_id.replace("/", "_")
-    safe = _UNSAFE_KEY_CHARS.sub("_", flat)
-    if safe != flat:
-        digest = hashlib.sha1(original_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-        safe = f"{safe}-{digest}"
-    return f"{source}-{safe}"
+    if _SAFE_ID.fullmatch(original_id) and not _HASHED_SHAPE.search(original_id):
+        return f"{source}-{original_id}"
+    flat = _UNSAFE_KEY_CHARS.sub("_", original_id)
+    digest = hashlib.sha1(original_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{source}-{flat}-{digest}"
 
 
 @dataclass(frozen=True)

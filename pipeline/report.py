@@ -11,6 +11,7 @@ from rich.table import Table
 
 from pipeline.catalog import connect, sql_string
 from pipeline.density_stats import Table1Row, table1_rows
+from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout
 
 
@@ -84,7 +85,7 @@ def gather_report(root: Path, *, top: int = 15) -> list[FieldReport]:
     """Per scored field, the report's numbers (needs `densecurate score` first)."""
     glob = density_glob(root)
     if not list(Path(glob).parent.parent.glob("*/*.parquet")):
-        raise FileNotFoundError(f"nothing scored under {root}: run `densecurate score {root}` first")
+        raise MissingInputError(f"nothing scored under {root}: run `densecurate score {root}` first")
     density = sql_string(glob)
     with connect(root) as con:
         return [_field_report(con, row, density, top) for row in table1_rows(con, glob)]

@@ -7,74 +7,76 @@ One Ray actor per core holds a spaCy pipeline with only the tagging components a
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow.parquet as pq
+from rich.table import Table
 
-from pipeline.catalog import refresh_catalog, sql_string
+from pipeline.catalog import sql_string
+from pipeline.guards import require_complete
 from pipeline.nouns import NounExtractor
-from pipeline.parquet_meta import finished_output, read_meta, write_atomic
-from pipeline.ray_runner import ActorLauncher, cluster_cpus, init_ray, run_shard_jobs
-from pipeline.shard_reading import read_shard_stats, shard_indices
-from pipeline.shard_writer import prune_outputs, temp_path
+from pipeline.parquet_meta import read_meta, write_table_atomic
+from pipeline.runner import run_stage
+from pipeline.shard_reading import read_shard_stats
+from pipeline.stage import Actors, Stage, StageRun, TableJob, fingerprint
+from schemas.atomic import atomic_output
+from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD, NounSettings, ScoreConfig
 from schemas.tables import DENSITY_SCHEMA, STATUS_OK
 
 
-@dataclass(frozen=True)
-class ScoreJob:
-    """One shard of one field: where its texts are and where the density goes."""
+@dataclass(frozen=True, kw_only=True)
+class ScoreJob(TableJob):
+    """One shard of one field: where its texts are; the density goes to ``density/FIELD/NNNNN.parquet``."""
 
     field: str
-    index: int
     source: Path  # the shard's Parquet (alt_text) or the captioner's Parquet
     text_column: str
-    out: Path
-    fingerprint: str
     source_fingerprint: str  # of the texts scored (shard inputs, or the caption file), for later stages to check
 
 
-def captioner_names(layout: DatasetLayout) -> list[str]:
-    captions = layout.root / "captions"
-    return sorted(p.name for p in captions.iterdir() if p.is_dir()) if captions.is_dir() else []
+def _field_sources(layout: DatasetLayout, field_name: str) -> list[tuple[int, Path, str, str]]:
+    """``(index, table, text column, its fingerprint)`` per shard that has texts for the field."""
+    if field_name == ALT_TEXT_FIELD:
+        return [
+            (i, layout.shard_files(i).parquet, ALT_TEXT_FIELD, read_shard_stats(layout, i)["inputs_fingerprint"])
+            for i in require_complete(layout.shards_dir).finished
+        ]
+    if field_name not in layout.caption_names():
+        have = ", ".join([ALT_TEXT_FIELD, *layout.caption_names()])
+        raise MissingInputError(f"no caption field {field_name!r} under {layout.root} (have: {have})")
+    sources = []
+    for path in sorted(layout.captions_dir(field_name).glob("*.parquet")):
+        meta = read_meta(path)
+        if meta is not None:
+            sources.append((int(path.stem), path, "caption", meta["fingerprint"]))
+    return sources
 
 
 def plan_score_jobs(layout: DatasetLayout, field_name: str, nouns: NounSettings) -> list[ScoreJob]:
-    """A job per shard that has texts for ``field_name``; raises if the field is unknown."""
+    """A job per shard that has texts for ``field_name``; raises if the field has none."""
     settings = nouns.model_dump_json()
-    jobs = []
-    if field_name == ALT_TEXT_FIELD:
-        for index in shard_indices(layout):
-            upstream = read_shard_stats(layout, index)["inputs_fingerprint"]
-            source, column = layout.shard_files(index).parquet, ALT_TEXT_FIELD
-            jobs.append((index, source, column, upstream))
-    else:
-        if field_name not in captioner_names(layout):
-            have = ", ".join([ALT_TEXT_FIELD, *captioner_names(layout)])
-            raise ValueError(f"no caption field {field_name!r} under {layout.root} (have: {have})")
-        for path in sorted(layout.captions_dir(field_name).glob("*.parquet")):
-            meta = read_meta(path)
-            if meta is not None:
-                jobs.append((int(path.stem), path, "caption", meta["fingerprint"]))
-    return [
+    jobs = [
         ScoreJob(
-            field=field_name,
             index=index,
+            out_dir=layout.density_dir(field_name),
+            fingerprint=fingerprint(settings, upstream),
+            field=field_name,
             source=source,
             text_column=column,
-            out=layout.density_file(field_name, index),
-            fingerprint=hashlib.sha256((settings + upstream).encode()).hexdigest(),
             source_fingerprint=upstream,
         )
-        for index, source, column, upstream in jobs
+        for index, source, column, upstream in _field_sources(layout, field_name)
     ]
+    if not jobs:
+        raise MissingInputError(f"nothing to score for {field_name!r} under {layout.root}: run the earlier stages")
+    return jobs
 
 
 def _texts(job: ScoreJob) -> tuple[list[str], list[str | None]]:
@@ -119,17 +121,14 @@ class ScoreWorker:
             "stats": stats,
             "spacy": self.extractor.model_version,
         }
-        write_atomic(job.out, rows, DENSITY_SCHEMA, meta)
+        write_table_atomic(job.out, rows, DENSITY_SCHEMA, meta)
         return stats
 
 
 def write_vocab(layout: DatasetLayout, field_name: str, min_count: int) -> Path:
     """Count every noun of the field with DuckDB into ``vocab/FIELD.parquet`` (valid: count > min_count)."""
     target = layout.vocab_file(field_name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(target)
-    files = str(layout.density_file(field_name, 0).parent / "*.parquet")
-    with duckdb.connect() as con:
+    with atomic_output(target) as tmp, duckdb.connect() as con:
         con.execute(
             f"""
             COPY (
@@ -138,9 +137,8 @@ def write_vocab(layout: DatasetLayout, field_name: str, min_count: int) -> Path:
                 GROUP BY noun ORDER BY count DESC, noun
             ) TO {sql_string(str(tmp))} (FORMAT parquet)
             """,
-            {"min": min_count, "field": field_name, "files": files},
+            {"min": min_count, "field": field_name, "files": layout.density_glob(field_name)},
         )
-    os.replace(tmp, target)
     return target
 
 
@@ -152,41 +150,66 @@ class FieldScore:
     shards: int = 0
     shards_reused: int = 0
     totals: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class ScoreSummary:
+    """One ``FieldScore`` per field scored (iterating the summary gives them)."""
+
+    fields: list[FieldScore]
     seconds: float = 0.0
 
+    def __iter__(self) -> Iterator[FieldScore]:
+        return iter(self.fields)
 
-def run_score_stage(root: Path, config: ScoreConfig) -> list[FieldScore]:
-    """Score every field's shards that are not scored yet, then rebuild each field's vocabulary."""
-    import ray
-
-    layout = DatasetLayout(root.resolve())
-    plans = {name: plan_score_jobs(layout, name, config.nouns) for name in dict.fromkeys(config.fields)}
-    for name, jobs in plans.items():
-        if not jobs:
-            raise FileNotFoundError(f"nothing to score for {name!r} under {layout.root}: run the earlier stages")
-        prune_outputs(layout.density_file(name, 0).parent, {job.index for job in jobs})
-    init_ray(config.ray_address, None if config.ray_address else config.workers)
-    todo = sum(1 for jobs in plans.values() for job in jobs if finished_output(job.out, job.fingerprint) is None)
-    workers = min(config.workers or cluster_cpus(), max(todo, 1))
-    actors = [ray.remote(max_restarts=2, max_task_retries=2)(ScoreWorker).remote(config.nouns) for _ in range(workers)]
-    results = []
-    try:
-        for name, jobs in plans.items():
-            run = run_shard_jobs(
-                jobs,
-                ActorLauncher(actors, "score_shard"),
-                finished=lambda job: finished_output(job.out, job.fingerprint),
-                items_in=lambda job: 0,
-                label=f"score {name}",
-                item_label=None,
+    def render(self) -> Table:
+        """Captions, missing texts, nouns and shards per field."""
+        table = Table("field", "captions", "missing", "nouns", "distinct texts tagged", "shards", title="score stage")
+        for r in self.fields:
+            t = r.totals
+            shards = f"{r.shards} ({r.shards_reused} already done)"
+            table.add_row(
+                r.field, str(t["count"]), str(t["missing"]), str(t["total_nouns"]), str(t["texts_tagged"]), shards
             )
-            result = FieldScore(field=name, shards=len(jobs), shards_reused=run.reused, seconds=run.seconds)
-            for stats in run.stats:
-                result.totals.update({k: stats[k] for k in ("count", "missing", "total_nouns", "texts_tagged")})
-            write_vocab(layout, name, config.min_count)
-            results.append(result)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    refresh_catalog(layout)
-    return results
+        return table
+
+
+class ScoreStage(Stage[ScoreJob, ScoreSummary]):
+    """Score every field's shards that are not scored yet, then rebuild each field's vocabulary."""
+
+    label = "score"
+
+    def __init__(self, root: Path, config: ScoreConfig) -> None:
+        self.config = config
+        self.catalog = DatasetLayout(root.resolve())
+        self.ray_address = config.ray_address
+        self.local_cpus = config.workers
+        self.field_names = list(dict.fromkeys(config.fields))
+        captioners = [self.catalog.captions_dir(n) for n in self.field_names if n != ALT_TEXT_FIELD]
+        self.inputs = (self.catalog.shards_dir, *captioners)
+        self.outputs = tuple(self.catalog.density_dir(name) for name in self.field_names)
+        self.repair = config.repair
+
+    def plan(self) -> list[ScoreJob]:
+        return [job for name in self.field_names for job in plan_score_jobs(self.catalog, name, self.config.nouns)]
+
+    def work(self) -> Actors:
+        return Actors(ScoreWorker, (self.config.nouns,), "score_shard", self.config.workers, one_per_core=True)
+
+    def finish(self, run: StageRun[ScoreJob]) -> None:
+        for name in self.field_names:
+            write_vocab(self.catalog, name, self.config.min_count)
+
+    def summarize(self, run: StageRun[ScoreJob]) -> ScoreSummary:
+        by_field = {name: FieldScore(field=name) for name in self.field_names}
+        for done in run.results:
+            result = by_field[done.job.field]
+            result.shards += 1
+            result.shards_reused += done.reused
+            result.totals.update({k: done.stats[k] for k in ("count", "missing", "total_nouns", "texts_tagged")})
+        return ScoreSummary(fields=list(by_field.values()), seconds=run.seconds)
+
+
+def run_score_stage(root: Path, config: ScoreConfig) -> ScoreSummary:
+    """Score every field's shards that are not scored yet, then rebuild each field's vocabulary."""
+    return run_stage(ScoreStage(root, config))

@@ -11,11 +11,6 @@ from typing import Any
 from schemas.layout import DatasetLayout
 
 
-def shard_indices(layout: DatasetLayout) -> list[int]:
-    """Indices of the finished shards under the root (those with a stats file)."""
-    return sorted(int(p.name.removesuffix("_stats.json")) for p in layout.shards_dir.glob("*_stats.json"))
-
-
 def read_shard_stats(layout: DatasetLayout, index: int) -> dict[str, Any]:
     return json.loads(layout.shard_files(index).stats.read_text())
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -10,48 +9,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog import refresh_catalog
+from rich.table import Table
+
 from pipeline.imaging import process_image
-from pipeline.ray_runner import TaskLauncher, cluster_cpus, init_ray, run_shard_jobs
 from pipeline.records import InputRecord, SkipRecord, clean_text
-from pipeline.shard_writer import ShardWriter, finished_stats, prune_outputs
+from pipeline.runner import run_stage
+from pipeline.shard_writer import ShardWriter
 from pipeline.sources import list_inputs
 from pipeline.sources.reading import SampleReader
+from pipeline.stage import ShardFilesJob, Stage, StageRun, Tasks, fingerprint, shards_table
 from schemas.layout import DatasetLayout, shard_stem
 from schemas.shard_config import ImageSettings, ShardConfig
 
 
-@dataclass(frozen=True)
-class ShardJob:
-    """One output shard: its index, its input records and how to process them."""
+@dataclass(frozen=True, kw_only=True)
+class ShardJob(ShardFilesJob):
+    """One output shard: its input records and how to process them."""
 
-    index: int
     records: tuple[InputRecord, ...]
-    root: Path
     image: ImageSettings
-    fingerprint: str  # of the inputs and settings; a finished shard must match it to be reused
 
 
-def _fingerprint(records: Sequence[InputRecord], image: ImageSettings) -> str:
-    h = hashlib.sha256(image.model_dump_json().encode())
-    for rec in records:
-        h.update(json.dumps([rec.key, rec.location, rec.preset_skip]).encode())
-    return h.hexdigest()
-
-
-def plan_shards(records: Sequence[InputRecord], root: Path, config: ShardConfig) -> list[ShardJob]:
-    """Chunk the (already sorted) records into shards of ``config.shard_size``."""
-    size = config.shard_size
-    chunks = [tuple(records[i : i + size]) for i in range(0, len(records), size)]
-    return [
-        ShardJob(index=i, records=chunk, root=root, image=config.image, fingerprint=_fingerprint(chunk, config.image))
-        for i, chunk in enumerate(chunks)
-    ]
-
-
-def finished_shard(job: ShardJob) -> dict[str, Any] | None:
-    """Stats of the job's shard if it is complete and was made from the same inputs and settings."""
-    return finished_stats(DatasetLayout(job.root).shard_files(job.index), job.fingerprint)
+def _inputs_digest(records: Sequence[InputRecord]) -> str:
+    """What the shard is made from: each record's key, location and listing-time skip."""
+    return "".join(json.dumps([rec.key, rec.location, rec.preset_skip]) for rec in records)
 
 
 def _sample_json(rec: InputRecord, img, meta: dict[str, Any]) -> str:
@@ -74,51 +55,46 @@ def _sample_json(rec: InputRecord, img, meta: dict[str, Any]) -> str:
 
 def write_shard(job: ShardJob) -> dict[str, Any]:
     """Process every record of one shard and commit its three files; returns the shard's stats."""
-    writer = ShardWriter(DatasetLayout(job.root).shard_files(job.index))
-    try:
-        with SampleReader() as reader:
-            for rec in job.records:
-                where = {
-                    "source": rec.source,
-                    "original_id": clean_text(rec.original_id),
-                    "location": clean_text(rec.location),
-                }
-                try:
-                    sample = reader.load(rec)
-                    img = process_image(sample.image, job.image)
-                except SkipRecord as skip:
-                    writer.add_skipped(rec.key, skip.code, skip.detail, where)
-                    continue
-                except Exception as exc:  # a record must never stop the job; keep the reason
-                    writer.add_skipped(rec.key, "unexpected_error", f"{type(exc).__name__}: {exc}", where)
-                    continue
-                members: dict[str, bytes | str] = {"jpg": img.data, "json": _sample_json(rec, img, sample.meta)}
-                if sample.alt_text:
-                    members["txt"] = sample.alt_text
-                row = {
-                    **where,
-                    "alt_text": sample.alt_text,
-                    "original_width": img.original_width,
-                    "original_height": img.original_height,
-                    "width": img.width,
-                    "height": img.height,
-                    "jpeg_bytes": len(img.data),
-                    "sha256": img.sha256,
-                    "meta_json": json.dumps(sample.meta, sort_keys=True, default=str),
-                }
-                writer.add_sample(rec.key, members, row)
-        return writer.commit(
-            {"shard": shard_stem(job.index), "inputs_fingerprint": job.fingerprint, "settings": job.image.model_dump()}
-        )
-    except BaseException:
-        writer.abort()
-        raise
+    extra = {"shard": shard_stem(job.index), "inputs_fingerprint": job.fingerprint, "settings": job.image.model_dump()}
+    with ShardWriter(job.files, extra) as writer, SampleReader() as reader:
+        for rec in job.records:
+            where = {
+                "source": rec.source,
+                "original_id": clean_text(rec.original_id),
+                "location": clean_text(rec.location),
+            }
+            try:
+                sample = reader.load(rec)
+                img = process_image(sample.image, job.image)
+            except SkipRecord as skip:
+                writer.add_skipped(rec.key, skip.code, skip.detail, where)
+                continue
+            except Exception as exc:  # a record must never stop the job; keep the reason
+                writer.add_skipped(rec.key, "unexpected_error", f"{type(exc).__name__}: {exc}", where)
+                continue
+            members: dict[str, bytes | str] = {"jpg": img.data, "json": _sample_json(rec, img, sample.meta)}
+            if sample.alt_text:
+                members["txt"] = sample.alt_text
+            row = {
+                **where,
+                "alt_text": sample.alt_text,
+                "original_width": img.original_width,
+                "original_height": img.original_height,
+                "width": img.width,
+                "height": img.height,
+                "jpeg_bytes": len(img.data),
+                "sha256": img.sha256,
+                "meta_json": json.dumps(sample.meta, sort_keys=True, default=str),
+            }
+            writer.add_sample(rec.key, members, row)
+    return writer.stats
 
 
 @dataclass
 class ShardSummary:
     """Totals over every shard of the run (reused ones included)."""
 
+    root: Path
     inputs: int = 0
     written: int = 0
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
@@ -135,30 +111,81 @@ class ShardSummary:
     def images_per_second(self) -> float:
         return self.images_processed / self.seconds if self.seconds > 0 else 0.0
 
+    def render(self) -> Table:
+        """Written, skipped by reason, shards, speed."""
+        skipped = [(f"  skipped: {reason}", str(n)) for reason, n in sorted(self.skipped_by_reason.items())]
+        speed = f"{self.images_processed} images in {self.seconds:.1f} s = {self.images_per_second:.1f} images/s"
+        rows = [
+            ("inputs", str(self.inputs)),
+            ("written", str(self.written)),
+            ("skipped", str(self.skipped)),
+            *skipped,
+            ("shards", f"{self.shards} ({self.shards_reused} already done)"),
+            ("speed", speed),
+        ]
+        return shards_table(f"shard stage -> {self.root}/shards", rows)
+
+
+class ShardStage(Stage[ShardJob, ShardSummary]):
+    """List the sources, chunk the records into shards, write each shard in a Ray task."""
+
+    label = "shards"
+    item_label = "images"
+    guards_finished = True
+    takes_replace = True
+
+    def __init__(self, srcs: Sequence[Path], root: Path, config: ShardConfig) -> None:
+        self.srcs, self.config = srcs, config
+        self.catalog = DatasetLayout(root.resolve())
+        self.ray_address = config.ray_address
+        self.local_cpus = config.workers
+        self.inputs = tuple(srcs)
+        self.outputs = (self.catalog.shards_dir,)
+        self.replace, self.repair = config.replace, config.repair
+        self.records = 0
+
+    def plan(self) -> list[ShardJob]:
+        """Chunk the (sorted) records into shards of ``shard_size``."""
+        records = list_inputs(self.srcs, self.config.sources)
+        self.records = len(records)
+        size, image = self.config.shard_size, self.config.image
+        settings = image.model_dump_json()
+        jobs = []
+        for index, start in enumerate(range(0, len(records), size)):
+            chunk = tuple(records[start : start + size])
+            jobs.append(
+                ShardJob(
+                    index=index,
+                    out_dir=self.catalog.shards_dir,
+                    fingerprint=fingerprint(settings, _inputs_digest(chunk)),
+                    items=len(chunk),
+                    records=chunk,
+                    image=image,
+                )
+            )
+        return jobs
+
+    def work(self) -> Tasks:
+        return Tasks(write_shard, workers=self.config.workers)
+
+    def dependents(self, indices: set[int]) -> list[Path]:
+        return self.catalog.tables_of_shards(indices)
+
+    def summarize(self, run: StageRun[ShardJob]) -> ShardSummary:
+        summary = ShardSummary(
+            root=self.catalog.root,
+            inputs=self.records,
+            shards=len(run.results),
+            shards_reused=run.reused,
+            images_processed=run.items_processed,
+            seconds=run.seconds,
+        )
+        for stats in run.stats:
+            summary.written += stats["successes"]
+            summary.skipped_by_reason.update(stats["skipped_by_reason"])
+        return summary
+
 
 def run_shard_stage(srcs: Sequence[Path], root: Path, config: ShardConfig) -> ShardSummary:
     """List the sources, write every unfinished shard under ``root`` on Ray, and summarise."""
-    records = list_inputs(srcs, config.sources)
-    root = root.resolve()
-    jobs = plan_shards(records, root, config)
-    prune_outputs(DatasetLayout(root).shards_dir, {job.index for job in jobs})
-    init_ray(config.ray_address, None if config.ray_address else config.workers)
-    run = run_shard_jobs(
-        jobs,
-        TaskLauncher(write_shard, capacity=config.workers or cluster_cpus()),
-        finished=finished_shard,
-        items_in=lambda job: len(job.records),
-    )
-    summary = ShardSummary(
-        inputs=len(records),
-        shards=len(jobs),
-        shards_reused=run.reused,
-        images_processed=run.items_processed,
-        seconds=run.seconds,
-    )
-    for stats in run.stats:
-        summary.written += stats["successes"]
-        summary.skipped_by_reason.update(stats["skipped_by_reason"])
-    root.mkdir(parents=True, exist_ok=True)
-    refresh_catalog(DatasetLayout(root))
-    return summary
+    return run_stage(ShardStage(srcs, root, config))

@@ -7,56 +7,26 @@ shard whose stats file exists and agrees with the other two is finished.
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 import time
 from collections import Counter
-from pathlib import Path
-from typing import Any
+from contextlib import ExitStack
+from types import TracebackType
+from typing import Any, Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from schemas.atomic import atomic_output, write_atomic
 from schemas.layout import ShardFiles
 from schemas.tables import SAMPLES_SCHEMA, STATUS_OK, STATUS_SKIPPED
-
-TMP_MARK = ".tmp-"
-
-
-def temp_path(path: Path) -> Path:
-    """The in-progress name of ``path`` (unique per process)."""
-    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-
-
-def remove_stale_temps(*finals: Path) -> None:
-    """Delete the in-progress files a killed run left for these outputs."""
-    for final in finals:
-        for stale in final.parent.glob(f"{final.name}{TMP_MARK}*"):
-            stale.unlink(missing_ok=True)
 
 
 def finished_stats(files: ShardFiles, fingerprint: str) -> dict[str, Any] | None:
     """The shard's stats if it is complete, consistent and was made with ``fingerprint``, else None."""
     stats = read_stats(files)
     return stats if stats is not None and stats.get("inputs_fingerprint") == fingerprint else None
-
-
-def prune_outputs(directory: Path, keep: set[int]) -> list[Path]:
-    """Delete ``NNNNN.tar``/``.parquet``/``_stats.json`` files whose index is not in ``keep``.
-
-    They are left by an earlier plan with more shards (other inputs or --shard-size); kept, they would
-    put the same records into the stage's output twice.
-    """
-    removed: list[Path] = []
-    if not keep:  # an empty plan never empties a folder
-        return removed
-    for path in sorted(directory.glob("[0-9]*")) if directory.is_dir() else []:
-        stem = path.name.split(".")[0].removesuffix("_stats")
-        if stem.isdigit() and int(stem) not in keep and TMP_MARK not in path.name:
-            path.unlink()
-            removed.append(path)
-    return removed
 
 
 def read_stats(files: ShardFiles) -> dict[str, Any] | None:
@@ -76,19 +46,40 @@ def read_stats(files: ShardFiles) -> dict[str, Any] | None:
 
 
 class ShardWriter:
-    """Collects a shard's rows and tar samples, then commits all three files."""
+    """Collects a shard's rows and tar samples; a context manager that commits all three files when
+    its block succeeds and leaves nothing behind when it raises.
 
-    def __init__(self, files: ShardFiles, schema: pa.Schema = SAMPLES_SCHEMA) -> None:
+    ``extra_stats`` (the fingerprint and what the shard came from) go into the stats file; after the
+    block, ``stats`` holds what was written.
+    """
+
+    def __init__(self, files: ShardFiles, extra_stats: dict[str, Any], schema: pa.Schema = SAMPLES_SCHEMA) -> None:
         self.files = files
         self.schema = schema
+        self.extra_stats = extra_stats
         self.rows: list[dict[str, Any]] = []
+        self.stats: dict[str, Any] = {}
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Self:
         self.started = time.time()
-        files.tar.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(*files.all())
-        self._tar_tmp = temp_path(files.tar)
-        self._tar_file = self._tar_tmp.open("wb")
-        # Fixed mtime and owner make the tar bytes reproducible run to run.
-        self._tar = wds.TarWriter(self._tar_file, user="", group="", mtime=0, encoder=False)
+        with ExitStack() as stack:
+            tar_tmp = stack.enter_context(atomic_output(self.files.tar))
+            tar_file = stack.enter_context(tar_tmp.open("wb"))
+            # Fixed mtime and owner make the tar bytes reproducible run to run.
+            self._tar = wds.TarWriter(tar_file, user="", group="", mtime=0, encoder=False)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self._stack.__exit__(exc_type, exc, tb)  # closes and deletes the temporary tar
+            return
+        self._tar.close()
+        self._stack.close()  # renames the tar into place
+        self._commit_tables()
 
     def add_sample(self, key: str, files: dict[str, bytes | str], row: dict[str, Any]) -> None:
         """Store ``KEY.ext`` members for an ok record and its Parquet row."""
@@ -100,18 +91,14 @@ class ShardWriter:
         """Record a skipped input with its reason (nothing goes into the tar)."""
         self.rows.append({**row, "key": key, "status": STATUS_SKIPPED, "reason": code, "error": detail})
 
-    def commit(self, extra_stats: dict[str, Any]) -> dict[str, Any]:
-        """Finish the tar, write Parquet and stats, and rename each into place; returns the stats."""
-        self._tar.close()
-        self._tar_file.close()
-        os.replace(self._tar_tmp, self.files.tar)
-        parquet_tmp = temp_path(self.files.parquet)
-        pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), parquet_tmp)
-        os.replace(parquet_tmp, self.files.parquet)
+    def _commit_tables(self) -> None:
+        """Write the Parquet file, then the stats file (which marks the shard complete)."""
+        with atomic_output(self.files.parquet) as tmp:
+            pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), tmp)
         skipped = Counter(r["reason"] for r in self.rows if r["status"] == STATUS_SKIPPED)
         ok = len(self.rows) - sum(skipped.values())
         ended = time.time()
-        stats = {
+        self.stats = {
             "count": len(self.rows),
             "successes": ok,
             "skipped": sum(skipped.values()),
@@ -121,14 +108,6 @@ class ShardWriter:
             "start_time": self.started,
             "end_time": ended,
             "duration": ended - self.started,
-            **extra_stats,
+            **self.extra_stats,
         }
-        stats_tmp = temp_path(self.files.stats)
-        stats_tmp.write_text(json.dumps(stats, indent=2, sort_keys=True))
-        os.replace(stats_tmp, self.files.stats)
-        return stats
-
-    def abort(self) -> None:
-        """Drop the in-progress files (used when the task itself fails)."""
-        self._tar_file.close()
-        self._tar_tmp.unlink(missing_ok=True)
+        write_atomic(self.files.stats, json.dumps(self.stats, indent=2, sort_keys=True))

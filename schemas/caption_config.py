@@ -54,3 +54,4 @@ class CaptionConfig(BaseModel):
     workers: int | None = Field(None, ge=1, description="model replicas (default: one per GPU, or 1 on CPU)")
     gpus_per_worker: float = Field(1.0, ge=0.0)
     ray_address: str | None = None
+    repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")

@@ -19,3 +19,5 @@ class FeaturesConfig(BaseModel):
     workers: int | None = Field(None, ge=1)
     gpus_per_worker: float = Field(1.0, ge=0.0)
     ray_address: str | None = None
+    repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")
+    replace: bool = Field(False, description="let this run replace or remove finished outputs of an earlier run")

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SHARD_STEM_DIGITS = 5
+STATS_SUFFIX = "_stats.json"
+PLAN_FILE = "_plan.json"  # in a folder of shards: the indices the last plan made
+CATALOG_FILE = "catalog.duckdb"
+# Folders (and the catalog) a dataset root's own stages write; no user-chosen output may take them.
+RESERVED_NAMES = frozenset({"shards", "captions", "density", "vocab", "embeddings", "grounding", CATALOG_FILE})
 
 
 def shard_stem(index: int) -> str:
@@ -26,17 +31,34 @@ class ShardFiles:
         return (self.tar, self.parquet, self.stats)
 
 
+def shard_indices_in(directory: Path) -> list[int]:
+    """Indices of the shards in ``directory`` that have a stats file (written last: complete)."""
+    return sorted(int(p.name.removesuffix(STATS_SUFFIX)) for p in directory.glob(f"*{STATS_SUFFIX}"))
+
+
+def is_dataset_root(path: Path) -> bool:
+    """Whether ``path`` is a dataset root (it has a catalog or a shards folder)."""
+    return (path / CATALOG_FILE).is_file() or (path / "shards").is_dir()
+
+
 def shard_files_in(directory: Path, index: int) -> ShardFiles:
     """The tar, Parquet and stats file of shard ``index`` in ``directory``."""
     stem = shard_stem(index)
     return ShardFiles(
-        tar=directory / f"{stem}.tar", parquet=directory / f"{stem}.parquet", stats=directory / f"{stem}_stats.json"
+        tar=directory / f"{stem}.tar", parquet=directory / f"{stem}.parquet", stats=directory / f"{stem}{STATS_SUFFIX}"
     )
 
 
 @dataclass(frozen=True)
 class DatasetLayout:
-    """Paths under one dataset root."""
+    """Every path and glob under one dataset root::
+
+    ROOT/shards/NNNNN.{tar,parquet} + NNNNN_stats.json    the shard stage
+    ROOT/captions/NAME/NNNNN.parquet                      one folder per captioner
+    ROOT/density/FIELD/NNNNN.parquet                      one folder per caption field
+    ROOT/vocab/FIELD.parquet                              noun counts per field
+    ROOT/catalog.duckdb                                   DuckDB views over the tables above
+    """
 
     root: Path
 
@@ -46,19 +68,61 @@ class DatasetLayout:
 
     @property
     def catalog_path(self) -> Path:
-        return self.root / "catalog.duckdb"
+        return self.root / CATALOG_FILE
+
+    @property
+    def captions_root(self) -> Path:
+        return self.root / "captions"
+
+    @property
+    def density_root(self) -> Path:
+        return self.root / "density"
+
+    @property
+    def vocab_dir(self) -> Path:
+        return self.root / "vocab"
+
+    def shard_files(self, index: int) -> ShardFiles:
+        return shard_files_in(self.shards_dir, index)
+
+    def shard_indices(self) -> list[int]:
+        """Indices of the finished shards (those with a stats file)."""
+        return shard_indices_in(self.shards_dir)
 
     def captions_dir(self, name: str) -> Path:
-        return self.root / "captions" / name
+        return self.captions_root / name
 
     def caption_file(self, name: str, index: int) -> Path:
         return self.captions_dir(name) / f"{shard_stem(index)}.parquet"
 
+    def caption_names(self) -> list[str]:
+        """The captioners that have a folder under ``captions/``."""
+        root = self.captions_root
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+    def density_dir(self, field: str) -> Path:
+        return self.density_root / field
+
     def density_file(self, field: str, index: int) -> Path:
-        return self.root / "density" / field / f"{shard_stem(index)}.parquet"
+        return self.density_dir(field) / f"{shard_stem(index)}.parquet"
+
+    def density_glob(self, field: str = "*") -> str:
+        """The density tables of one field, or of every field (``*``)."""
+        return str(self.density_dir(field) / "*.parquet")
 
     def vocab_file(self, field: str) -> Path:
-        return self.root / "vocab" / f"{field}.parquet"
+        return self.vocab_dir / f"{field}.parquet"
 
-    def shard_files(self, index: int) -> ShardFiles:
-        return shard_files_in(self.shards_dir, index)
+    def tables(self) -> list[Path]:
+        """Every caption, density and vocabulary table of the root."""
+        return [
+            *sorted(self.captions_root.glob("*/*.parquet")),
+            *sorted(self.density_root.glob("*/*.parquet")),
+            *sorted(self.vocab_dir.glob("*.parquet")),
+        ]
+
+    def tables_of_shards(self, indices: set[int]) -> list[Path]:
+        """The caption and density tables made from the shards ``indices``."""
+        stems = {f"{shard_stem(i)}.parquet" for i in indices}
+        per_shard = [*self.captions_root.glob("*/*.parquet"), *self.density_root.glob("*/*.parquet")]
+        return sorted(p for p in per_shard if p.name in stems)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.caption_config import CaptionConfig
 from schemas.features_config import FeaturesConfig
@@ -46,6 +46,14 @@ class TrainStep(_Strict):
     config: str = Field(..., min_length=1, description="training config YAML")
     overrides: list[str] = Field(default_factory=list, description="key.path=value overrides")
     resume: bool = True
+    overwrite: bool = Field(False, description="delete run_dir's old run first (needs resume: false)")
+    allow_config_change: bool = Field(False, description="resume even when the config changed (recorded)")
+
+    @model_validator(mode="after")
+    def _overwrite_or_resume(self) -> TrainStep:
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite: true deletes the run that resume: true continues; set resume: false")
+        return self
 
 
 class ExportStep(_Strict):

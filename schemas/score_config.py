@@ -31,6 +31,7 @@ class ScoreConfig(BaseModel):
     min_count: int = Field(10, ge=0, description="a noun is valid when seen more than this many times")
     workers: int | None = Field(None, ge=1)
     ray_address: str | None = None
+    repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")
 
 
 class CurateRules(BaseModel):
@@ -53,3 +54,5 @@ class CurateConfig(BaseModel):
     rules: CurateRules = CurateRules()
     workers: int | None = Field(None, ge=1)
     ray_address: str | None = None
+    repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")
+    replace: bool = Field(False, description="let this run replace or remove finished outputs of an earlier run")

@@ -47,3 +47,5 @@ class ShardConfig(BaseModel):
     shard_size: int = Field(1000, ge=1)
     workers: int | None = Field(None, ge=1, description="shards processed at once; default: all CPUs")
     ray_address: str | None = None
+    repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")
+    replace: bool = Field(False, description="let this run replace or remove finished outputs of an earlier run")

@@ -7,6 +7,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.errors import ConfigError
 from schemas.validation import validated
 
 
@@ -95,14 +96,14 @@ class TrainConfig(_Strict):
 def set_dotted(config: dict[str, Any], dotted: str) -> None:
     """Apply ``a.b.c=value`` (the value parsed as YAML) to a nested dict."""
     if "=" not in dotted:
-        raise ValueError(f"override {dotted!r} must look like key.path=value")
+        raise ConfigError(f"override {dotted!r} must look like key.path=value")
     path, raw = dotted.split("=", 1)
     *parents, leaf = path.strip().split(".")
     node = config
     for name in parents:
         node = node.setdefault(name, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {dotted!r}: {name} is not a section")
+            raise ConfigError(f"override {dotted!r}: {name} is not a section")
     node[leaf] = yaml.safe_load(raw)
 
 
@@ -110,7 +111,7 @@ def load_train_config(text: str, overrides: list[str], source: str = "config") -
     """Parse YAML, apply overrides, validate; errors name the field at fault."""
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping at the top level")
+        raise ConfigError(f"{source}: expected a mapping at the top level")
     for item in overrides:
         set_dotted(data, item)
     return validated(TrainConfig, data, source)

@@ -9,14 +9,20 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from captioner.errors import ModelNotAvailableError
+from captioner.generation import Captioner, CaptionRequest
+from captioner.loading import check_model_available, load_model
+from captioner.tiny import CHAT_TEMPLATE
+from densecurate.cli import main
 from pipeline.caption_stage import run_caption_stage
 from pipeline.catalog import run_query
-from pipeline.cli import main
 from pipeline.sample_data import write_sample_folder
 from pipeline.shard_stage import run_shard_stage
-from schemas.caption_config import CaptionConfig
+from schemas.caption_config import CaptionConfig, GenerationSettings, ModelSettings
 from schemas.shard_config import ShardConfig
+from tests import image_factory as mk
 
 
 def caption_config(model_dir: Path, name: str = "tiny", **generation) -> CaptionConfig:
@@ -109,4 +115,17 @@ def test_cli_caption_and_missing_model(sharded_root, tiny_llava_dir, capsys):
 
 def test_make_tiny_writes_a_loadable_model(tmp_path, capsys):
     assert main(["models", "make-tiny", str(tmp_path)]) == 0
-    assert (tmp_path / "llava" / "config.json").is_file() and (tmp_path / "llava" / "chat_template.jinja").is_file()
+    settings = ModelSettings(model=str(tmp_path / "llava"), device="cpu")
+    check_model_available(settings)  # what the caption stage runs before starting any worker
+    loaded = load_model(settings)  # the workers' code path, the same as for a hub id
+    assert type(loaded.model).__name__ == "LlavaForConditionalGeneration"
+    assert (loaded.model_id, loaded.revision, loaded.dtype) == (settings.model, "local", torch.float32)
+    assert loaded.processor.chat_template == CHAT_TEMPLATE
+    assert loaded.processor.tokenizer.padding_side == "left"
+    assert loaded.model.config.image_token_index == loaded.processor.tokenizer.convert_tokens_to_ids("<image>")
+    generation = GenerationSettings(prompt="pixart-alt", batch_size=1, max_new_tokens=5, ignore_eos=True)
+    request = CaptionRequest("k", mk.jpeg_bytes(mk.photo_image((64, 48))), "a cup of coffee")
+    (result,) = Captioner(loaded, generation).caption([request])
+    assert (result.status, result.error, result.num_tokens, result.finish_reason) == ("ok", None, 5, "length")
+    with pytest.raises(ModelNotAvailableError, match="is not available here"):
+        check_model_available(ModelSettings(model=str(tmp_path / "no-such-model")))

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pipeline.cli import build_parser, main
+from densecurate.cli import build_parser, main
 from pipeline.sample_data import write_sample_folder
 from pipeline.shard_stage import run_shard_stage
 from schemas.shard_config import ShardConfig
@@ -83,9 +83,29 @@ def test_query_csv(sample_root, capsys):
     assert rows == [["status", "n"], ["ok", "10"], ["skipped", "3"]]
 
 
+def _table_cells(out: str, line: str = "│") -> list[list[str]]:
+    """The cells of a rich table: its body rows are drawn with light lines ``│``, its header with heavy ones ``┃``."""
+    return [[cell.strip() for cell in row.strip().strip(line).split(line)] for row in out.splitlines() if line in row]
+
+
+# pipeline/sample_data.py writes 10 photos and 3 bad files, each skipped with its own reason.
+SKIPPED_SQL = "SELECT key, status, reason FROM samples WHERE status <> 'ok' ORDER BY key"
+SKIPPED = [
+    ["folder-empty", "skipped", "empty_file"],
+    ["folder-not_really", "skipped", "not_an_image"],
+    ["folder-thumbnail", "skipped", "too_small"],
+]
+
+
 def test_query_table_and_sql_errors(sample_root, capsys):
     assert main(["query", str(sample_root), SQL]) == 0
-    assert "skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert _table_cells(out, "┃") == [["status", "n"]]
+    assert _table_cells(out) == [["ok", "10"], ["skipped", "3"]]
+    assert main(["query", str(sample_root), SKIPPED_SQL]) == 0
+    out = capsys.readouterr().out
+    assert _table_cells(out, "┃") == [["key", "status", "reason"]]
+    assert _table_cells(out) == SKIPPED
     assert main(["query", str(sample_root), "SELECT nope FROM samples"]) == 2
     assert "nope" in capsys.readouterr().err
 
@@ -105,7 +125,7 @@ def test_catalog_opens_with_plain_duckdb(sample_root):
 @pytest.mark.slow
 def test_demo_runs_offline(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(tmp_path / "demo")],
+        [sys.executable, "-m", "densecurate", "demo", "--out", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
         timeout=300,

@@ -11,14 +11,15 @@ import tarfile
 
 import pytest
 
+from densecurate.cli import main
 from pipeline.caption_stage import run_caption_stage
 from pipeline.catalog import run_query
-from pipeline.cli import main
 from pipeline.curate_stage import first_failed_rule, run_curate_stage
 from pipeline.sample_data import write_sample_folder
 from pipeline.score_stage import run_score_stage
 from pipeline.shard_stage import run_shard_stage
 from schemas.caption_config import CaptionConfig
+from schemas.errors import StaleInputError
 from schemas.score_config import CurateConfig, CurateRules, ScoreConfig
 from schemas.shard_config import ShardConfig
 
@@ -149,5 +150,5 @@ def test_curate_refuses_density_older_than_the_captions(ray_local, tiny_llava_di
     run_score_stage(root, ScoreConfig(fields=("tiny",)))
     caption["generation"]["max_new_tokens"] = 12  # re-caption, but do not re-score
     run_caption_stage(root, CaptionConfig.model_validate(caption))
-    with pytest.raises(ValueError, match="rerun `densecurate score"):
+    with pytest.raises(StaleInputError, match="rerun `densecurate score"):
         run_curate_stage(root, tmp_path / "curated", CurateConfig(field="tiny"))

@@ -22,7 +22,7 @@ def test_features_round_trip_and_resume(ray_local, tiny_pixart_dir, tmp_path):
     )
     feats_dir = tmp_path / "feats"
     run = run_features_stage(root / "shards", feats_dir, config)
-    assert sum(s["successes"] for s in run.stats) == 10 and run.reused == 0
+    assert run.samples == 10 and run.shards_reused == 0
 
     encoder = FeatureEncoder(str(tiny_pixart_dir), str(tiny_pixart_dir), resolution=64, max_tokens=16)
     shards = [str(p) for p in sorted((root / "shards").glob("*.tar"))]
@@ -42,4 +42,4 @@ def test_features_round_trip_and_resume(ray_local, tiny_pixart_dir, tmp_path):
     assert null.shape == (1, 32)  # only the end-of-sequence token
 
     again = run_features_stage(root / "shards", feats_dir, config)
-    assert again.reused == len(again.stats) == 4
+    assert again.shards_reused == again.shards == 4

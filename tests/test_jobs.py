@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,12 +14,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from densecurate.cli import main
 from jobs.demo import demo_spec
-from pipeline.cli import main
 from schemas.pipeline_spec import parse_spec, resolve_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +75,34 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _descendants(head: subprocess.Popen) -> set[psutil.Process]:
+    """The processes the head started (recursively) that are alive now."""
+    try:
+        return set(psutil.Process(head.pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _stop_started_processes(head: subprocess.Popen, started: set[psutil.Process]) -> None:
+    """Stop the head's process group, then kill any process it started that outlived it: only these, by PID."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    # psutil.Process remembers each process's start time: a PID reused since is never killed.
+    _, alive = psutil.wait_procs(started, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    with contextlib.suppress(ProcessLookupError):  # the group outlives its leader while members remain
+        os.killpg(head.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head with the job server, on 127.0.0.1 and free ports; stopped at the end even if tests fail."""
@@ -102,7 +132,9 @@ def ray_head():
         f"--temp-dir={temp}",
     ]
     log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 - closed in the finally below
+    # Its own session: its process group holds the head and what it starts, and nothing else.
     head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    started: set[psutil.Process] = set()
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 120
@@ -117,16 +149,13 @@ def ray_head():
                     tail = (Path(temp) / "head.log").read_text()[-2000:]
                     raise RuntimeError(f"the Ray head did not start: {tail}") from None
                 time.sleep(0.5)
+        started |= _descendants(head)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)
-        log.close()
+            _stop_started_processes(head, started | _descendants(head))
+        finally:
+            log.close()
 
 
 def _write_spec(out: Path) -> Path:
@@ -136,7 +165,7 @@ def _write_spec(out: Path) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "densecurate", *args], capture_output=True, text=True, timeout=600)
 
 
 def _records(out: Path) -> dict[str, object]:

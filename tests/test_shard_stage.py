@@ -18,6 +18,7 @@ import webdataset as wds
 
 from pipeline.sample_data import write_sample_folder
 from pipeline.shard_stage import run_shard_stage
+from schemas.errors import OutputConflictError
 from schemas.shard_config import ShardConfig, SourceSettings
 from tests import image_factory as mk
 from tests import tar_factory as tk
@@ -99,6 +100,8 @@ def test_nothing_is_written_outside_root_and_no_temp_files(hostile_run):
     stems = [f"{i:05d}" for i in range(4)]
     suffixes = (".parquet", ".tar", "_stats.json")
     expected = ["catalog.duckdb", "shards"] + [f"shards/{s}{ext}" for s in stems for ext in suffixes]
+    # The plan of the last run, and the lock file of the output folder (free: no holder recorded).
+    expected += ["shards/_plan.json", "shards/.densecurate.lock"]
     assert names == sorted(expected)
     assert sorted(p.name for p in root.parent.iterdir()) == ["root"]
 
@@ -158,7 +161,11 @@ def test_changed_settings_rewrite_shards(ray_local, tmp_path):
     (photos / "a.jpg").write_bytes(mk.jpeg_bytes(mk.photo_image((400, 300))))
     root = tmp_path / "root"
     run_shard_stage([photos], root, ShardConfig())
-    redo = run_shard_stage([photos], root, ShardConfig.model_validate({"image": {"resize": 128}}))
+    before = (root / "shards" / "00000.tar").read_bytes()
+    with pytest.raises(OutputConflictError, match=r"replace 1 and remove 0 finished shards.*--replace"):
+        run_shard_stage([photos], root, ShardConfig.model_validate({"image": {"resize": 128}}))
+    assert (root / "shards" / "00000.tar").read_bytes() == before
+    redo = run_shard_stage([photos], root, ShardConfig.model_validate({"image": {"resize": 128}, "replace": True}))
     assert redo.shards_reused == 0
     (row,) = pq.read_table(root / "shards" / "00000.parquet").to_pylist()
     assert row["height"] == 128
@@ -213,7 +220,7 @@ def test_empty_input_finishes_with_nothing(ray_local, tmp_path):
 
 
 def _shard_cmd(src: Path, root: Path) -> list[str]:
-    cli = [sys.executable, "-m", "pipeline.cli", "shard", str(src), "--out", str(root)]
+    cli = [sys.executable, "-m", "densecurate", "shard", str(src), "--out", str(root)]
     return [*cli, "--shard-size", "2", "--workers", "1", "--resize", "256"]
 
 
@@ -265,11 +272,15 @@ def test_odd_names_and_captions_do_not_stop_the_stage(ray_local, tmp_path):
     assert rows["folder-surrogate"]["alt_text"] == "broken emoji \ufffd\ufffd\ufffd here"
 
 
-def test_a_smaller_plan_prunes_the_shards_of_a_larger_one(ray_local, tmp_path):
+def test_a_smaller_plan_replaces_the_shards_of_a_larger_one_only_when_asked(ray_local, tmp_path):
     photos = write_sample_folder(tmp_path / "photos", with_bad_files=False)
     root = tmp_path / "root"
     assert run_shard_stage([photos], root, ShardConfig(shard_size=3)).shards == 4
-    again = run_shard_stage([photos], root, ShardConfig(shard_size=100))
+    with pytest.raises(OutputConflictError, match=r"replace 1 and remove 3 finished shards"):
+        run_shard_stage([photos], root, ShardConfig(shard_size=100))
+    assert len(list((root / "shards").glob("*_stats.json"))) == 4
+    again = run_shard_stage([photos], root, ShardConfig(shard_size=100, replace=True))
     assert again.shards == 1
-    assert sorted(p.name for p in (root / "shards").iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    names = sorted(p.name for p in (root / "shards").iterdir() if not p.name.startswith((".", "_")))
+    assert names == ["00000.parquet", "00000.tar", "00000_stats.json"]
     assert len(shard_rows(root)) == 10

@@ -21,7 +21,8 @@ from tests import tar_factory as tk
 
 def test_keys_are_stable_webdataset_safe_and_distinct():
     assert make_key("sa1b", "sa_123") == "sa1b-sa_123"
-    assert make_key("folder", "a/b") == "folder-a_b"
+    assert make_key("folder", "a_b") == "folder-a_b"
+    assert make_key("folder", "a/b") == "folder-a_b-3ec69c85"  # flattening "/" is lossy: hashed
     odd = make_key("folder", "a b.c")
     assert odd.startswith("folder-a_b_c-") and "." not in odd and " " not in odd
     assert make_key("folder", "a b.c") != make_key("folder", "a_b_c")
@@ -36,7 +37,7 @@ def test_folder_listing_reads_sidecars_and_is_sorted(tmp_path):
     (tmp_path / "b.json").write_text("{not json")
     (tmp_path / "notes.md").write_text("ignored")
     records = list_inputs([tmp_path], SourceSettings())
-    assert [r.key for r in records] == ["folder-a", "folder-b", "folder-sub_c"]
+    assert [r.key for r in records] == ["folder-a", "folder-b", "folder-sub_c-4a8de02d"]
     with SampleReader() as reader:
         a = reader.load(records[0])
         assert a.alt_text == "a cup of coffee"
@@ -124,10 +125,10 @@ def test_parquet_table_source(tmp_path):
     assert detect_format(table) == "parquet"
     settings = SourceSettings(image_column="path", caption_column="text")
     one, missing = sorted(list_inputs([table], settings), key=lambda r: r.preset_skip is not None)
-    assert one.key == "parquet-img_one"
+    assert one.key == "parquet-img_one-fe79261d"
     assert one.alt_text == "a coffee cup" and one.meta == {"license": "cc0"}
     assert missing.preset_skip[0] == "missing_path"
-    with pytest.raises(ValueError, match="no column 'nope'"):
+    with pytest.raises(SourceError, match="no column 'nope'"):
         list_inputs([table], SourceSettings(image_column="nope"))
 
 

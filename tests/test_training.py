@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
+from densecurate.cli import main
 from pipeline.features_stage import run_features_stage
 from pipeline.sample_data import write_sample_folder
 from pipeline.shard_stage import run_shard_stage
+from schemas.errors import ConfigError, OutputConflictError
 from schemas.features_config import FeaturesConfig
 from schemas.shard_config import ShardConfig
 from schemas.train_config import load_train_config
@@ -60,7 +61,7 @@ def test_shipped_configs_validate():
     ],
 )
 def test_bad_config_names_the_field(override, message):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ConfigError) as info:
         load_train_config(TINY_YAML.read_text(), [override], source="tiny.yaml")
     assert str(info.value).startswith(message)
 
@@ -118,11 +119,10 @@ def test_online_encoding_matches_precomputed_features(features_dir, shards_dir, 
 
 
 def test_data_source_needs_its_folder():
-    with pytest.raises(ValueError, match=r"set data\.curated to its folder"):
+    with pytest.raises(ConfigError, match=r"set data\.curated to its folder"):
         load_train_config(TINY_YAML.read_text(), ["data.source=curated"], source="tiny.yaml")
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_two_ray_train_workers_keep_identical_weights(features_dir, tiny_pixart_dir, tmp_path):
     from trainer.launch import launch_training
@@ -194,3 +194,144 @@ def test_latest_checkpoint_ignores_unfinished_folders(tmp_path):
     (tmp_path / "checkpoints" / "step-00000008.tmp-1234").mkdir()  # killed while saving
     (tmp_path / "checkpoints" / "step-00000009").mkdir()  # no state.json: incomplete
     assert latest_checkpoint(tmp_path) == done
+
+
+# One run per run_dir: no mixing of an old run's checkpoints with a new one, no silent config change on resume.
+
+
+def _steps(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def _one_sentence(message: str) -> None:
+    assert "\n" not in message and message.count(": ") <= 2 and not message.rstrip(".").count(". ")
+
+
+def test_second_train_without_resume_refuses_and_keeps_the_first_run(features_dir, tiny_pixart_dir, tmp_path):
+    from trainer.launch import launch_training
+
+    run_dir = tmp_path / "run"
+    launch_training(tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=4", "checkpoint_every=2"))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+    with pytest.raises(OutputConflictError) as info:
+        launch_training(tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=3", "checkpoint_every=1"))
+    message = str(info.value)
+    assert str(run_dir) in message and "step 4" in message and "--resume" in message and "--overwrite" in message
+    _one_sentence(message)
+    assert _steps(run_dir) == ["step-00000002", "step-00000004"]
+    assert {p: p.read_bytes() for p in before} == before, "nothing of the first run was touched"
+
+
+def test_overwrite_leaves_only_the_new_run(features_dir, tiny_pixart_dir, tmp_path):
+    from trainer.launch import launch_training
+
+    run_dir = tmp_path / "run"
+    launch_training(tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=4", "checkpoint_every=2"))
+    (run_dir / "samples").mkdir()
+    (run_dir / "samples" / "step-00000004.png").write_bytes(b"old grid")
+    (run_dir / "config_changes.jsonl").write_text("{}\n")
+    (run_dir / "notes.txt").write_text("not written by training")
+    old_events = set((run_dir / "tensorboard").iterdir())
+    config = tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=2", "checkpoint_every=1", "optim.lr=2e-3")
+    assert launch_training(config, overwrite=True).step == 2
+    assert _steps(run_dir) == ["step-00000001", "step-00000002"]
+    assert not (run_dir / "samples").exists() and not (run_dir / "config_changes.jsonl").exists()
+    assert not old_events & set((run_dir / "tensorboard").iterdir()), "the old run's TensorBoard logs are gone"
+    assert (run_dir / "notes.txt").read_text() == "not written by training"
+    saved = load_train_config((run_dir / "config.yaml").read_text(), [])
+    assert (saved.steps, saved.optim.lr) == (2, 2e-3)
+
+
+def test_resume_with_a_changed_config_refuses_naming_the_field(features_dir, tiny_pixart_dir, tmp_path):
+    from trainer.launch import launch_training
+
+    run_dir = tmp_path / "run"
+    launch_training(tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=2", "checkpoint_every=2"))
+    changed = tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=4", "checkpoint_every=2", "optim.lr=2e-3")
+    with pytest.raises(OutputConflictError) as info:
+        launch_training(changed, resume=True)
+    message = str(info.value)
+    assert "optim.lr (0.001 -> 0.002)" in message and "--allow-config-change" in message
+    assert "steps (" not in message, "a longer run is no config change"
+    _one_sentence(message)
+    assert _steps(run_dir) == ["step-00000002"] and not (run_dir / "config_changes.jsonl").exists()
+
+    result = launch_training(changed, resume=True, allow_config_change=True)
+    assert result.step == 4 and _steps(run_dir) == ["step-00000002", "step-00000004"]
+    records = [json.loads(line) for line in (run_dir / "config_changes.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["field"], r["old"], r["new"]) for r in records] == [
+        (2, "optim.lr", 1e-3, 2e-3),
+        (2, "steps", 2, 4),
+    ]
+    assert all(r["time"] for r in records)
+    assert load_train_config((run_dir / "config.yaml").read_text(), []).optim.lr == 2e-3  # what export uses
+
+
+def test_resume_with_more_steps_and_other_logging_needs_no_flag(features_dir, tiny_pixart_dir, tmp_path):
+    from trainer.launch import launch_training
+
+    run_dir = tmp_path / "run"
+    launch_training(tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=2", "checkpoint_every=2"))
+    longer = tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=3", "checkpoint_every=3", "log_every=1")
+    assert launch_training(longer, resume=True).step == 3
+    assert _steps(run_dir) == ["step-00000002", "step-00000003"]
+    assert load_train_config((run_dir / "config.yaml").read_text(), []).steps == 3
+    fields = [json.loads(line)["field"] for line in (run_dir / "config_changes.jsonl").read_text().splitlines()]
+    assert fields == ["checkpoint_every", "log_every", "steps"]
+
+
+def test_ray_train_run_dir_is_checked_in_the_driver(monkeypatch, features_dir, tiny_pixart_dir, tmp_path):
+    import trainer.launch
+
+    run_dir = tmp_path / "run"
+    trainer.launch.launch_training(tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=2"))
+    started = []
+
+    def fake_ray_train(config, *, resume):
+        started.append((resume, load_train_config((run_dir / "config.yaml").read_text(), []).optim.lr))
+        return trainer.launch.TrainResult(step=config.steps, run_dir=run_dir)
+
+    monkeypatch.setattr(trainer.launch, "_ray_train", fake_ray_train)
+    ddp = ("steps=4", "workers=2", "use_gpu=false")
+    with pytest.raises(OutputConflictError, match="--overwrite"):
+        trainer.launch.launch_training(tiny_config(run_dir, features_dir, tiny_pixart_dir, *ddp))
+    with pytest.raises(OutputConflictError, match="workers"):
+        trainer.launch.launch_training(tiny_config(run_dir, features_dir, tiny_pixart_dir, *ddp), resume=True)
+    assert started == [], "no worker starts when run_dir is refused"
+    changed = tiny_config(run_dir, features_dir, tiny_pixart_dir, *ddp, "optim.lr=2e-3")
+    trainer.launch.launch_training(changed, resume=True, allow_config_change=True)
+    assert started == [(True, 2e-3)], "the driver recorded the change before the workers started"
+
+
+def test_train_refusal_on_the_command_line(features_dir, tiny_pixart_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = [
+        "train",
+        str(TINY_YAML),
+        f"run_dir={run_dir}",
+        f"pipeline={tiny_pixart_dir}",
+        f"data.features={features_dir}",
+        "sample_every=0",
+        "steps=2",
+        "checkpoint_every=2",
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: run_dir ")
+    assert "step 2" in err and "--resume" in err and "--overwrite" in err
+    assert main([*argv, "--resume", "--overwrite"]) == 2
+    assert main([*argv, "optim.lr=2e-3", "--resume"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    assert _steps(run_dir) == ["step-00000002"]
+
+
+def test_train_step_of_a_spec_takes_overwrite_only_without_resume():
+    from schemas.pipeline_spec import TrainStep
+
+    with pytest.raises(ValueError, match="set resume: false"):
+        TrainStep(config="train.yaml", overwrite=True)
+    step = TrainStep(config="train.yaml", overwrite=True, resume=False, allow_config_change=True)
+    assert (step.overwrite, step.allow_config_change) == (True, True)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from schemas.atomic import atomic_output
 
 STATE_FILE = "training_state.pt"
 
@@ -26,10 +26,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: Any, ema: Any, optimizer: Any, lr_schedule: Any) -> Path:
-    """Write ``checkpoints/step-NNNNNNNN`` atomically (temporary folder, then rename)."""
+    """Write ``checkpoints/step-NNNNNNNN`` atomically (a temporary folder, renamed when complete)."""
     final = checkpoints_dir(run_dir) / f"step-{step:08d}"
-    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_output(final) as tmp:
+        _write_checkpoint(tmp, step, model, ema, optimizer, lr_schedule)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, model: Any, ema: Any, optimizer: Any, lr_schedule: Any) -> None:
     model.save_pretrained(tmp / "transformer", safe_serialization=True)
     ema.module.save_pretrained(tmp / "transformer_ema", safe_serialization=True)
     torch.save(
@@ -42,9 +46,6 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, ema: Any, optimizer: A
         tmp / STATE_FILE,
     )
     (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
 
 
 def load_training_state(checkpoint: Path) -> tuple[int, dict[str, Any]]:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset, Sampler
 
+from schemas.errors import MissingInputError
 from trainer.features import FEATURE_EXT, NULL_CAPTION_FILE, Features, image_tensor
 
 
@@ -49,7 +50,7 @@ def index_samples(folder: Path, required: str) -> list[SampleRef]:
                     members.setdefault(key, []).append((ext, member.offset_data, member.size))
         refs += [SampleRef(str(tar), k, tuple(v)) for k, v in members.items() if any(e == required for e, *_ in v)]
     if not refs:
-        raise FileNotFoundError(f"no samples with a .{required} member in {folder}")
+        raise MissingInputError(f"no samples with a .{required} member in {folder}")
     return refs
 
 

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from schemas.errors import ConfigError
+from schemas.validation import read_input_text
+
 
 @dataclass(frozen=True)
 class PromptScore:
@@ -16,9 +19,9 @@ class PromptScore:
 
 def read_prompts(path: Path) -> list[str]:
     """One prompt per non-empty line."""
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_input_text(path, "prompts file").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"{path} holds no prompts (one per line)")
+        raise ConfigError(f"{path} holds no prompts (one per line)")
     return prompts
 
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import yaml
 
+from schemas.errors import MissingInputError
 from schemas.train_config import TrainConfig
 from trainer.checkpoint import latest_checkpoint
-from trainer.loop import CONFIG_FILE
+from trainer.run_guard import CONFIG_FILE
 
 
 def export_pipeline(run_dir: Path, out: Path, *, ema: bool = False) -> Path:
@@ -17,7 +18,7 @@ def export_pipeline(run_dir: Path, out: Path, *, ema: bool = False) -> Path:
 
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first")
+        raise MissingInputError(f"no checkpoint in {run_dir / 'checkpoints'}: train first")
     config = TrainConfig.model_validate(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
     transformer = PixArtTransformer2DModel.from_pretrained(checkpoint / ("transformer_ema" if ema else "transformer"))
     pipe = PixArtAlphaPipeline.from_pretrained(config.pipeline, transformer=transformer)

@@ -6,12 +6,19 @@ import torch
 
 from schemas.train_config import TrainConfig
 from trainer.loop import TrainResult, train
+from trainer.run_guard import prepare_run_dir
 
 
-def launch_training(config: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """One process for ``workers == 1``; else one Ray Train worker per ``workers``, gradients all-reduced."""
+def launch_training(
+    config: TrainConfig, *, resume: bool = False, overwrite: bool = False, allow_config_change: bool = False
+) -> TrainResult:
+    """One process for ``workers == 1``; else one Ray Train worker per ``workers``, gradients all-reduced.
+
+    run_dir is checked here, once, before any worker starts (see ``trainer.run_guard.prepare_run_dir``).
+    """
+    prepare_run_dir(config, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     if config.workers == 1:
-        return train(config, resume=resume)
+        return train(config, resume=resume, check_run_dir=False)
     return _ray_train(config, resume=resume)
 
 
@@ -33,6 +40,7 @@ def _worker_loop(loop_config: dict) -> None:
     result = train(
         config,
         resume=loop_config["resume"],
+        check_run_dir=False,  # the driver did, before the workers started
         rank=context.get_world_rank(),
         world=context.get_world_size(),
         device=ray.train.torch.get_device(),

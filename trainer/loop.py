@@ -10,17 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+from schemas.errors import ConfigError
 from schemas.train_config import TrainConfig
 from trainer.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from trainer.data import CuratedDataset, FeatureDataset, StepBatches, seeded_generator
 from trainer.diffusion import HybridLoss, linear_scheduler
 from trainer.features import FeatureEncoder, from_pretrained_component
-
-CONFIG_FILE = "config.yaml"
+from trainer.run_guard import CONFIG_FILE as CONFIG_FILE  # the run's saved config (re-exported)
+from trainer.run_guard import prepare_run_dir, save_config
 
 
 def build_transformer(config: TrainConfig) -> Any:
@@ -95,13 +95,24 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    check_run_dir: bool = True,
     rank: int = 0,
     world: int = 1,
     device: torch.device | None = None,
     wrap: Callable[[Any], Any] | None = None,
 ) -> TrainResult:
-    """Train from step 0, or from the latest checkpoint with ``resume``; returns the final step and losses."""
+    """Train from step 0, or from the latest checkpoint with ``resume``; returns the final step and losses.
+
+    First ``prepare_run_dir`` refuses to mix runs in run_dir (``overwrite``: delete the old run;
+    ``allow_config_change``: resume with a changed config, recorded). ``check_run_dir=False`` when the
+    caller already did that (the driver of a Ray Train run, once for all workers).
+    """
     from diffusers.optimization import get_constant_schedule_with_warmup
+
+    if check_run_dir:
+        prepare_run_dir(config, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
 
     if device is None:
         gpu = torch.cuda.is_available() if config.use_gpu is None else config.use_gpu
@@ -130,8 +141,7 @@ def train(
         lr_schedule.load_state_dict(state["lr_schedule"])
         torch.set_rng_state(state["rng"])
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        save_config(run_dir, config)
     result = TrainResult(step=start, run_dir=run_dir, model=model)
     if start >= config.steps:
         return result
@@ -177,7 +187,7 @@ def train(
             latents = batch["latent"].to(device)
             t5, mask = batch["t5"].to(device), batch["mask"].to(device)
         if step == start and t5.shape[-1] != config.model.caption_channels and not config.model.pretrained:
-            raise ValueError(
+            raise ConfigError(
                 f"model.caption_channels is {config.model.caption_channels} but the features' T5 states have "
                 f"{t5.shape[-1]} channels"
             )

@@ -8,15 +8,12 @@ from pathlib import Path
 
 from pipeline.records import InputRecord
 from pipeline.sources.detect import detect_format
+from pipeline.sources.errors import SourceError
 from pipeline.sources.folder import list_folder
 from pipeline.sources.img2dataset import list_img2dataset
 from pipeline.sources.parquet_table import list_parquet
 from pipeline.sources.sa1b import list_sa1b
 from schemas.shard_config import SourceSettings
-
-
-class SourceError(ValueError):
-    """An input that cannot be listed at all (missing path, unknown format)."""
 
 
 def list_source(src: Path, settings: SourceSettings) -> list[InputRecord]:
@@ -52,12 +49,21 @@ def list_inputs(srcs: Sequence[Path], settings: SourceSettings) -> list[InputRec
 
 
 def _mark_duplicate_keys(records: list[InputRecord]) -> list[InputRecord]:
-    first_location: dict[str, str] = {}
+    """Every record after the first with a given key is skipped as ``duplicate_key``.
+
+    Keys are injective in the original id (see ``make_key``), so a repeat is the same id listed
+    twice (``x.jpg`` next to ``x.png``, two table rows with one path); the detail also names a
+    different id should two ids ever share a hashed key.
+    """
+    first: dict[str, InputRecord] = {}
     out = []
     for rec in records:
-        if rec.key in first_location and rec.preset_skip is None:
-            seen = first_location[rec.key]
-            rec = replace(rec, preset_skip=("duplicate_key", f"key {rec.key} already belongs to {seen}"))
-        first_location.setdefault(rec.key, rec.location)
+        seen = first.get(rec.key)
+        if seen is not None and rec.preset_skip is None:
+            detail = f"key {rec.key} already belongs to {seen.location}"
+            if seen.original_id != rec.original_id:
+                detail += f" (original id {seen.original_id!r}, not {rec.original_id!r}: a key hash collision)"
+            rec = replace(rec, preset_skip=("duplicate_key", detail))
+        first.setdefault(rec.key, rec)
         out.append(rec)
     return out

@@ -6,6 +6,8 @@ import re
 import tarfile
 from pathlib import Path
 
+from pipeline.sources.errors import SourceError
+
 SA1B_NAME = re.compile(r"^sa_\d+\.(jpg|json)$")
 
 
@@ -27,7 +29,7 @@ def detect_format(src: Path) -> str:
             return "parquet"
         if src.suffix == ".tar":
             return "sa1b" if _tar_looks_like_sa1b(src) else "img2dataset"
-        raise ValueError(f"cannot tell the format of {src}; pass --format")
+        raise SourceError(f"cannot tell the format of {src}; pass --format")
     tars = sorted(src.glob("*.tar"))
     if tars:
         return "sa1b" if _tar_looks_like_sa1b(tars[0]) else "img2dataset"

@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.records import InputRecord, make_key
+from pipeline.sources.errors import SourceError
 from schemas.shard_config import SourceSettings
 
 
@@ -23,7 +24,7 @@ def list_parquet(src: Path, *, source: str, settings: SourceSettings) -> list[In
     wanted = [settings.image_column, settings.id_column]
     missing = [c for c in wanted if c is not None and c not in columns]
     if missing:
-        raise ValueError(f"{src} has no column {missing[0]!r} (columns: {', '.join(columns)})")
+        raise SourceError(f"{src} has no column {missing[0]!r} (columns: {', '.join(columns)})")
     caption_col = settings.caption_column if settings.caption_column in columns else None
     records = []
     for row_index, row in enumerate(table.to_pylist()):

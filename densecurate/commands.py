@@ -9,11 +9,11 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
-from rich.table import Table
 
 from pipeline.catalog import run_query
 from pipeline.table_output import print_rows
 from schemas.caption_config import CaptionConfig
+from schemas.errors import UserError
 from schemas.features_config import FeaturesConfig
 from schemas.pipeline_spec import PipelineSpec, parse_spec, resolve_paths
 from schemas.score_config import (
@@ -25,7 +25,7 @@ from schemas.score_config import (
 )
 from schemas.shard_config import ShardConfig
 from schemas.train_config import load_train_config
-from schemas.validation import validated
+from schemas.validation import read_input_text, validated
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -52,32 +52,16 @@ def shard_config_from_args(args: argparse.Namespace) -> ShardConfig:
             "shard_size": args.shard_size,
             "workers": args.workers,
             "ray_address": args.ray_address,
+            "repair": args.repair,
+            "replace": args.replace,
         }
     )
-
-
-def print_shard_summary(summary, root: Path) -> None:
-    """The end-of-run summary: written, skipped by reason, speed."""
-    table = Table(title=f"shard stage -> {root}/shards", show_header=False)
-    table.add_row("inputs", str(summary.inputs))
-    table.add_row("written", str(summary.written))
-    table.add_row("skipped", str(summary.skipped))
-    for reason, count in sorted(summary.skipped_by_reason.items()):
-        table.add_row(f"  skipped: {reason}", str(count))
-    table.add_row("shards", f"{summary.shards} ({summary.shards_reused} already done)")
-    table.add_row(
-        "speed",
-        f"{summary.images_processed} images in {summary.seconds:.1f} s = {summary.images_per_second:.1f} images/s",
-    )
-    Console().print(table)
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
     from pipeline.shard_stage import run_shard_stage  # imports Ray: only when needed
 
-    config = shard_config_from_args(args)
-    summary = run_shard_stage(args.src, args.out, config)
-    print_shard_summary(summary, args.out)
+    Console().print(run_shard_stage(args.src, args.out, shard_config_from_args(args)).render())
     return 0
 
 
@@ -110,33 +94,15 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
             "workers": args.workers,
             "gpus_per_worker": args.gpus_per_worker,
             "ray_address": args.ray_address,
+            "repair": args.repair,
         }
     )
-
-
-def print_caption_summary(summary, root: Path, name: str) -> None:
-    """The end-of-run summary of the caption stage."""
-    t = summary.totals
-    table = Table(title=f"caption stage -> {root}/captions/{name}", show_header=False)
-    table.add_row("keys", str(t["count"]))
-    table.add_row("captioned", str(t["ok"]))
-    for reason, count in sorted(summary.errors_by_reason.items()):
-        table.add_row(f"  error: {reason}", str(count))
-    for flag in ("truncated", "repetitive", "empty"):
-        table.add_row(f"  flagged {flag}", str(t[flag]))
-    table.add_row("shards", f"{summary.shards} ({summary.shards_reused} already done)")
-    if summary.seconds and summary.captions_this_run:
-        rate = summary.captions_this_run / summary.seconds
-        table.add_row("speed", f"{rate:.2f} captions/s on {summary.workers} {summary.device} worker(s)")
-    Console().print(table)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from pipeline.caption_stage import run_caption_stage
 
-    config = caption_config_from_args(args)
-    summary = run_caption_stage(args.root, config)
-    print_caption_summary(summary, args.root, config.name)
+    Console().print(run_caption_stage(args.root, caption_config_from_args(args)).render())
     return 0
 
 
@@ -154,17 +120,10 @@ def cmd_score(args: argparse.Namespace) -> int:
             "min_count": args.min_count,
             "workers": args.workers,
             "ray_address": args.ray_address,
+            "repair": args.repair,
         }
     )
-    results = run_score_stage(args.root, config)
-    table = Table("field", "captions", "missing", "nouns", "distinct texts tagged", "shards", title="score stage")
-    for r in results:
-        t = r.totals
-        shards = f"{r.shards} ({r.shards_reused} already done)"
-        table.add_row(
-            r.field, str(t["count"]), str(t["missing"]), str(t["total_nouns"]), str(t["texts_tagged"]), shards
-        )
-    Console().print(table)
+    Console().print(run_score_stage(args.root, config).render())
     from pipeline.report import print_table1
 
     print_table1(args.root)
@@ -189,29 +148,28 @@ def curate_config_from_args(args: argparse.Namespace) -> CurateConfig:
     """Rules from --config, overridden by the options given; validated with the file named in errors."""
     rules: dict = {}
     if args.config:
-        loaded = yaml.safe_load(args.config.read_text()) or {}
+        loaded = yaml.safe_load(read_input_text(args.config, "curation rules")) or {}
         rules = loaded.get("rules", loaded) if isinstance(loaded, dict) else loaded
         rules = validated(CurateRules, rules, str(args.config)).model_dump(exclude_unset=True)
     for name in ("min_valid_nouns", "min_nouns", "min_words", "drop_flagged"):
         if getattr(args, name) is not None:
             rules[name] = getattr(args, name)
     return CurateConfig.model_validate(
-        {"field": args.field, "rules": rules, "workers": args.workers, "ray_address": args.ray_address}
+        {
+            "field": args.field,
+            "rules": rules,
+            "workers": args.workers,
+            "ray_address": args.ray_address,
+            "repair": args.repair,
+            "replace": args.replace,
+        }
     )
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
-    from pipeline.curate_stage import RULE_ORDER, run_curate_stage
+    from pipeline.curate_stage import run_curate_stage
 
-    config = curate_config_from_args(args)
-    summary = run_curate_stage(args.root, args.out, config)
-    table = Table(title=f"curate {config.field} -> {args.out}", show_header=False)
-    table.add_row("samples", str(summary.inputs))
-    for rule in RULE_ORDER:
-        table.add_row(f"  removed by {rule}", str(summary.removed_by_rule.get(rule, 0)))
-    table.add_row("kept", str(summary.kept))
-    table.add_row("shards", f"{summary.shards} ({summary.shards_reused} already done)")
-    Console().print(table)
+    Console().print(run_curate_stage(args.root, args.out, curate_config_from_args(args)).render())
     return 0
 
 
@@ -219,10 +177,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     from pipeline.features_stage import run_features_stage
 
     keys = ("vae", "text_encoder", "resolution", "max_tokens", "batch_size", "device", "workers", "gpus_per_worker")
-    config = FeaturesConfig.model_validate({k: getattr(args, k) for k in (*keys, "ray_address")})
-    run = run_features_stage(args.curated, args.out, config)
-    samples = sum(s["successes"] for s in run.stats)
-    Console().print(f"features: {samples} samples in {len(run.stats)} shards ({run.reused} already done) -> {args.out}")
+    config = FeaturesConfig.model_validate({k: getattr(args, k) for k in (*keys, "ray_address", "repair", "replace")})
+    Console().print(run_features_stage(args.curated, args.out, config).render())
     return 0
 
 
@@ -230,12 +186,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.launch import launch_training
 
     overrides = [*args.overrides, *([f"workers={args.workers}"] if args.workers else [])]
-    config = load_train_config(args.config.read_text(), overrides, source=str(args.config))
+    config = load_train_config(read_input_text(args.config, "training config"), overrides, source=str(args.config))
     if config.workers > 1:
-        from pipeline.ray_runner import init_ray
+        from pipeline.ray_cluster import init_ray
 
         init_ray(args.ray_address)
-    result = launch_training(config, resume=args.resume)
+    result = launch_training(
+        config, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change
+    )
     Console().print(f"trained to step {result.step}; checkpoints in {result.run_dir / 'checkpoints'}")
     return 0
 
@@ -272,9 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _load_spec(path: Path) -> PipelineSpec:
-    if not path.is_file():
-        raise FileNotFoundError(f"spec {path} does not exist")
-    return resolve_paths(parse_spec(path.read_text(), source=str(path)), Path.cwd())
+    return resolve_paths(parse_spec(read_input_text(path, "spec"), source=str(path)), Path.cwd())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -310,7 +266,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print_rows(["job_id", "status", "spec", "entrypoint"], rows)
         return 0
     if not args.job_id:
-        raise ValueError(f"`densecurate jobs {args.action}` needs a job id")
+        raise UserError(f"`densecurate jobs {args.action}` needs a job id")
     if args.action == "status":
         print(jobs.get_job_status(args.job_id).value)
     elif args.action == "logs":
@@ -362,4 +318,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
     run_demo(args.out)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.verify import verify_folder
+
+    damaged = verify_folder(args.root, deep=args.deep)
+    if not damaged:
+        Console().print(f"{args.root}: every output is intact{' (images hashed)' if args.deep else ''}")
+        return 0
+    print_rows(["damaged", "problem"], [(str(d.path), d.problem) for d in damaged])
+    console.print(f"[red]{len(damaged)} damaged outputs.[/red] Rerun the stages that wrote them with --repair.")
+    return 3
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from pipeline.prune import prune_root
+
+    removed = prune_root(args.root, dry_run=args.dry_run)
+    print_rows(["would remove" if args.dry_run else "removed"], [(str(p),) for p in removed])
+    Console().print(f"{len(removed)} files {'would be ' if args.dry_run else ''}removed")
     return 0

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import duckdb
 from pydantic import ValidationError
 
-from captioner.errors import ModelNotAvailableError
-from pipeline import commands
-from pipeline.nouns import SpacyModelNotAvailableError
+from densecurate import commands
+from schemas.errors import UserError
 from schemas.pipeline_spec import STAGES
 from schemas.score_config import DEFAULT_SPACY_MODEL
 
 console = commands.console
+
+
+def _add_rerun_options(p: argparse.ArgumentParser, *, replace: bool) -> None:
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="check finished outputs in depth (see `densecurate verify`) and redo exactly the damaged ones",
+    )
+    if replace:
+        p.add_argument(
+            "--replace",
+            action="store_true",
+            help="let this run replace or remove finished outputs of an earlier run (refused without it)",
+        )
 
 
 def _add_ray_options(p: argparse.ArgumentParser, workers_help: str) -> None:
@@ -46,6 +57,7 @@ def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-column", default="caption", help="parquet: column with the alt text")
     p.add_argument("--id-column", help="parquet: column with the original id (default: the image path)")
     _add_ray_options(p, "shards processed at once (default: every CPU)")
+    _add_rerun_options(p, replace=True)
     p.set_defaults(handler=commands.cmd_shard)
 
 
@@ -94,6 +106,7 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
     p.add_argument("--gpus-per-worker", type=float, default=1.0)
     _add_ray_options(p, "model replicas (default: one per GPU, or 1 on CPU)")
+    _add_rerun_options(p, replace=False)
     p.set_defaults(handler=commands.cmd_caption)
 
 
@@ -129,6 +142,7 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add_nouns_options(p)
     _add_ray_options(p, "spaCy processes (default: every CPU)")
+    _add_rerun_options(p, replace=False)
     p.set_defaults(handler=commands.cmd_score)
 
 
@@ -163,6 +177,7 @@ def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-flagged", action="store_true", default=None, help="drop truncated/repetitive/empty")
     p.add_argument("--config", type=Path, help="curate.yaml with the rules")
     _add_ray_options(p, "tasks at once (default: every CPU)")
+    _add_rerun_options(p, replace=True)
     p.set_defaults(handler=commands.cmd_curate)
 
 
@@ -183,6 +198,7 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--gpus-per-worker", type=float, default=1.0)
     _add_ray_options(p, "encoder replicas (default: one per GPU, or 1 on CPU)")
+    _add_rerun_options(p, replace=True)
     p.set_defaults(handler=commands.cmd_features)
 
 
@@ -191,11 +207,23 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train the PixArt-alpha alignment stage on feature shards",
         description="CONFIG is YAML (see trainer/configs/alignment_256.yaml and tiny.yaml); key.path=value "
-        "arguments override it. Checkpoints, TensorBoard logs and sample grids go to run_dir.",
+        "arguments override it. Checkpoints, TensorBoard logs and sample grids go to run_dir. A run_dir "
+        "that holds checkpoints needs --resume or --overwrite; a resume whose config changes anything but "
+        "steps and logging settings needs --allow-config-change.",
     )
     p.add_argument("config", type=Path, help="training config (YAML)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.batch_size=32")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: first delete run_dir's checkpoints, samples, TensorBoard logs and saved config",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept a config that differs from the run's (recorded in config_changes.jsonl)",
+    )
     p.add_argument("--workers", type=int, help="Ray Train workers (DDP), overriding the config's `workers`")
     p.add_argument("--ray-address", help="Ray cluster for --workers > 1 (default: a local Ray on 127.0.0.1)")
     p.set_defaults(handler=commands.cmd_train)
@@ -272,6 +300,28 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=commands.cmd_report)
 
 
+def _add_verify_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a dataset root's outputs are intact (exit 3 when damaged ones are found)",
+        description="Every shard's stats, Parquet and tar agree and read in full, every written sample has its "
+        "members; with --deep every stored image matches its sha256. Caption, density and vocabulary tables read "
+        "in full. Rerun the stage that wrote a damaged output with --repair to redo exactly those.",
+    )
+    p.add_argument("root", type=Path, help="dataset root (or a folder of curated or feature shards)")
+    p.add_argument("--deep", action="store_true", help="also hash every stored image")
+    p.set_defaults(handler=commands.cmd_verify)
+    p = sub.add_parser(
+        "prune",
+        help="list and remove a dataset root's outputs that belong to no current shard",
+        description="Caption and density tables whose shard no longer exists (after a rerun of the shard stage "
+        "with fewer shards) and in-progress files of killed runs. Stages never remove these on their own.",
+    )
+    p.add_argument("root", type=Path, help="dataset root")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.set_defaults(handler=commands.cmd_prune)
+
+
 def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stats",
@@ -295,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_parser(sub)
     _add_density_parser(sub)
     _add_stats_parser(sub)
+    _add_verify_parsers(sub)
     _add_report_parser(sub)
     _add_curate_parser(sub)
     _add_features_parser(sub)
@@ -308,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``densecurate`` console script."""
+    """Entry point of the ``densecurate`` console script: 0 done, 2 a user's mistake (one sentence)."""
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
@@ -318,10 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             option = "--" + str(err["loc"][-1]).replace("_", "-")
             console.print(f"[red]error:[/red] {field} ({option}): {err['msg']}")
         return 2
-    except (FileNotFoundError, ValueError, duckdb.Error, ModelNotAvailableError, SpacyModelNotAvailableError) as exc:
+    except UserError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    # Any other exception is a bug (or an environment failure): its traceback is shown and the exit code is 1.

@@ -1,0 +1,1 @@
+"""The ``densecurate`` command line: argument parsers and command handlers (the top layer)."""

@@ -1,0 +1,159 @@
+"""Guards the runner applies to every stage, so that a mistyped command never destroys data.
+
+- **Paths**: an output folder may not equal, contain or sit inside an input folder, nor be a
+  reserved folder of a dataset root.
+- **Lock**: one run at a time per output folder; a second run refuses, naming the holder. The lock
+  is an OS file lock, so the lock of a dead process is free again (and taken over).
+- **Plans**: each output folder records the shard indices its last plan made (``_plan.json``), so a
+  later stage can tell complete upstream folders from partial ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from filelock import FileLock, Timeout
+
+from schemas.atomic import is_temp, write_atomic
+from schemas.errors import MissingInputError, OutputConflictError
+from schemas.layout import PLAN_FILE, RESERVED_NAMES, is_dataset_root, shard_indices_in
+
+LOCK_FILE = ".densecurate.lock"
+HOLDER_FILE = ".densecurate.lock.json"
+
+
+def _relation(output: Path, source: Path) -> str | None:
+    if output == source:
+        return "is"
+    if source.is_relative_to(output):
+        return "contains"
+    if output.is_relative_to(source):
+        return "is inside"
+    return None
+
+
+def check_paths(inputs: Iterable[Path], outputs: Iterable[Path], *, user_chosen: bool) -> None:
+    """Refuse outputs that overlap an input; a ``user_chosen`` output may not take a dataset root's
+    reserved folder nor be a dataset root itself."""
+    resolved_inputs = [Path(p).resolve() for p in inputs]
+    for output in (Path(p).resolve() for p in outputs):
+        for source in resolved_inputs:
+            relation = _relation(output, source)
+            if relation:
+                raise OutputConflictError(
+                    f"the output folder {output} {relation} the input {source}: writing there would destroy "
+                    "the input; choose an output folder outside the inputs"
+                )
+        if not user_chosen:
+            continue
+        if output.name in RESERVED_NAMES and is_dataset_root(output.parent):
+            raise OutputConflictError(
+                f"{output} is the {output.name}/ folder of the dataset root {output.parent}, which a stage of "
+                "that root owns; choose another output folder"
+            )
+        if is_dataset_root(output):
+            raise OutputConflictError(f"{output} is a dataset root; write this stage's output to a folder of its own")
+
+
+class OutputLock:
+    """An exclusive lock on an output folder for one stage run; refuses when another run holds it."""
+
+    def __init__(self, folder: Path, stage: str) -> None:
+        self.folder = folder
+        self.stage = stage
+        self._lock = FileLock(folder / LOCK_FILE)
+
+    def __enter__(self) -> Self:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise OutputConflictError(
+                f"{self.folder} is being written by another run ({self._holder()}); wait for it to finish, "
+                "or stop it first"
+            ) from None
+        holder = {"stage": self.stage, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        write_atomic(self.folder / HOLDER_FILE, json.dumps(holder))
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        (self.folder / HOLDER_FILE).unlink(missing_ok=True)
+        self._lock.release()
+
+    def _holder(self) -> str:
+        try:
+            info: dict[str, Any] = json.loads((self.folder / HOLDER_FILE).read_text())
+        except (OSError, ValueError):
+            return "holder unknown"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
+        return f"densecurate {info.get('stage')} on host {info.get('host')}, pid {info.get('pid')}, since {since}"
+
+
+def index_of(path: Path) -> int:
+    """The shard index of an output file (``00042.tar``, ``00042_stats.json`` -> 42)."""
+    return int(path.name.split(".")[0].removesuffix("_stats"))
+
+
+def outputs_outside(folder: Path, keep: set[int]) -> list[Path]:
+    """The finished output files in ``folder`` whose shard index is not in ``keep`` (in-progress ones excluded)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob("[0-9]*")):
+        stem = path.name.split(".")[0].removesuffix("_stats")
+        if stem.isdigit() and int(stem) not in keep and not is_temp(path):
+            found.append(path)
+    return found
+
+
+@dataclass(frozen=True)
+class UpstreamShards:
+    """How complete a folder of shards is: the indices its last plan made, and those finished."""
+
+    folder: Path
+    planned: tuple[int, ...]
+    finished: tuple[int, ...]
+
+    @property
+    def missing(self) -> list[int]:
+        done = set(self.finished)
+        return [i for i in self.planned if i not in done]
+
+
+def write_plan(folder: Path, stage: str, indices: Sequence[int]) -> None:
+    """Record the shard indices a stage's plan will make in ``folder`` (left untouched when unchanged)."""
+    text = json.dumps({"stage": stage, "shards": sorted(indices)})
+    target = folder / PLAN_FILE
+    if not (target.is_file() and target.read_text() == text):
+        write_atomic(target, text)
+
+
+def read_upstream(folder: Path) -> UpstreamShards:
+    """The planned and finished shards of ``folder`` (planned = finished when no plan was recorded)."""
+    finished = tuple(shard_indices_in(folder))
+    try:
+        planned = tuple(json.loads((folder / PLAN_FILE).read_text())["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        planned = finished
+    return UpstreamShards(folder, planned, finished)
+
+
+def require_complete(folder: Path) -> UpstreamShards:
+    """The shards of ``folder``; refuses when some that its last plan made are not finished."""
+    upstream = read_upstream(folder)
+    if upstream.missing:
+        raise MissingInputError(
+            f"{len(upstream.missing)} of the {len(upstream.planned)} shards in {folder} are not finished (the run "
+            "that writes them failed or is still running): finish that stage first"
+        )
+    return upstream

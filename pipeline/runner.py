@@ -1,0 +1,203 @@
+"""The one runner of every per-shard stage (the protocol is in ``pipeline.stage``).
+
+``run_stage`` checks the stage's paths, plans, locks its output folders, guards the finished
+outputs of earlier runs (never replaced or removed without ``--replace``), starts Ray, runs each
+unfinished (or, with ``--repair``, damaged) job as a Ray task or on a model-holding actor (always
+killed at the end), shows progress, refreshes the dataset's DuckDB catalog and returns the stage's
+summary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.catalog import refresh_catalog
+from pipeline.guards import OutputLock, check_paths, index_of, outputs_outside, write_plan
+from pipeline.ray_cluster import cluster_cpus, init_ray, start_actors
+from pipeline.stage import Actors, JobResult, JobT, ShardJob, Stage, StageRun, Stats, SummaryT, Tasks
+from schemas.errors import OutputConflictError
+
+console = Console(stderr=True)
+
+
+class _TaskLauncher:
+    """Runs each job as a Ray task of ``fn``; at most ``capacity`` at once."""
+
+    def __init__(self, work: Tasks) -> None:
+        import ray
+
+        self.capacity = work.workers or cluster_cpus()
+        self._remote = ray.remote(num_cpus=1)(work.fn)
+
+    def launch(self, job: ShardJob) -> Any:
+        return self._remote.remote(job)
+
+    def release(self, ref: Any) -> None:
+        """Tasks hold nothing between jobs."""
+
+
+class _ActorLauncher:
+    """Runs each job on an idle actor of a pool (``actor.<method>(job)``): one job per actor at a time."""
+
+    def __init__(self, actors: Sequence[Any], method: str) -> None:
+        self.capacity = len(actors)
+        self._idle = list(actors)
+        self._busy: dict[Any, Any] = {}
+        self._method = method
+
+    def launch(self, job: ShardJob) -> Any:
+        actor = self._idle.pop()
+        ref = getattr(actor, self._method).remote(job)
+        self._busy[ref] = actor
+        return ref
+
+    def release(self, ref: Any) -> None:
+        self._idle.append(self._busy.pop(ref))
+
+
+def _planned_indices(jobs: Sequence[ShardJob]) -> dict[Path, set[int]]:
+    planned: dict[Path, set[int]] = {}
+    for job in jobs:
+        planned.setdefault(job.out_dir, set()).add(job.index)
+    return planned
+
+
+def _guard_earlier_outputs(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT]) -> None:
+    """Refuse (or, with --replace, carry out) a plan that replaces or removes finished outputs.
+
+    Stages without --replace never remove anything: outputs outside their plan are reported, for
+    ``densecurate prune``.
+    """
+    planned = _planned_indices(jobs)
+    outside = [path for folder, keep in planned.items() for path in outputs_outside(folder, keep)]
+    folders = ", ".join(map(str, planned))
+    if not stage.takes_replace:
+        if outside:
+            console.print(
+                f"[yellow]note:[/yellow] {len(outside)} files in {folders} belong to no shard of this plan "
+                "(an earlier, larger run); `densecurate prune ROOT` lists and removes them"
+            )
+        return
+    replaced = [job.index for job in jobs if stage.guards_finished and job.made_elsewise()]
+    removed = {index_of(path) for path in outside}
+    if (removed or replaced) and not stage.replace:
+        dependents = stage.dependents(removed | set(replaced))
+        also = f", and {len(dependents)} files of later stages were made from them" if dependents else ""
+        raise OutputConflictError(
+            f"this run would replace {len(replaced)} and remove {len(removed)} finished shards in {folders} "
+            f"that an earlier run made from other inputs or settings{also}; check the inputs and options, "
+            "or pass --replace to replace them"
+        )
+    for path in outside:
+        path.unlink()
+
+
+def _todo(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], run: StageRun[JobT]) -> list[JobT]:
+    """The jobs to run; finished ones go into ``run`` as reused (unless --repair finds them damaged)."""
+    todo: list[JobT] = []
+    for job in jobs:
+        done = job.finished()
+        problem = job.damage() if done is not None and stage.repair else None
+        if problem:
+            console.print(f"[yellow]repair:[/yellow] shard {job.index} in {job.out_dir}: {problem}")
+        if done is None or problem:
+            todo.append(job)
+        else:
+            run.results.append(JobResult(job, done, reused=True))
+    return todo
+
+
+def run_stage(stage: Stage[JobT, SummaryT]) -> SummaryT:
+    """Run every unfinished job of the stage's plan and return its summary."""
+    check_paths(stage.inputs, stage.outputs, user_chosen=stage.catalog is None)
+    jobs = stage.plan()
+    stage.check()
+    with ExitStack() as locks:
+        for folder in stage.outputs:
+            locks.enter_context(OutputLock(folder, stage.label))
+        _guard_earlier_outputs(stage, jobs)
+        for folder, indices in _planned_indices(jobs).items():
+            write_plan(folder, stage.label, sorted(indices))
+        run = _run(stage, jobs)
+        stage.finish(run)
+        if stage.catalog is not None:
+            refresh_catalog(stage.catalog)
+    return stage.summarize(run)
+
+
+def _run(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT]) -> StageRun[JobT]:
+    """Start Ray and the workers, run the jobs to do, and always stop the actors."""
+    import ray
+
+    init_ray(stage.ray_address, None if stage.ray_address else stage.local_cpus)
+    run: StageRun[JobT] = StageRun()
+    todo = _todo(stage, jobs, run)
+    work = stage.work()
+    actors: list[Any] = []
+    try:
+        if isinstance(work, Tasks):
+            launcher: _TaskLauncher | _ActorLauncher = _TaskLauncher(work)
+            run.workers = launcher.capacity
+        else:
+            actors, run.device = _start_pool(work, todo)
+            launcher = _ActorLauncher(actors, work.method)
+            run.workers = len(actors)
+        _run_jobs(stage, todo, launcher, run, total=len(jobs))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    run.results.sort(key=lambda result: (str(result.job.out_dir), result.job.index))
+    return run
+
+
+def _start_pool(pool: Actors, todo: Sequence[ShardJob]) -> tuple[list[Any], str]:
+    """The pool's actors, started only when there is work (or a missing setup output), set up once."""
+    import ray
+
+    if not todo and (pool.setup_output is None or pool.setup_output.exists()):
+        return [], "cpu"
+    actors, device = start_actors(pool, count_cap=max(1, len(todo)))
+    if pool.setup:
+        ray.get(getattr(actors[0], pool.setup).remote(*pool.setup_args))
+    return actors, device
+
+
+def _run_jobs(
+    stage: Stage[JobT, SummaryT],
+    todo: list[JobT],
+    launcher: _TaskLauncher | _ActorLauncher,
+    run: StageRun[JobT],
+    *,
+    total: int,
+) -> None:
+    """Launch the jobs, at most ``launcher.capacity`` at once; a rich progress bar counts shards and items."""
+    import ray
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    started = time.perf_counter()
+    with Progress(*columns, transient=False) as progress:
+        shard_bar = progress.add_task(stage.label, total=total, completed=len(run.results))
+        item_bar = progress.add_task(stage.item_label, total=sum(j.items for j in todo)) if stage.item_label else None
+        queue = list(reversed(todo))
+        pending: dict[Any, JobT] = {}
+        while queue or pending:
+            while queue and len(pending) < launcher.capacity:
+                job = queue.pop()
+                pending[launcher.launch(job)] = job
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready[0])
+            launcher.release(ready[0])
+            stats: Stats = ray.get(ready[0])
+            run.results.append(JobResult(job, stats, reused=False))
+            run.items_processed += job.items
+            progress.advance(shard_bar)
+            if item_bar is not None:
+                progress.advance(item_bar, job.items)
+    run.seconds = time.perf_counter() - started

@@ -1,0 +1,85 @@
+"""The one way densecurate writes a file or folder: under a temporary name, renamed when complete.
+
+A reader never sees a half-written output: it finds the old one, the new one, or none. A killed
+writer leaves only ``NAME.tmp-PID``, which the next writer of ``NAME`` deletes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_MARK = ".tmp-"
+
+
+def temp_path(path: Path) -> Path:
+    """The in-progress name of ``path`` (unique per process)."""
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def is_temp(path: Path) -> bool:
+    """Whether ``path`` is an in-progress (or abandoned) output."""
+    return TMP_MARK in path.name
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process that named ``temp`` (``NAME.tmp-PID``) still runs on this machine."""
+    pid = temp.name.rpartition("-")[2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(*finals: Path) -> None:
+    """Delete the in-progress files or folders that killed runs left for these outputs (a live
+    writer's are left alone)."""
+    for final in finals:
+        for stale in final.parent.glob(f"{final.name}{TMP_MARK}*"):
+            if not _writer_alive(stale):
+                _remove(stale)
+
+
+@contextmanager
+def atomic_output(final: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final`` to write a file or folder to.
+
+    When the block ends normally the temporary path replaces ``final``; when it raises, the
+    temporary path is deleted and ``final`` is left as it was.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
+    tmp = temp_path(final)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if tmp.is_dir() and final.is_dir():  # os.replace cannot replace a non-empty folder
+        old = final.with_name(f"{final.name}{TMP_MARK}old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _remove(old)
+    else:
+        os.replace(tmp, final)
+
+
+def write_atomic(final: Path, data: bytes | str) -> None:
+    """Write ``data`` (text as UTF-8) to ``final`` atomically."""
+    with atomic_output(final) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
