@@ -281,7 +281,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import gather_report, print_report
 
     reports = gather_report(args.root)
-    print_report(reports)
+    print_report(args.root, reports)
     if args.html:
         from pipeline.report_html import write_html_report
 
@@ -328,7 +328,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not damaged:
         Console().print(f"{args.root}: every output is intact{' (images hashed)' if args.deep else ''}")
         return 0
-    print_rows(["damaged", "problem"], [(str(d.path), d.problem) for d in damaged])
+    for damage in damaged:
+        print(f"damaged {damage.path}: {damage.problem}")
     console.print(f"[red]{len(damaged)} damaged outputs.[/red] Rerun the stages that wrote them with --repair.")
     return 3
 
@@ -337,6 +338,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from pipeline.prune import prune_root
 
     removed = prune_root(args.root, dry_run=args.dry_run)
-    print_rows(["would remove" if args.dry_run else "removed"], [(str(p),) for p in removed])
-    Console().print(f"{len(removed)} files {'would be ' if args.dry_run else ''}removed")
+    for path in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {path}")
+    console.print(f"{len(removed)} files {'would be ' if args.dry_run else ''}removed")
     return 0

@@ -55,7 +55,7 @@ def run_report(spec: PipelineSpec) -> None:
     from pipeline.report import gather_report, print_report
 
     reports = gather_report(Path(spec.root))
-    print_report(reports)
+    print_report(Path(spec.root), reports)
     if spec.report.html:
         from pipeline.report_html import write_html_report
 

@@ -18,12 +18,14 @@ import duckdb
 from rich.table import Table
 
 from pipeline.catalog import sql_string
+from pipeline.freshness import density_is_current
 from pipeline.guards import require_complete
 from pipeline.parquet_meta import read_meta
 from pipeline.runner import run_stage
 from pipeline.shard_reading import iter_shard_samples
-from pipeline.shard_writer import ShardWriter, read_stats
+from pipeline.shard_writer import ShardWriter
 from pipeline.stage import ShardFilesJob, Stage, StageRun, Tasks, fingerprint, shards_table
+from pipeline.verify import DamagedInputError, image_digest_problem
 from schemas.errors import MissingInputError, StaleInputError
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD, CurateConfig, CurateRules
@@ -102,7 +104,13 @@ def curate_shard(job: CurateJob) -> dict[str, Any]:
     candidates = {s["key"]: s for s in _candidates(job)}
     extra = {"source_shard": job.index, "inputs_fingerprint": job.fingerprint}
     with ShardWriter(job.files, extra, schema=CURATED_SCHEMA) as writer:
-        for key, members in iter_shard_samples(DatasetLayout(job.root).shard_files(job.index).tar):
+        tar = DatasetLayout(job.root).shard_files(job.index).tar
+        for key, members in iter_shard_samples(tar):
+            if problem := image_digest_problem(key, members):
+                raise DamagedInputError(
+                    f"{tar} is damaged ({problem}): run `densecurate verify {job.root} --deep`, then the shard "
+                    "stage again with --repair"
+                )
             sample = candidates[key]
             row = {k: sample[k] for k in ("caption", "n_tokens", "n_nouns", "n_valid_nouns", "flagged")}
             row["field"] = job.field
@@ -118,15 +126,6 @@ def curate_shard(job: CurateJob) -> dict[str, Any]:
                 files["txt"] = sample["caption"]
             writer.add_sample(key, files, row)
     return writer.stats
-
-
-def _texts_fingerprint(layout: DatasetLayout, field_name: str, index: int) -> str | None:
-    """The fingerprint of the texts the field has now for shard ``index`` (what score records it scored)."""
-    if field_name == ALT_TEXT_FIELD:
-        stats = read_stats(layout.shard_files(index))
-        return stats["inputs_fingerprint"] if stats else None
-    meta = read_meta(layout.caption_file(field_name, index))
-    return meta["fingerprint"] if meta else None
 
 
 def _file_digest(path: Path) -> str:
@@ -187,7 +186,7 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
             density = read_meta(layout.density_file(name, index))
             if density is None:
                 raise MissingInputError(f"shard {index} has no density for {name!r}: rerun `densecurate score`")
-            if density.get("source_fingerprint") != _texts_fingerprint(layout, name, index):
+            if not density_is_current(layout, name, index):
                 raise StaleInputError(
                     f"the density of shard {index} was computed from other {name!r} texts than the current "
                     f"ones: rerun `densecurate score {layout.root} --field {name}` first"

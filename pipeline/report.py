@@ -11,6 +11,7 @@ from rich.table import Table
 
 from pipeline.catalog import connect, sql_string
 from pipeline.density_stats import Table1Row, table1_rows
+from pipeline.freshness import stale_warning
 from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout
 
@@ -77,18 +78,21 @@ def _field_report(con: duckdb.DuckDBPyConnection, row: Table1Row, density: str, 
     )
 
 
-def density_glob(root: Path) -> str:
-    return str(DatasetLayout(root).root.resolve() / "density" / "*" / "*.parquet")
-
-
 def gather_report(root: Path, *, top: int = 15) -> list[FieldReport]:
     """Per scored field, the report's numbers (needs `densecurate score` first)."""
-    glob = density_glob(root)
-    if not list(Path(glob).parent.parent.glob("*/*.parquet")):
+    layout = DatasetLayout(root.resolve())
+    if not list(layout.density_root.glob("*/*.parquet")):
         raise MissingInputError(f"nothing scored under {root}: run `densecurate score {root}` first")
-    density = sql_string(glob)
+    glob = layout.density_glob()
     with connect(root) as con:
-        return [_field_report(con, row, density, top) for row in table1_rows(con, glob)]
+        return [_field_report(con, row, sql_string(glob), top) for row in table1_rows(con, glob)]
+
+
+def warn_if_stale(root: Path) -> None:
+    """Say which fields' density describes earlier texts than the field holds now."""
+    warning = stale_warning(DatasetLayout(root.resolve()))
+    if warning:
+        Console(stderr=True).print(f"[red]{warning}[/red]")
 
 
 def table1_table(rows: list[Table1Row], title: str = "concept density (PixArt-alpha Table 1)") -> Table:
@@ -103,13 +107,15 @@ def table1_table(rows: list[Table1Row], title: str = "concept density (PixArt-al
 
 
 def print_table1(root: Path) -> None:
-    """Print the Table-1 rows of every scored field."""
+    """Print the Table-1 rows of every scored field (and which are stale)."""
+    warn_if_stale(root)
     with connect(root) as con:
-        Console().print(table1_table(table1_rows(con, density_glob(root))))
+        Console().print(table1_table(table1_rows(con, DatasetLayout(root.resolve()).density_glob())))
 
 
-def print_report(reports: list[FieldReport]) -> None:
-    """The whole report on the console."""
+def print_report(root: Path, reports: list[FieldReport]) -> None:
+    """The whole report on the console (first, which fields are stale)."""
+    warn_if_stale(root)
     console = Console()
     console.print(table1_table([r.row for r in reports]))
     names = [r.row.field for r in reports]

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 from pipeline.catalog import connect
+from pipeline.report import warn_if_stale
 from pipeline.table_output import print_rows
 
 # (title, the view it needs, SQL)
@@ -50,6 +51,7 @@ STATS_QUERIES: tuple[tuple[str, str, str], ...] = (
 def print_stats(root: Path) -> None:
     """Run every query whose view exists and print its table."""
     console = Console()
+    warn_if_stale(root)
     with connect(root) as con:
         views = {name for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
         for title, view, sql in STATS_QUERIES:

@@ -1,0 +1,61 @@
+"""Is a field's density computed from the texts the field holds now?
+
+Re-captioning without re-scoring leaves density (and every figure made from it) describing the
+earlier captions. ``curate`` refuses such density; ``report`` and ``stats`` name the stale fields.
+"""
+
+from __future__ import annotations
+
+from pipeline.parquet_meta import read_meta
+from pipeline.shard_writer import read_stats
+from schemas.layout import DatasetLayout
+from schemas.score_config import ALT_TEXT_FIELD
+
+
+def texts_fingerprint(layout: DatasetLayout, field_name: str, index: int) -> str | None:
+    """The fingerprint of the texts the field has now for shard ``index`` (what score records it scored)."""
+    if field_name == ALT_TEXT_FIELD:
+        stats = read_stats(layout.shard_files(index))
+        return stats["inputs_fingerprint"] if stats else None
+    meta = read_meta(layout.caption_file(field_name, index))
+    return meta["fingerprint"] if meta else None
+
+
+def density_is_current(layout: DatasetLayout, field_name: str, index: int) -> bool:
+    """Whether shard ``index`` has density for the field, computed from its current texts."""
+    density = read_meta(layout.density_file(field_name, index))
+    return density is not None and density.get("source_fingerprint") == texts_fingerprint(layout, field_name, index)
+
+
+def scored_fields(layout: DatasetLayout) -> list[str]:
+    """The fields that have a density folder."""
+    root = layout.density_root
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def stale_fields(layout: DatasetLayout) -> dict[str, int]:
+    """Per scored field whose density is out of date: how many shards are missing or stale."""
+    stale = {}
+    for name in scored_fields(layout):
+        indices = layout.shard_indices() if name == ALT_TEXT_FIELD else _caption_indices(layout, name)
+        behind = sum(not density_is_current(layout, name, i) for i in indices)
+        if behind:
+            stale[name] = behind
+    return stale
+
+
+def stale_warning(layout: DatasetLayout) -> str | None:
+    """One sentence naming the stale fields, or None when every scored field is current."""
+    stale = stale_fields(layout)
+    if not stale:
+        return None
+    named = ", ".join(f"{name!r} ({n} shards)" for name, n in stale.items())
+    fields = " ".join(f"--field {name}" for name in stale)
+    return (
+        f"stale density: {named} changed since they were scored, so their figures describe earlier texts; "
+        f"rerun `densecurate score {layout.root} {fields}`"
+    )
+
+
+def _caption_indices(layout: DatasetLayout, name: str) -> list[int]:
+    return sorted(int(p.stem) for p in layout.captions_dir(name).glob("*.parquet") if p.stem.isdigit())

@@ -1,0 +1,229 @@
+"""The dataset root is guarded against the commands users mistype: each test is a reproduction of a
+case that once destroyed data or gave a silently wrong result with exit code 0."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from densecurate.cli import main
+from pipeline.caption_stage import run_caption_stage
+from pipeline.catalog import run_query
+from pipeline.curate_stage import run_curate_stage
+from pipeline.features_stage import run_features_stage
+from pipeline.sample_data import write_sample_folder
+from pipeline.score_stage import run_score_stage
+from pipeline.shard_stage import run_shard_stage
+from pipeline.verify import DamagedInputError
+from schemas.caption_config import CaptionConfig
+from schemas.errors import MissingInputError, OutputConflictError
+from schemas.features_config import FeaturesConfig
+from schemas.score_config import CurateConfig, ScoreConfig
+from schemas.shard_config import ShardConfig
+
+SHARDING = {"shard_size": 4, "image": {"resize": 128}}
+
+
+def _caption_config(model: Path, tokens: int = 4, **extra) -> CaptionConfig:
+    return CaptionConfig.model_validate(
+        {"name": "tiny", "model": {"model": str(model)}, "generation": {"max_new_tokens": tokens}, **extra}
+    )
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, tiny_llava_dir, tmp_path_factory):
+    """A root with 4 shards (10 photos + 3 bad files), tiny captions, and both fields scored."""
+    base = tmp_path_factory.mktemp("guarded")
+    photos = write_sample_folder(base / "photos")
+    root = base / "root"
+    run_shard_stage([photos], root, ShardConfig.model_validate(SHARDING))
+    run_caption_stage(root, _caption_config(tiny_llava_dir))
+    run_score_stage(root, ScoreConfig(fields=("alt_text", "tiny"), min_count=1))
+    return photos, root
+
+
+@pytest.fixture
+def root_copy(built, tmp_path):
+    """A private copy of the built root to damage, and the photos it was made from (shared: read only)."""
+    photos, root = built
+    shutil.copytree(root, tmp_path / "root")
+    return photos, tmp_path / "root"
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (lock files aside) with the sha256 of its bytes."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".densecurate.lock")
+    }
+
+
+def test_a_smaller_source_is_refused_and_deletes_nothing(root_copy, tmp_path, capsys):
+    photos, root = root_copy
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for path in sorted(photos.iterdir())[:6]:  # a typo: fewer inputs than the run that made the root
+        shutil.copy(path, subset / path.name)
+    before = tree_digest(root)
+    code = main(["shard", str(subset), "--out", str(root), "--shard-size", "4", "--resize", "128"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "finished shards" in err and "--replace" in err and "files of later stages" in err
+    assert tree_digest(root) == before
+
+
+def test_downstream_stages_never_delete_and_prune_lists_what_it_removes(root_copy, tiny_llava_dir, capsys):
+    photos, root = root_copy
+    fewer = ShardConfig.model_validate({**SHARDING, "shard_size": 100, "replace": True})
+    assert run_shard_stage([photos], root, fewer).shards == 1
+    captions = sorted((root / "captions" / "tiny").glob("*.parquet"))
+    assert len(captions) == 4
+    run_caption_stage(root, _caption_config(tiny_llava_dir))
+    assert "belong to no shard of this plan" in capsys.readouterr().err
+    assert sorted((root / "captions" / "tiny").glob("*.parquet")) == captions  # reported, not deleted
+    assert main(["prune", str(root), "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"0000{i}.parquet" in listed for i in (1, 2, 3)) and (root / "captions/tiny/00001.parquet").exists()
+    assert main(["prune", str(root)]) == 0
+    assert sorted(p.name for p in (root / "captions" / "tiny").glob("*.parquet")) == ["00000.parquet"]
+    assert not list((root / "density").glob("*/00001.parquet"))
+    keys = run_query(root, "SELECT count(*) FROM samples WHERE status = 'ok'")[1][0][0]
+    assert run_query(root, "SELECT count(*) FROM captions")[1][0][0] == keys == 10
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["curate", "{root}", "--out", "{root}/shards", "--field", "alt_text"],
+        ["curate", "{root}", "--out", "{root}", "--field", "alt_text"],
+        ["features", "{curated}", "--out", "{curated}", "--vae", "vae", "--text-encoder", "t5"],
+        ["features", "{curated}", "--out", "{root}/captions", "--vae", "vae", "--text-encoder", "t5"],
+        ["shard", "{root}/shards", "--out", "{root}"],
+        ["shard", "{root}", "--out", "{root}"],
+    ],
+)
+def test_outputs_overlapping_inputs_are_refused(built, tmp_path, command, capsys):
+    _, built_root = built
+    root = tmp_path / "root"
+    shutil.copytree(built_root, root)
+    curated = tmp_path / "curated"
+    run_curate_stage(root, curated, CurateConfig(field="alt_text"))
+    before = tree_digest(tmp_path)
+    args = [part.format(root=root, curated=curated) for part in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "output folder" in err or "dataset root" in err, err
+    assert tree_digest(tmp_path) == before
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    code = (
+        "import sys, time; from pathlib import Path; from pipeline.guards import OutputLock\n"
+        f"with OutputLock(Path({str(folder)!r}), 'shards'):\n"
+        "    print('held', flush=True); time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_refuses_naming_the_holder_and_a_dead_holder_is_taken_over(root_copy):
+    photos, root = root_copy
+    holder = _hold_lock(root / "shards")
+    try:
+        with pytest.raises(
+            OutputConflictError, match=rf"another run \(densecurate shards on host .*, pid {holder.pid}"
+        ):
+            run_shard_stage([photos], root, ShardConfig.model_validate({**SHARDING, "shard_size": 7}))
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    summary = run_shard_stage([photos], root, ShardConfig.model_validate(SHARDING))  # stale lock: taken over
+    assert summary.shards_reused == summary.shards == 4
+
+
+def _corrupt_one_jpeg(tar_path: Path) -> str:
+    """Overwrite bytes inside the first JPEG member (same size); returns its key."""
+    with tarfile.open(tar_path) as tf:
+        member = next(m for m in tf if m.name.endswith(".jpg"))
+    start = member.offset_data + member.size // 4
+    count = min(3000, member.size // 2)
+    with tar_path.open("r+b") as fh:
+        fh.seek(start)
+        fh.write(random.Random(0).randbytes(count))
+    return member.name.split(".")[0]
+
+
+def test_a_damaged_image_is_found_by_verify_refused_by_curate_and_repaired(root_copy, tmp_path, capsys):
+    photos, root = root_copy
+    tar = root / "shards" / "00001.tar"
+    key = _corrupt_one_jpeg(tar)
+    # Unnoticed by a plain rerun (same sizes, same members) ...
+    assert run_shard_stage([photos], root, ShardConfig.model_validate(SHARDING)).shards_reused == 4
+    assert main(["verify", str(root)]) == 0
+    capsys.readouterr()
+    # ... but found by a deep verify, and refused by curate.
+    assert main(["verify", str(root), "--deep"]) == 3
+    out = capsys.readouterr().out
+    assert "00001.tar" in out and key in out and "00000.tar" not in out
+    with pytest.raises(DamagedInputError, match=f"{key}.*does not match its stored sha256"):
+        run_curate_stage(root, tmp_path / "curated", CurateConfig(field="alt_text"))
+    others = {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("0000[023].tar")}
+    repaired = run_shard_stage([photos], root, ShardConfig.model_validate({**SHARDING, "repair": True}))
+    assert (repaired.shards, repaired.shards_reused) == (4, 3)
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("0000[023].tar")} == others
+    assert main(["verify", str(root), "--deep"]) == 0
+
+
+def test_a_garbled_caption_table_is_found_and_exactly_it_is_redone(root_copy, tiny_llava_dir, capsys):
+    _, root = root_copy
+    table = root / "captions" / "tiny" / "00002.parquet"
+    data = bytearray(table.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    middle = (len(data) - footer) // 2
+    data[8 : 8 + middle] = random.Random(1).randbytes(middle)  # the data pages; the footer (metadata) stays intact
+    table.write_bytes(bytes(data))
+    assert pq.ParquetFile(table).metadata.num_rows > 0  # the metadata still reads: a plain rerun trusts it
+    assert run_caption_stage(root, _caption_config(tiny_llava_dir)).shards_reused == 4
+    assert main(["verify", str(root)]) == 3
+    assert "captions/tiny/00002.parquet" in capsys.readouterr().out
+    repaired = run_caption_stage(root, _caption_config(tiny_llava_dir, repair=True))
+    assert (repaired.shards, repaired.shards_reused) == (4, 3)
+    assert main(["verify", str(root)]) == 0
+
+
+def test_report_and_stats_name_stale_fields(root_copy, tiny_llava_dir, capsys):
+    _, root = root_copy
+    run_caption_stage(root, _caption_config(tiny_llava_dir, tokens=6))  # re-caption, but do not re-score
+    capsys.readouterr()
+    assert main(["stats", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert "stale density: 'tiny' (4 shards)" in err and "alt_text" not in err
+    assert main(["report", str(root)]) == 0
+    assert "stale density: 'tiny'" in capsys.readouterr().err
+    run_score_stage(root, ScoreConfig(fields=("tiny",), min_count=1))
+    assert main(["stats", str(root)]) == 0
+    assert "stale" not in capsys.readouterr().err
+
+
+def test_features_refuse_the_output_of_a_failed_curate(root_copy, tiny_pixart_dir, tmp_path):
+    _, root = root_copy
+    curated = tmp_path / "curated"
+    run_curate_stage(root, curated, CurateConfig(field="alt_text"))
+    (curated / "00001_stats.json").unlink()  # as a curate killed before finishing shard 1 leaves it
+    (curated / "00002_stats.json").unlink()
+    config = FeaturesConfig(vae=str(tiny_pixart_dir), text_encoder=str(tiny_pixart_dir), resolution=64)
+    with pytest.raises(MissingInputError, match=r"2 of the 4 shards in .*curated are not finished"):
+        run_features_stage(curated, tmp_path / "features", config)
+    assert not (tmp_path / "features").exists()
