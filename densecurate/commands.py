@@ -28,6 +28,13 @@ from schemas.train_config import load_train_config
 from schemas.validation import read_input_text, validated
 
 console = Console(stderr=True, soft_wrap=True)
+# Options every stage command shares (``--replace`` only where the stage takes it).
+RUN_OPTIONS = ("workers", "ray_address", "repair", "replace")
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The shared stage options the command was given, as config keys."""
+    return {name: getattr(args, name) for name in RUN_OPTIONS if hasattr(args, name)}
 
 
 def shard_config_from_args(args: argparse.Namespace) -> ShardConfig:
@@ -50,10 +57,7 @@ def shard_config_from_args(args: argparse.Namespace) -> ShardConfig:
                 "jpeg_quality": args.jpeg_quality,
             },
             "shard_size": args.shard_size,
-            "workers": args.workers,
-            "ray_address": args.ray_address,
-            "repair": args.repair,
-            "replace": args.replace,
+            **run_options(args),
         }
     )
 
@@ -91,10 +95,8 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
                 "top_p": args.top_p,
                 "seed": args.seed,
             },
-            "workers": args.workers,
             "gpus_per_worker": args.gpus_per_worker,
-            "ray_address": args.ray_address,
-            "repair": args.repair,
+            **run_options(args),
         }
     )
 
@@ -118,9 +120,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             "fields": args.field or [ALT_TEXT_FIELD],
             "nouns": _noun_settings(args),
             "min_count": args.min_count,
-            "workers": args.workers,
-            "ray_address": args.ray_address,
-            "repair": args.repair,
+            **run_options(args),
         }
     )
     Console().print(run_score_stage(args.root, config).render())
@@ -154,16 +154,7 @@ def curate_config_from_args(args: argparse.Namespace) -> CurateConfig:
     for name in ("min_valid_nouns", "min_nouns", "min_words", "drop_flagged"):
         if getattr(args, name) is not None:
             rules[name] = getattr(args, name)
-    return CurateConfig.model_validate(
-        {
-            "field": args.field,
-            "rules": rules,
-            "workers": args.workers,
-            "ray_address": args.ray_address,
-            "repair": args.repair,
-            "replace": args.replace,
-        }
-    )
+    return CurateConfig.model_validate({"field": args.field, "rules": rules, **run_options(args)})
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -176,8 +167,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from pipeline.features_stage import run_features_stage
 
-    keys = ("vae", "text_encoder", "resolution", "max_tokens", "batch_size", "device", "workers", "gpus_per_worker")
-    config = FeaturesConfig.model_validate({k: getattr(args, k) for k in (*keys, "ray_address", "repair", "replace")})
+    keys = ("vae", "text_encoder", "resolution", "max_tokens", "batch_size", "device", "gpus_per_worker")
+    config = FeaturesConfig.model_validate({**{k: getattr(args, k) for k in keys}, **run_options(args)})
     Console().print(run_features_stage(args.curated, args.out, config).render())
     return 0
 

@@ -20,7 +20,7 @@ from pipeline.guards import require_complete
 from pipeline.parquet_meta import write_table_atomic
 from pipeline.runner import run_stage
 from pipeline.shard_reading import iter_shard_samples, read_shard_stats
-from pipeline.stage import Actors, Stage, StageRun, TableJob, fingerprint, shards_table
+from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint, shards_table
 from schemas.caption_config import CaptionConfig
 from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout
@@ -112,18 +112,16 @@ class CaptionWorker:
 
 
 @dataclass
-class CaptionSummary:
+class CaptionSummary(StageSummary):
     """Totals over every shard of the run (reused ones included)."""
 
     out_dir: Path
-    shards: int = 0
-    shards_reused: int = 0
     totals: Counter[str] = field(default_factory=Counter)
     errors_by_reason: Counter[str] = field(default_factory=Counter)
-    captions_this_run: int = 0
-    seconds: float = 0.0
-    workers: int = 0
-    device: str = "cpu"
+
+    @property
+    def captions_this_run(self) -> int:
+        return self.run.items_processed
 
     def render(self) -> Table:
         """Keys, captioned, errors by reason, flags, shards, speed."""
@@ -131,10 +129,10 @@ class CaptionSummary:
         rows = [("keys", str(t["count"])), ("captioned", str(t["ok"]))]
         rows += [(f"  error: {reason}", str(n)) for reason, n in sorted(self.errors_by_reason.items())]
         rows += [(f"  flagged {flag}", str(t[flag])) for flag in ("truncated", "repetitive", "empty")]
-        rows.append(("shards", f"{self.shards} ({self.shards_reused} already done)"))
+        rows.append(self.shards_row())
         if self.seconds and self.captions_this_run:
             rate = self.captions_this_run / self.seconds
-            rows.append(("speed", f"{rate:.2f} captions/s on {self.workers} {self.device} worker(s)"))
+            rows.append(("speed", f"{rate:.2f} captions/s on {self.run.workers} {self.run.device} worker(s)"))
         return shards_table(f"caption stage -> {self.out_dir}", rows)
 
 
@@ -185,15 +183,7 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
         )
 
     def summarize(self, run: StageRun[CaptionJob]) -> CaptionSummary:
-        summary = CaptionSummary(
-            out_dir=self.catalog.captions_dir(self.config.name),
-            shards=len(run.results),
-            shards_reused=run.reused,
-            captions_this_run=run.items_processed,
-            seconds=run.seconds,
-            workers=run.workers,
-            device=run.device,
-        )
+        summary = CaptionSummary(run, out_dir=self.outputs[0])
         for stats in run.stats:
             summary.totals.update({k: stats[k] for k in ("count", "ok", "truncated", "repetitive", "empty", "tokens")})
             summary.errors_by_reason.update(stats["errors_by_reason"])

@@ -13,7 +13,7 @@ import duckdb
 
 from schemas.atomic import atomic_output
 from schemas.errors import MissingInputError, UserError
-from schemas.layout import DatasetLayout
+from schemas.layout import TABLE_GLOBS, DatasetLayout
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,10 @@ class View:
 
 
 VIEWS: tuple[View, ...] = (
-    View("samples", "shards/*.parquet"),
-    View("captions", "captions/*/*.parquet"),
-    View("vocab", "vocab/*.parquet"),
-    View("density", "density/*/*.parquet", DENSITY_WITH_VALID, requires=("vocab",)),
+    View("samples", TABLE_GLOBS["samples"]),
+    View("captions", TABLE_GLOBS["captions"]),
+    View("vocab", TABLE_GLOBS["vocab"]),
+    View("density", TABLE_GLOBS["density"], DENSITY_WITH_VALID, requires=("vocab",)),
 )
 
 # Settings fixed when a connection opens: no extension is installed or loaded behind a query's back.

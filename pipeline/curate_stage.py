@@ -24,7 +24,7 @@ from pipeline.parquet_meta import read_meta
 from pipeline.runner import run_stage
 from pipeline.shard_reading import iter_shard_samples
 from pipeline.shard_writer import ShardWriter
-from pipeline.stage import ShardFilesJob, Stage, StageRun, Tasks, fingerprint, shards_table
+from pipeline.stage import ShardFilesJob, Stage, StageRun, StageSummary, Tasks, fingerprint, shards_table
 from pipeline.verify import DamagedInputError, image_digest_problem
 from schemas.errors import MissingInputError, StaleInputError
 from schemas.layout import DatasetLayout
@@ -133,7 +133,7 @@ def _file_digest(path: Path) -> str:
 
 
 @dataclass
-class CurateSummary:
+class CurateSummary(StageSummary):
     """Totals over every shard (reused ones included)."""
 
     field: str
@@ -141,8 +141,6 @@ class CurateSummary:
     inputs: int = 0
     kept: int = 0
     removed_by_rule: Counter[str] = field(default_factory=Counter)
-    shards: int = 0
-    shards_reused: int = 0
 
     def render(self) -> Table:
         """Samples, removals per rule (in rule order), kept, shards."""
@@ -151,7 +149,7 @@ class CurateSummary:
             ("samples", str(self.inputs)),
             *removed,
             ("kept", str(self.kept)),
-            ("shards", f"{self.shards} ({self.shards_reused} already done)"),
+            self.shards_row(),
         ]
         return shards_table(f"curate {self.field} -> {self.out_dir}", rows)
 
@@ -207,9 +205,7 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
         return Tasks(curate_shard, workers=self.config.workers)
 
     def summarize(self, run: StageRun[CurateJob]) -> CurateSummary:
-        summary = CurateSummary(
-            field=self.config.field, out_dir=self.out_dir, shards=len(run.results), shards_reused=run.reused
-        )
+        summary = CurateSummary(run, field=self.config.field, out_dir=self.out_dir)
         for stats in run.stats:
             summary.inputs += stats["count"]
             summary.kept += stats["successes"]

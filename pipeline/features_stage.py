@@ -16,7 +16,7 @@ from pipeline.guards import require_complete
 from pipeline.runner import run_stage
 from pipeline.shard_reading import iter_shard_samples
 from pipeline.shard_writer import ShardWriter, read_stats
-from pipeline.stage import Actors, ShardFilesJob, Stage, StageRun, fingerprint
+from pipeline.stage import Actors, ShardFilesJob, Stage, StageRun, StageSummary, fingerprint
 from schemas.atomic import atomic_output
 from schemas.errors import MissingInputError
 from schemas.features_config import FeaturesConfig
@@ -88,13 +88,14 @@ class FeaturesWorker:
 
 
 @dataclass
-class FeaturesSummary:
+class FeaturesSummary(StageSummary):
     """Samples encoded and shards (reused ones included)."""
 
     out_dir: Path
-    samples: int = 0
-    shards: int = 0
-    shards_reused: int = 0
+
+    @property
+    def samples(self) -> int:
+        return sum(stats["successes"] for stats in self.run.stats)
 
     def render(self) -> str:
         shards = f"{self.shards} shards ({self.shards_reused} already done)"
@@ -151,8 +152,7 @@ class FeaturesStage(Stage[FeaturesJob, FeaturesSummary]):
         )
 
     def summarize(self, run: StageRun[FeaturesJob]) -> FeaturesSummary:
-        samples = sum(stats["successes"] for stats in run.stats)
-        return FeaturesSummary(self.out_dir, samples=samples, shards=len(run.results), shards_reused=run.reused)
+        return FeaturesSummary(run, out_dir=self.out_dir)
 
 
 def run_features_stage(source_dir: Path, out_dir: Path, config: FeaturesConfig) -> FeaturesSummary:

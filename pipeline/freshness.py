@@ -58,4 +58,4 @@ def stale_warning(layout: DatasetLayout) -> str | None:
 
 
 def _caption_indices(layout: DatasetLayout, name: str) -> list[int]:
-    return sorted(int(p.stem) for p in layout.captions_dir(name).glob("*.parquet") if p.stem.isdigit())
+    return [int(p.stem) for p in layout.caption_tables(name)]

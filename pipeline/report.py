@@ -13,7 +13,7 @@ from pipeline.catalog import connect, sql_string
 from pipeline.density_stats import Table1Row, table1_rows
 from pipeline.freshness import stale_warning
 from schemas.errors import MissingInputError
-from schemas.layout import DatasetLayout
+from schemas.layout import TABLE_GLOBS, DatasetLayout
 
 
 @dataclass
@@ -81,7 +81,7 @@ def _field_report(con: duckdb.DuckDBPyConnection, row: Table1Row, density: str, 
 def gather_report(root: Path, *, top: int = 15) -> list[FieldReport]:
     """Per scored field, the report's numbers (needs `densecurate score` first)."""
     layout = DatasetLayout(root.resolve())
-    if not list(layout.density_root.glob("*/*.parquet")):
+    if not list(layout.root.glob(TABLE_GLOBS["density"])):
         raise MissingInputError(f"nothing scored under {root}: run `densecurate score {root}` first")
     glob = layout.density_glob()
     with connect(root) as con:

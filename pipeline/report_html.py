@@ -108,7 +108,7 @@ def _summary_tables(reports: list[FieldReport]) -> str:
 
 def _gallery_samples(con: duckdb.DuckDBPyConnection, root: Path, n: int) -> list[tuple[str, str]]:
     """``(key, shard tar)`` of ``n`` written samples, picked by a hash of the key (stable across runs)."""
-    shards = str(DatasetLayout(root).shards_dir.resolve() / "*.parquet")
+    shards = DatasetLayout(root.resolve()).table_glob("samples")
     rows = con.execute(
         "SELECT key, filename FROM read_parquet(?, filename = true) WHERE status = 'ok' ORDER BY hash(key) LIMIT ?",
         [shards, n],

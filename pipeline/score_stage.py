@@ -23,7 +23,7 @@ from pipeline.nouns import NounExtractor
 from pipeline.parquet_meta import read_meta, write_table_atomic
 from pipeline.runner import run_stage
 from pipeline.shard_reading import read_shard_stats
-from pipeline.stage import Actors, Stage, StageRun, TableJob, fingerprint
+from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint
 from schemas.atomic import atomic_output
 from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout
@@ -52,7 +52,7 @@ def _field_sources(layout: DatasetLayout, field_name: str) -> list[tuple[int, Pa
         have = ", ".join([ALT_TEXT_FIELD, *layout.caption_names()])
         raise MissingInputError(f"no caption field {field_name!r} under {layout.root} (have: {have})")
     sources = []
-    for path in sorted(layout.captions_dir(field_name).glob("*.parquet")):
+    for path in layout.caption_tables(field_name):
         meta = read_meta(path)
         if meta is not None:
             sources.append((int(path.stem), path, "caption", meta["fingerprint"]))
@@ -153,11 +153,10 @@ class FieldScore:
 
 
 @dataclass
-class ScoreSummary:
+class ScoreSummary(StageSummary):
     """One ``FieldScore`` per field scored (iterating the summary gives them)."""
 
     fields: list[FieldScore]
-    seconds: float = 0.0
 
     def __iter__(self) -> Iterator[FieldScore]:
         return iter(self.fields)
@@ -207,7 +206,7 @@ class ScoreStage(Stage[ScoreJob, ScoreSummary]):
             result.shards += 1
             result.shards_reused += done.reused
             result.totals.update({k: done.stats[k] for k in ("count", "missing", "total_nouns", "texts_tagged")})
-        return ScoreSummary(fields=list(by_field.values()), seconds=run.seconds)
+        return ScoreSummary(run, fields=list(by_field.values()))
 
 
 def run_score_stage(root: Path, config: ScoreConfig) -> ScoreSummary:

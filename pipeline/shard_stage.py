@@ -17,7 +17,7 @@ from pipeline.runner import run_stage
 from pipeline.shard_writer import ShardWriter
 from pipeline.sources import list_inputs
 from pipeline.sources.reading import SampleReader
-from pipeline.stage import ShardFilesJob, Stage, StageRun, Tasks, fingerprint, shards_table
+from pipeline.stage import ShardFilesJob, Stage, StageRun, StageSummary, Tasks, fingerprint, shards_table
 from schemas.layout import DatasetLayout, shard_stem
 from schemas.shard_config import ImageSettings, ShardConfig
 
@@ -91,21 +91,21 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
 
 
 @dataclass
-class ShardSummary:
+class ShardSummary(StageSummary):
     """Totals over every shard of the run (reused ones included)."""
 
     root: Path
     inputs: int = 0
     written: int = 0
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
-    shards: int = 0
-    shards_reused: int = 0
-    images_processed: int = 0
-    seconds: float = 0.0
 
     @property
     def skipped(self) -> int:
         return sum(self.skipped_by_reason.values())
+
+    @property
+    def images_processed(self) -> int:
+        return self.run.items_processed
 
     @property
     def images_per_second(self) -> float:
@@ -120,7 +120,7 @@ class ShardSummary:
             ("written", str(self.written)),
             ("skipped", str(self.skipped)),
             *skipped,
-            ("shards", f"{self.shards} ({self.shards_reused} already done)"),
+            self.shards_row(),
             ("speed", speed),
         ]
         return shards_table(f"shard stage -> {self.root}/shards", rows)
@@ -172,14 +172,7 @@ class ShardStage(Stage[ShardJob, ShardSummary]):
         return self.catalog.tables_of_shards(indices)
 
     def summarize(self, run: StageRun[ShardJob]) -> ShardSummary:
-        summary = ShardSummary(
-            root=self.catalog.root,
-            inputs=self.records,
-            shards=len(run.results),
-            shards_reused=run.reused,
-            images_processed=run.items_processed,
-            seconds=run.seconds,
-        )
+        summary = ShardSummary(run, root=self.catalog.root, inputs=self.records)
         for stats in run.stats:
             summary.written += stats["successes"]
             summary.skipped_by_reason.update(stats["skipped_by_reason"])

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from rich.console import RenderableType
 from rich.table import Table
@@ -142,14 +142,6 @@ class Actors:
     setup_output: Path | None = None
 
 
-class Summary(Protocol):
-    """What a stage run reports; the CLI and job specs print ``render()``."""
-
-    def render(self) -> RenderableType:
-        """The summary as a rich table (or text)."""
-        ...
-
-
 @dataclass(frozen=True)
 class JobResult(Generic[JobT]):
     """A job with its output's stats; ``reused`` when an earlier run had already made it."""
@@ -178,7 +170,33 @@ class StageRun(Generic[JobT]):
         return sum(r.reused for r in self.results)
 
 
-SummaryT = TypeVar("SummaryT", bound=Summary)
+@dataclass
+class StageSummary:
+    """The base of every stage's summary: the run it describes, and ``render()`` for the CLI and job specs."""
+
+    run: StageRun[Any] = field(repr=False)
+
+    @property
+    def shards(self) -> int:
+        return len(self.run.results)
+
+    @property
+    def shards_reused(self) -> int:
+        return self.run.reused
+
+    @property
+    def seconds(self) -> float:
+        return self.run.seconds
+
+    def shards_row(self) -> tuple[str, str]:
+        return ("shards", f"{self.shards} ({self.shards_reused} already done)")
+
+    def render(self) -> RenderableType:
+        """The summary as a rich table (or text)."""
+        raise NotImplementedError
+
+
+SummaryT = TypeVar("SummaryT", bound=StageSummary)
 
 
 class Stage(ABC, Generic[JobT, SummaryT]):

@@ -9,6 +9,13 @@ SHARD_STEM_DIGITS = 5
 STATS_SUFFIX = "_stats.json"
 PLAN_FILE = "_plan.json"  # in a folder of shards: the indices the last plan made
 CATALOG_FILE = "catalog.duckdb"
+# The Parquet tables of a root, relative to it: what the catalog's views read.
+TABLE_GLOBS = {
+    "samples": "shards/*.parquet",
+    "captions": "captions/*/*.parquet",
+    "vocab": "vocab/*.parquet",
+    "density": "density/*/*.parquet",
+}
 # Folders (and the catalog) a dataset root's own stages write; no user-chosen output may take them.
 RESERVED_NAMES = frozenset({"shards", "captions", "density", "vocab", "embeddings", "grounding", CATALOG_FILE})
 
@@ -95,6 +102,10 @@ class DatasetLayout:
     def caption_file(self, name: str, index: int) -> Path:
         return self.captions_dir(name) / f"{shard_stem(index)}.parquet"
 
+    def caption_tables(self, name: str) -> list[Path]:
+        """The caption tables of one captioner, in shard order."""
+        return sorted(p for p in self.captions_dir(name).glob("*.parquet") if p.stem.isdigit())
+
     def caption_names(self) -> list[str]:
         """The captioners that have a folder under ``captions/``."""
         root = self.captions_root
@@ -113,16 +124,16 @@ class DatasetLayout:
     def vocab_file(self, field: str) -> Path:
         return self.vocab_dir / f"{field}.parquet"
 
+    def table_glob(self, table: str) -> str:
+        """The glob of a catalog table's Parquet files (``samples``, ``captions``, ``vocab``, ``density``)."""
+        return str(self.root / TABLE_GLOBS[table])
+
     def tables(self) -> list[Path]:
         """Every caption, density and vocabulary table of the root."""
-        return [
-            *sorted(self.captions_root.glob("*/*.parquet")),
-            *sorted(self.density_root.glob("*/*.parquet")),
-            *sorted(self.vocab_dir.glob("*.parquet")),
-        ]
+        return sorted(p for table in ("captions", "density", "vocab") for p in self.root.glob(TABLE_GLOBS[table]))
 
     def tables_of_shards(self, indices: set[int]) -> list[Path]:
         """The caption and density tables made from the shards ``indices``."""
         stems = {f"{shard_stem(i)}.parquet" for i in indices}
-        per_shard = [*self.captions_root.glob("*/*.parquet"), *self.density_root.glob("*/*.parquet")]
+        per_shard = [*self.root.glob(TABLE_GLOBS["captions"]), *self.root.glob(TABLE_GLOBS["density"])]
         return sorted(p for p in per_shard if p.name in stems)

@@ -18,6 +18,8 @@ from schemas.shard_config import ShardConfig
 
 SUBCOMMANDS = [
     "shard",
+    "verify",
+    "prune",
     "caption",
     "score",
     "density",

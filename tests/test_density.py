@@ -121,9 +121,11 @@ def test_score_stage_writes_density_and_vocab(scored_root):
     assert result.totals["count"] == 23 and result.totals["missing"] == 1
     assert result.totals["total_nouns"] == HAND["total_nouns"]
     assert sorted(p.name for p in (root / "density" / "alt_text").iterdir()) == [
+        ".densecurate.lock",  # the free lock of the score run
         "00000.parquet",
         "00001.parquet",
         "00002.parquet",
+        "_plan.json",
     ]
     vocab = dict(run_query(root, "SELECT noun, count FROM vocab WHERE field = 'alt_text'")[1])
     assert vocab == {"dog": 11, "grass": 11, "cat": 10, "paris": 1, "tower": 1}

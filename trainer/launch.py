@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from schemas.atomic import write_atomic
 from schemas.train_config import TrainConfig
 from trainer.loop import TrainResult, train
 from trainer.run_guard import prepare_run_dir
@@ -47,8 +48,7 @@ def _worker_loop(loop_config: dict) -> None:
         wrap=ray.train.torch.prepare_model,
     )
     rank_file = Path(config.run_dir) / "workers" / f"rank-{context.get_world_rank()}.json"
-    rank_file.parent.mkdir(parents=True, exist_ok=True)
-    rank_file.write_text(json.dumps({"step": result.step, "weights_checksum": weights_checksum(result.model)}))
+    write_atomic(rank_file, json.dumps({"step": result.step, "weights_checksum": weights_checksum(result.model)}))
 
 
 def _ray_train(config: TrainConfig, *, resume: bool) -> TrainResult:
