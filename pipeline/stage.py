@@ -6,10 +6,11 @@ A stage is three things (see docs/ARCHITECTURE.md):
   (``fingerprint(settings, upstream)``), so a rerun knows which shards are done;
 - **per-shard work**: a pure function run as a Ray task (``Tasks``), or a method of a model-holding
   Ray actor (``Actors``: one per GPU, or CPU actors without GPUs);
-- **summary**: a dataclass made from the run's results that renders itself (``render()``), for the
-  CLI and job specs alike.
+- **summary**: a ``StageSummary`` made from the run's results that renders itself (``render()``),
+  for the CLI and job specs alike.
 
-The runner owns everything else: Ray, actors (always killed), progress, pruning, the catalog.
+The runner owns everything else: path checks, locks, the guards on earlier outputs, Ray, actors
+(always killed), progress, the catalog.
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ SummaryT = TypeVar("SummaryT", bound=StageSummary)
 
 
 class Stage(ABC, Generic[JobT, SummaryT]):
-    """One per-shard stage. Subclasses set the class attributes and implement the three methods."""
+    """One per-shard stage: set the attributes (in ``__init__`` for per-run ones) and implement
+    ``plan``, ``work`` and ``summarize``."""
 
     label: ClassVar[str]  # progress bar and summary title
     item_label: ClassVar[str | None] = None  # what ``ShardJob.items`` counts, None: not shown
