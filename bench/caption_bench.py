@@ -1,17 +1,28 @@
-"""Caption throughput against batch size, at a fixed output length (EOS ignored) so runs compare.
+"""Caption throughput: the transformers engine (static batches) against vLLM (continuous batching).
 
-    python bench/caption_bench.py                          # CPU: the tiny LLaVA (a regression number)
-    python bench/caption_bench.py --arch llava-1.5-7b      # GPU: full-size LLaVA-1.5-7B, random weights
-    python bench/caption_bench.py --model DIR_OR_ID        # any LLaVA-family model that loads here
+    python bench/caption_bench.py                                  # CPU: tiny LLaVA, transformers only
+    python bench/caption_bench.py --engine both                    # + vLLM (needs `make setup-vllm`)
+    python bench/caption_bench.py --engine both --arch llava-1.5-7b   # GPU: full-size LLaVA-1.5-7B
+    python bench/caption_bench.py --model DIR_OR_ID                # any LLaVA-family model that loads here
 
-The full-size architecture is built from its published hyperparameters with random weights (no
-download; weights do not change speed) at 336 px. The baseline is batch 1, measured in the same run.
+Two workloads, both with EOS ignored so that runs compare: **fixed** (every caption ``--new-tokens``
+long) and **natural** (each caption as long as a real dense caption: lengths drawn from the LLaVA
+``detail`` captions in ``../shared/data/dense_captions/llava`` when that folder exists, at 1.33
+tokens per word, else uniformly from 64 to 256 tokens). Static batches pay for their longest caption;
+continuous batching does not. The full-size architecture is built from its published
+hyperparameters with random weights (no download; weights do not change speed) at 336 px (576 image
+tokens); vLLM gets the same config with ``load_format=dummy``. transformers' best batch size is the
+baseline, measured in the same run on the same device.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import json
+import os
+import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,31 +35,23 @@ from skimage import data as skdata
 
 from captioner.generation import Captioner, CaptionRequest
 from captioner.loading import LoadedModel, load_model, resolve_device, resolve_dtype
-from captioner.tiny import make_tiny_llava, train_tokenizer
+from captioner.tiny import CHAT_TEMPLATE, make_tiny_llava, train_tokenizer
 from schemas.caption_config import GenerationSettings, ModelSettings
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field", "retina")
+LLAVA_DETAIL = Path(__file__).resolve().parents[2] / "shared/data/dense_captions/llava"
+TOKENS_PER_WORD = 1.33  # LLaMA's tokenizer on English prose
+REPO = Path(__file__).resolve().parents[1]
 
 
-def llava_15_7b(device: torch.device, dtype: torch.dtype, layers: int | None = None) -> LoadedModel:
-    """LLaVA-1.5-7B's architecture (CLIP ViT-L/14-336 + Vicuna-7B) with random weights.
+def llava_15_7b_folder(out: Path, layers: int | None = None) -> Path:
+    """LLaVA-1.5-7B's architecture (CLIP ViT-L/14-336 + Vicuna-7B): config and processor, no weights.
 
     ``layers`` cuts both towers to that depth at full width (a quick smoke test of this path).
     """
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        GenerationConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    from captioner.tiny import CHAT_TEMPLATE
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
 
     tokenizer = train_tokenizer()
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig(
         hidden_size=1024,
         intermediate_size=4096,
@@ -74,17 +77,11 @@ def llava_15_7b(device: torch.device, dtype: torch.dtype, layers: int | None = N
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=image_token,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with device:
-        model = LlavaForConditionalGeneration(config).eval()
-    torch.set_default_dtype(previous)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config.architectures = ["LlavaForConditionalGeneration"]  # how vLLM picks its model class
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
         tokenizer=tokenizer,
@@ -93,42 +90,125 @@ def llava_15_7b(device: torch.device, dtype: torch.dtype, layers: int | None = N
         chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1,
     )
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def random_weight_model(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The folder's architecture with random weights, built on the device (no checkpoint needed)."""
+    from transformers import AutoProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig.from_pretrained(folder)
+    config._attn_implementation = "sdpa"
+    processor = AutoProcessor.from_pretrained(folder)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with device:
+        model = LlavaForConditionalGeneration(config).eval()
+    torch.set_default_dtype(previous)
+    tokenizer = processor.tokenizer
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    processor.tokenizer.padding_side = "left"
     return LoadedModel(model, processor, "llava-1.5-7b (random weights)", "none", device, dtype)
 
 
-def make_requests(n: int) -> list[CaptionRequest]:
-    requests = []
+def natural_lengths(n: int, cap: int, seed: int = 0) -> tuple[list[int], str]:
+    """``n`` caption lengths in tokens (at most ``cap``) and where they come from."""
+    rng = random.Random(seed)
+    words = []
+    for path in sorted(LLAVA_DETAIL.glob("*.jsonl")) if LLAVA_DETAIL.is_dir() else []:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        words += [len(r["output"].split()) for r in rows if r.get("type") == "detail"]
+    if words:
+        lengths = [min(cap, round(rng.choice(words) * TOKENS_PER_WORD)) for _ in range(n)]
+        return lengths, f"LLaVA detail captions ({len(words)}), x{TOKENS_PER_WORD} tokens/word"
+    return [rng.randint(64, min(cap, 256)) for _ in range(n)], "uniform 64..256 tokens"
+
+
+def write_images(folder: Path, n: int) -> list[Path]:
+    """``n`` real photos (scikit-image's) as 768x512 JPEGs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
     for i in range(n):
         im = Image.fromarray(getattr(skdata, PHOTOS[i % len(PHOTOS)])()).convert("RGB").resize((768, 512))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=95)
-        requests.append(CaptionRequest(f"bench-{i:05d}", buf.getvalue(), "a photo"))
-    return requests
+        path = folder / f"bench-{i:05d}.jpg"
+        im.save(path, format="JPEG", quality=95)
+        paths.append(path)
+    return paths
 
 
-def measure(loaded: LoadedModel, batch: int, new_tokens: int, n_images: int) -> tuple[float, int]:
-    """Seconds for ``n_images`` captions after one warm-up batch, and the tokens generated."""
-    settings = GenerationSettings(batch_size=batch, max_new_tokens=new_tokens, ignore_eos=True)
-    captioner = Captioner(loaded, settings)
-    list(captioner.caption(make_requests(batch)))  # warm-up
-    requests = make_requests(n_images)
-    if loaded.device.type == "cuda":
+def requests_from(paths: list[Path]) -> list[CaptionRequest]:
+    return [CaptionRequest(p.stem, p.read_bytes(), "a photo") for p in paths]
+
+
+def _timed(fn, cuda: bool) -> float:
+    if cuda:
         torch.cuda.synchronize()
     started = time.perf_counter()
-    results = list(captioner.caption(requests))
-    if loaded.device.type == "cuda":
+    fn()
+    if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - started, sum(r.num_tokens for r in results)
+    return time.perf_counter() - started
+
+
+def transformers_run(loaded: LoadedModel, batch: int, lengths: list[int], paths: list[Path]) -> dict:
+    """Static batches of ``batch``; each batch generates as many tokens as its longest caption needs."""
+    cuda = loaded.device.type == "cuda"
+    requests = requests_from(paths)
+    warm = Captioner(loaded, GenerationSettings(batch_size=batch, max_new_tokens=8, ignore_eos=True))
+    list(warm.caption(requests[:batch]))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def run() -> None:
+        for start in range(0, len(requests), batch):
+            longest = max(lengths[start : start + batch])
+            settings = GenerationSettings(batch_size=batch, max_new_tokens=longest, ignore_eos=True)
+            list(Captioner(loaded, settings).caption(requests[start : start + batch]))
+
+    seconds = _timed(run, cuda)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return {"seconds": seconds, "captions": len(requests), "tokens": sum(lengths), "gpu_gib": memory}
+
+
+def vllm_run(python: str, model: Path, args: argparse.Namespace, workloads: dict, paths: list[Path]) -> dict:
+    """Run bench/vllm_caption_run.py in the vLLM environment; returns its results per workload."""
+    spec = {
+        "model": str(model),
+        "dtype": args.dtype,
+        "load_format": "dummy" if args.arch else "auto",
+        "max_num_seqs": args.max_num_seqs,
+        "max_model_len": args.max_model_len,
+        "images": [str(p) for p in paths],
+        "workloads": workloads,
+        "out": str(model.parent / "vllm_results.json"),
+    }
+    out = subprocess.run(
+        [python, str(REPO / "bench" / "vllm_caption_run.py"), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.cpu_kv_cache_gib)},
+    )
+    if out.returncode != 0:
+        sys.exit(f"the vLLM run failed:\n{out.stderr[-4000:]}")
+    return json.loads(Path(spec["out"]).read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm", "both"])
     parser.add_argument("--model", help="model id or directory (default: a tiny LLaVA built here)")
     parser.add_argument("--arch", choices=["llava-1.5-7b"], help="random-weight full-size architecture")
-    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default: 1,4,16 CPU; 1,8,32,64 GPU)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per caption (default 64 CPU, 200 GPU)")
-    parser.add_argument("--batches", type=int, default=4, help="batches per measurement (at least 8 captions)")
     parser.add_argument("--layers", type=int, help="with --arch: cut both towers to this depth (smoke test)")
+    parser.add_argument("--batch-sizes", help="transformers, comma-separated (default: 1,4,16 CPU; 8,32,64 GPU)")
+    parser.add_argument("--captions", type=int, help="captions per measurement (default 32 CPU, 256 GPU)")
+    parser.add_argument("--new-tokens", type=int, help="fixed workload's tokens per caption (default 64 CPU, 200 GPU)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="vLLM's scheduler width")
+    parser.add_argument("--max-model-len", type=int, default=None, help="vLLM (default: 1024 with --arch, 512 else)")
+    parser.add_argument("--cpu-kv-cache-gib", type=int, default=1)
+    parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
@@ -136,28 +216,65 @@ def main() -> None:
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     new_tokens = args.new_tokens or (200 if gpu else 64)
-    sizes = [int(b) for b in (args.batch_sizes or ("1,8,32,64" if gpu else "1,4,16")).split(",")]
+    n = args.captions or (256 if gpu else 32)
+    args.max_model_len = args.max_model_len or (1024 if args.arch else 512)
+    sizes = [int(b) for b in (args.batch_sizes or ("8,32,64" if gpu else "1,4,16")).split(",")]
+    work = Path(tempfile.mkdtemp(prefix="caption-bench-"))
     if args.arch:
-        loaded = llava_15_7b(device, resolve_dtype(args.dtype, device), args.layers)
+        model = llava_15_7b_folder(work / "llava-1.5-7b", args.layers)
     else:
-        model = args.model or str(make_tiny_llava(Path(tempfile.mkdtemp()) / "llava"))
-        loaded = load_model(ModelSettings(model=model, device=args.device, dtype=args.dtype))
+        model = Path(args.model) if args.model else make_tiny_llava(work / "llava")
+    natural, natural_source = natural_lengths(n, cap=args.max_model_len - 700 if args.arch else 256)
+    workloads = {f"fixed {new_tokens}": [new_tokens] * n, "natural": natural}
+    paths = write_images(work / "images", n)
 
     where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    table = Table(title=f"{loaded.model_id} on {where}, {loaded.dtype}, {new_tokens} new tokens per caption")
-    for col in ("batch", "captions", "seconds", "captions/s", "tokens/s", "vs batch 1"):
-        table.add_column(col)
-    base = None
-    for batch in sizes:
-        n_images = max(8, batch * args.batches)
-        seconds, tokens = measure(loaded, batch, new_tokens, n_images)
-        rate = n_images / seconds
-        base = base or rate
-        table.add_row(
-            str(batch), str(n_images), f"{seconds:.2f}", f"{rate:.2f}", f"{tokens / seconds:.0f}", f"{rate / base:.2f}x"
+    console = Console(width=150)
+    console.print(f"natural lengths: {natural_source}; mean {sum(natural) / n:.0f} tokens")
+    rows: list[tuple[str, str, str, dict]] = []
+    if args.engine in ("transformers", "both"):
+        dtype = resolve_dtype(args.dtype, device)
+        loaded = (
+            random_weight_model(model, device, dtype)
+            if args.arch
+            else load_model(ModelSettings(model=str(model), device=args.device, dtype=args.dtype))
         )
-        Console(width=140).print(f"batch {batch}: {rate:.2f} captions/s")
-    Console(width=140).print(table)
+        for name, lengths in workloads.items():
+            for batch in sizes:
+                result = transformers_run(loaded, batch, lengths, paths)
+                rows.append(("transformers", name, f"batch {batch}", result))
+                console.print(f"transformers {name} batch {batch}: {n / result['seconds']:.2f} captions/s")
+        del loaded
+        if gpu:
+            torch.cuda.empty_cache()
+    if args.engine in ("vllm", "both"):
+        for name, result in vllm_run(args.vllm_python, model, args, workloads, paths).items():
+            rows.append(("vllm", name, f"max_num_seqs {args.max_num_seqs}", result))
+            console.print(f"vllm {name}: {n / result['seconds']:.2f} captions/s")
+
+    best = {}
+    for engine, name, _, result in rows:
+        if engine == "transformers":
+            best[name] = max(best.get(name, 0.0), result["captions"] / result["seconds"])
+    table = Table(title=f"{model.name} on {where}, {args.dtype}; {n} captions per row")
+    for col in (
+        "engine",
+        "workload",
+        "setting",
+        "seconds",
+        "captions/s",
+        "tokens/s",
+        "GPU GiB",
+        "vs transformers best",
+    ):
+        table.add_column(col)
+    for engine, name, setting, r in rows:
+        rate = r["captions"] / r["seconds"]
+        ratio = f"{rate / best[name]:.2f}x" if name in best else "-"
+        memory = f"{r['gpu_gib']:.1f}" if r.get("gpu_gib") is not None else "-"
+        row = (engine, name, setting, f"{r['seconds']:.2f}", f"{rate:.2f}", f"{r['tokens'] / r['seconds']:.0f}")
+        table.add_row(*row, memory, ratio)
+    console.print(table)
 
 
 if __name__ == "__main__":

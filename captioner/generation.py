@@ -59,6 +59,50 @@ def _messages(prompt: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
 
 
+def chat_prompt(processor: Any, prompt: str) -> str:
+    """The model's chat template applied to one image and ``prompt``, ready for generation."""
+    return processor.apply_chat_template(_messages(prompt), add_generation_prompt=True)
+
+
+def open_image(req: CaptionRequest) -> Image.Image | CaptionResult:
+    """The request's image in RGB, or an error result when it cannot be decoded."""
+    try:
+        with Image.open(io.BytesIO(req.image_bytes)) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        return CaptionResult(req.key, "error", error=f"image_error: {type(exc).__name__}")
+
+
+def result_from_tokens(
+    key: str,
+    prompt: tuple[str, str],
+    tokens: list[int],
+    *,
+    eos_ids: set[int],
+    tokenizer: Any,
+    settings: GenerationSettings,
+    seconds: float,
+) -> CaptionResult:
+    """The result for one generated sequence: cut at the first EOS, decoded, checked."""
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    finish = "length" if end is None else "eos"
+    kept = tokens if end is None else tokens[:end]
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    checks = check_caption(text, finish, ngram=settings.repetition_ngram, threshold=settings.repetition_threshold)
+    prompt_id, prompt_text = prompt
+    return CaptionResult(
+        key=key,
+        status="ok",
+        raw_caption=text,
+        checks=checks,
+        num_tokens=len(kept),
+        finish_reason=finish,
+        seconds=seconds,
+        prompt_id=prompt_id,
+        prompt=prompt_text,
+    )
+
+
 def batch_seed(seed: int, first_key: str) -> int:
     """A sampling seed that depends only on the settings and the batch's first key (resumes reproduce)."""
     return (seed * 1_000_003 + int(hashlib.sha1(first_key.encode()).hexdigest()[:12], 16)) % (2**63)
@@ -69,6 +113,7 @@ class Captioner:
 
     def __init__(self, loaded: LoadedModel, settings: GenerationSettings) -> None:
         self.loaded = loaded
+        self.model_id, self.revision = loaded.model_id, loaded.revision
         self.settings = settings
         self.prompt = Prompt.parse(settings.prompt)
         self.batch_size = settings.batch_size
@@ -83,17 +128,16 @@ class Captioner:
         batch = PreparedBatch(requests=[])
         images = []
         for req in requests:
-            try:
-                with Image.open(io.BytesIO(req.image_bytes)) as im:
-                    images.append(im.convert("RGB"))
-            except (OSError, ValueError, SyntaxError) as exc:
-                batch.failed.append(CaptionResult(req.key, "error", error=f"image_error: {type(exc).__name__}"))
+            image = open_image(req)
+            if isinstance(image, CaptionResult):
+                batch.failed.append(image)
                 continue
+            images.append(image)
             batch.requests.append(req)
             batch.prompts.append(self.prompt.render(req.alt_text))
         if batch.requests:
             processor = self.loaded.processor
-            texts = [processor.apply_chat_template(_messages(p), add_generation_prompt=True) for _, p in batch.prompts]
+            texts = [chat_prompt(processor, p) for _, p in batch.prompts]
             batch.inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
         return batch
 
@@ -124,28 +168,19 @@ class Captioner:
         output = loaded.model.generate(**inputs, **self._generate_kwargs(batch.requests[0].key))
         seconds = (time.perf_counter() - started) / len(batch.requests)
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-        results = []
-        for req, (prompt_id, prompt), tokens in zip(batch.requests, batch.prompts, new_tokens, strict=True):
-            end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
-            finish = "length" if end is None else "eos"
-            kept = tokens if end is None else tokens[:end]
-            text = loaded.processor.tokenizer.decode(kept, skip_special_tokens=True)
-            s = self.settings
-            checks = check_caption(text, finish, ngram=s.repetition_ngram, threshold=s.repetition_threshold)
-            results.append(
-                CaptionResult(
-                    key=req.key,
-                    status="ok",
-                    raw_caption=text,
-                    checks=checks,
-                    num_tokens=len(kept),
-                    finish_reason=finish,
-                    seconds=seconds,
-                    prompt_id=prompt_id,
-                    prompt=prompt,
-                )
+        tokenizer = loaded.processor.tokenizer
+        return [
+            result_from_tokens(
+                req.key,
+                prompt,
+                tokens,
+                eos_ids=self.eos_ids,
+                tokenizer=tokenizer,
+                settings=self.settings,
+                seconds=seconds,
             )
-        return results
+            for req, prompt, tokens in zip(batch.requests, batch.prompts, new_tokens, strict=True)
+        ]
 
     def caption(self, requests: Iterable[CaptionRequest]) -> Iterator[CaptionResult]:
         """Caption every request, in order of completion by batch; one result per request.

@@ -2,7 +2,10 @@
 
 Built from configs of the real architectures, with a tokenizer trained here by ``tokenizers`` and a
 LLaVA-1.5 style chat template, then saved with ``save_pretrained`` so it loads through exactly the
-code path of a hub model. Its captions are random words: it checks plumbing, not quality.
+code path of a hub model — in transformers and in vLLM: its weights use the hub's key layout
+(``vision_tower.vision_model.*``, as ``llava-hf/llava-1.5-7b-hf``) and its attention heads are 32
+wide (vLLM's CPU attention supports 32, 64, 80, ... ). Its captions are random words: it checks
+plumbing, not quality.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessor,
@@ -87,18 +92,18 @@ def make_tiny_llava(out: Path, *, seed: int = 0) -> Path:
         num_additional_image_tokens=1,  # the CLS token, as llava-hf's processors set it
     )
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=2,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        projection_dim=32,
+        projection_dim=64,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=48,
-        intermediate_size=96,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -122,4 +127,22 @@ def make_tiny_llava(out: Path, *, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    use_hub_key_layout(out)
     return out
+
+
+def _hub_key(key: str) -> str:
+    for prefix in ("model.vision_tower.", "vision_tower."):
+        if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + key[len(prefix) :]
+    return key
+
+
+def use_hub_key_layout(folder: Path) -> None:
+    """Rename the saved vision-tower weights to the hub's layout (``vision_tower.vision_model.*``), which
+    published LLaVA checkpoints use and vLLM expects; transformers loads either layout."""
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as weights:
+            metadata = weights.metadata() or {"format": "pt"}
+            tensors = {_hub_key(k): weights.get_tensor(k) for k in weights.keys()}  # noqa: SIM118
+        save_file(tensors, str(path), metadata=metadata)

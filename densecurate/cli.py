@@ -105,6 +105,21 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", help="model revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
     p.add_argument("--gpus-per-worker", type=float, default=1.0)
+    engine = p.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="transformers: static batches (--batch-size); vllm: continuous batching of whole shards, in the "
+        "vLLM environment `make setup-vllm` builds",
+    )
+    engine.add_argument("--max-num-seqs", type=int, default=256, help="vllm: sequences scheduled at once")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory")
+    engine.add_argument("--max-model-len", type=int, help="vllm: prompt + caption tokens (default: the model's)")
+    engine.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per replica (set --gpus-per-worker to it)"
+    )
+    engine.add_argument("--vllm-python", help="vllm: interpreter of the vLLM environment (default: .venv-vllm)")
     _add_ray_options(p, "model replicas (default: one per GPU, or 1 on CPU)")
     _add_rerun_options(p, replace=False)
     p.set_defaults(handler=commands.cmd_caption)

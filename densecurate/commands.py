@@ -96,6 +96,14 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
                 "seed": args.seed,
             },
             "gpus_per_worker": args.gpus_per_worker,
+            "engine": args.engine,
+            "vllm": {
+                "max_num_seqs": args.max_num_seqs,
+                "gpu_memory_utilization": args.gpu_memory_utilization,
+                "max_model_len": args.max_model_len,
+                "tensor_parallel_size": args.tensor_parallel_size,
+                "python": args.vllm_python,
+            },
             **run_options(args),
         }
     )

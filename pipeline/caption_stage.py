@@ -8,6 +8,7 @@ mid-shard is restarted by Ray and its shard redone, so every key appears exactly
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class CaptionJob(TableJob):
     tar: Path
 
 
-def _row(result, config: CaptionConfig, loaded) -> dict[str, Any]:
+def _row(result, config: CaptionConfig, engine) -> dict[str, Any]:
     gen = config.generation
     checks = result.checks
     return {
@@ -52,14 +53,15 @@ def _row(result, config: CaptionConfig, loaded) -> dict[str, Any]:
         "repetitive": checks.repetitive if checks else None,
         "empty": checks.empty if checks else None,
         "seconds": result.seconds,
-        "model": loaded.model_id,
-        "revision": loaded.revision,
+        "model": engine.model_id,
+        "revision": engine.revision,
         "prompt_id": result.prompt_id,
         "prompt": result.prompt,
         "temperature": gen.temperature,
         "top_p": gen.top_p,
         "seed": gen.seed,
         "max_new_tokens": gen.max_new_tokens,
+        "engine": config.engine,
     }
 
 
@@ -85,14 +87,12 @@ class CaptionWorker:
     def __init__(self, config: CaptionConfig, cpu_threads: int | None = None) -> None:
         import torch
 
-        from captioner.generation import Captioner
-        from captioner.loading import load_model
+        from captioner.engine import make_engine
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.config = config
-        self.loaded = load_model(config.model)
-        self.captioner = Captioner(self.loaded, config.generation)
+        self.engine = make_engine(config)
 
     def caption_shard(self, job: CaptionJob) -> dict[str, Any]:
         """Caption every sample of the job's shard and commit the Parquet file; returns its stats."""
@@ -103,12 +103,27 @@ class CaptionWorker:
             CaptionRequest(key, members.get("jpg", b""), members.get("txt", b"").decode() or None)
             for key, members in iter_shard_samples(job.tar)
         )
-        rows = [_row(result, self.config, self.loaded) for result in self.captioner.caption(requests)]
+        rows = [_row(result, self.config, self.engine) for result in self.engine.caption(requests)]
         rows.sort(key=lambda r: r["key"])
         stats = caption_stats(rows, time.perf_counter() - started)
         meta = {"fingerprint": job.fingerprint, "stats": stats, "settings": json.loads(self.config.model_dump_json())}
         write_table_atomic(job.out, rows, CAPTIONS_SCHEMA, meta)
         return stats
+
+
+def vllm_python(config: CaptionConfig) -> str:
+    """The interpreter of the vLLM environment: ``--vllm-python``, ``DENSECURATE_VLLM_PYTHON``, or the
+    project's ``.venv-vllm`` (what ``make setup-vllm`` builds)."""
+    default = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    return config.vllm.python or os.environ.get("DENSECURATE_VLLM_PYTHON") or str(default)
+
+
+def vllm_runtime_env(config: CaptionConfig) -> dict[str, Any]:
+    """Ray's runtime environment of the vLLM caption actors: vLLM's interpreter, its CPU KV-cache size."""
+    return {
+        "py_executable": vllm_python(config),
+        "env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(config.vllm.cpu_kv_cache_gib)},
+    }
 
 
 @dataclass
@@ -153,7 +168,7 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
     def plan(self) -> list[CaptionJob]:
         """A job per finished shard; the fingerprint covers the model, the generation settings and the shard."""
         layout, config = self.catalog, self.config
-        settings = config.model.model_dump_json() + config.generation.model_dump_json()
+        settings = config.fingerprint_settings()
         jobs = []
         for index in require_complete(layout.shards_dir).finished:
             stats = read_shard_stats(layout, index)
@@ -175,11 +190,22 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
         from captioner.loading import check_model_available
 
         check_model_available(self.config.model)
+        if self.config.engine == "vllm" and not Path(vllm_python(self.config)).is_file():
+            raise MissingInputError(
+                f"the vLLM environment {vllm_python(self.config)} does not exist: run `make setup-vllm`, or pass "
+                "--vllm-python with the interpreter of an environment that has vLLM and densecurate"
+            )
 
     def work(self) -> Actors:
         c = self.config
         return Actors(
-            CaptionWorker, (c,), "caption_shard", c.workers, gpus_per_worker=c.gpus_per_worker, device=c.model.device
+            CaptionWorker,
+            (c,),
+            "caption_shard",
+            c.workers,
+            gpus_per_worker=c.gpus_per_worker,
+            device=c.model.device,
+            runtime_env=vllm_runtime_env(c) if c.engine == "vllm" else None,
         )
 
     def summarize(self, run: StageRun[CaptionJob]) -> CaptionSummary:

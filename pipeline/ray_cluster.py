@@ -46,7 +46,7 @@ def start_actors(pool: Actors, count_cap: int) -> tuple[list[Any], str]:
     kwargs: dict[str, Any] = {}
     if gpus and pool.gpus_per_worker > 0 and pool.device != "cpu":
         count = pool.workers or max(1, int(gpus // pool.gpus_per_worker))
-        resources: dict[str, float] = {"num_gpus": pool.gpus_per_worker, "num_cpus": 1}
+        resources: dict[str, Any] = {"num_gpus": pool.gpus_per_worker, "num_cpus": 1}
         kind = "cuda"
     elif pool.one_per_core:
         count = pool.workers or cluster_cpus()
@@ -55,6 +55,8 @@ def start_actors(pool: Actors, count_cap: int) -> tuple[list[Any], str]:
         count = pool.workers or 1
         threads = max(1, cluster_cpus() // count)
         resources, kind, kwargs = {"num_cpus": threads}, "cpu", {"cpu_threads": threads}
+    if pool.runtime_env:
+        resources["runtime_env"] = pool.runtime_env
     remote_cls = ray.remote(max_restarts=2, max_task_retries=2)(pool.cls)
     count = max(1, min(count, count_cap))
     return [remote_cls.options(**resources).remote(*pool.args, **kwargs) for _ in range(count)], kind

@@ -129,6 +129,7 @@ class Actors:
     each, or (the default) ``workers`` actors (default one) that split the cores between them.
     ``setup`` is a method called once on the first actor before any shard, with ``setup_args``;
     ``setup_output`` is what it writes (actors start for it alone when that file is missing).
+    ``runtime_env`` is Ray's, for actors that run in another environment (e.g. vLLM's interpreter).
     """
 
     cls: type
@@ -141,6 +142,7 @@ class Actors:
     setup: str | None = None
     setup_args: tuple[Any, ...] = ()
     setup_output: Path | None = None
+    runtime_env: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -43,6 +43,29 @@ class ModelSettings(BaseModel):
     trust_remote_code: bool = False
 
 
+Engine = Literal["transformers", "vllm"]
+
+
+class VllmSettings(BaseModel):
+    """What users tune in the vLLM engine (``--engine vllm``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_num_seqs: int = Field(256, ge=1, description="sequences the scheduler runs at once")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory vLLM may take")
+    max_model_len: int | None = Field(None, ge=16, description="prompt + caption tokens (default: the model's)")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model replica spans (13B+ models)")
+    python: str | None = Field(
+        None, description="interpreter of the vLLM environment (default: .venv-vllm/bin/python of the project)"
+    )
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache on CPU-only machines (VLLM_CPU_KVCACHE_SPACE)")
+    load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights (benchmarks only)")
+
+    def engine_settings(self) -> str:
+        """What changes the captions (for the fingerprint): not the interpreter's path."""
+        return self.model_dump_json(exclude={"python", "cpu_kv_cache_gib"})
+
+
 class CaptionConfig(BaseModel):
     """Everything `densecurate caption` runs with."""
 
@@ -55,3 +78,19 @@ class CaptionConfig(BaseModel):
     gpus_per_worker: float = Field(1.0, ge=0.0)
     ray_address: str | None = None
     repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")
+    engine: Engine = Field("transformers", description="transformers (static batches) or vllm (continuous batching)")
+    vllm: VllmSettings = VllmSettings()
+
+    @model_validator(mode="after")
+    def _tensor_parallel_fits_the_worker(self) -> CaptionConfig:
+        tp = self.vllm.tensor_parallel_size
+        if self.engine == "vllm" and tp > 1 and self.gpus_per_worker != tp:
+            raise ValueError(f"vllm.tensor_parallel_size {tp} needs gpus_per_worker {tp} (--gpus-per-worker {tp})")
+        return self
+
+    def fingerprint_settings(self) -> str:
+        """The settings a caption file's fingerprint covers: model, generation, and a non-default engine's."""
+        settings = self.model.model_dump_json() + self.generation.model_dump_json()
+        if self.engine != "transformers":
+            settings += self.engine + self.vllm.engine_settings()
+        return settings

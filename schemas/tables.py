@@ -56,6 +56,7 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field("top_p", pa.float32()),
         pa.field("seed", pa.int64()),
         pa.field("max_new_tokens", pa.int32()),
+        pa.field("engine", pa.string()),  # transformers | vllm
     ]
 )
 
