@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
+from rich.markup import escape
 
 from densecurate import commands
-from schemas.errors import UserError
+from schemas.atomic import TMP_MARK
+from schemas.errors import EnvironmentFailure, UserError
 from schemas.pipeline_spec import STAGES
 from schemas.score_config import DEFAULT_SPACY_MODEL
 
@@ -50,7 +56,27 @@ def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="input records per shard")
     p.add_argument("--min-size", type=int, default=64, help="skip images whose short side is smaller")
     p.add_argument("--max-aspect", type=float, default=4.0, help="skip images with a larger long/short ratio")
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images before decoding")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=100_000_000,
+        help="skip images with more pixels (by the header, before decoding) or whose resized image would have more",
+    )
+    p.add_argument(
+        "--max-output-side", type=int, default=8192, help="the largest --resize accepted (at most 65535, JPEG's limit)"
+    )
+    p.add_argument(
+        "--max-file-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="skip image files and tar members larger than this (bytes; default 256 MiB)",
+    )
+    p.add_argument(
+        "--max-sidecar-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="skip records whose .json/.txt sidecar is larger than this (bytes; default 16 MiB)",
+    )
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--source-name", help="key prefix (default: the format's name)")
     p.add_argument("--image-column", default="image_path", help="parquet: column with the image path")
@@ -240,6 +266,13 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="with --resume: accept a config that differs from the run's (recorded in config_changes.jsonl)",
     )
     p.add_argument("--workers", type=int, help="Ray Train workers (DDP), overriding the config's `workers`")
+    p.add_argument(
+        "--nan-tolerance",
+        type=int,
+        metavar="N",
+        help="skip (no update) up to N steps of the run whose loss or gradients are NaN or infinite, and stop at "
+        "the next; overrides the config's `nan_tolerance` (default 0: the first such step stops training)",
+    )
     p.add_argument("--ray-address", help="Ray cluster for --workers > 1 (default: a local Ray on 127.0.0.1)")
     p.set_defaults(handler=commands.cmd_train)
 
@@ -353,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="densecurate",
         description="Build text-to-image training data with dense, concept-rich captions.",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the full traceback of any error (may also follow the command; or set {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_shard_parser(sub)
     _add_query_parser(sub)
@@ -373,18 +411,98 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``densecurate`` console script: 0 done, 2 a user's mistake (one sentence)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except ValidationError as exc:
+DEBUG_ENV = "DENSECURATE_DEBUG"
+RERUN = "rerun the same command to go on: finished shards are kept"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _ray_cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task or actor raised, for the ``RayTaskError`` that ``ray.get`` re-raises."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    while ray_exceptions is not None and isinstance(exc, ray_exceptions.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException) or cause is exc:
+            break
+        exc = cause
+    return exc
+
+
+def _shown_path(name: object) -> str:
+    """A path for an error message: an in-progress output ``NAME.tmp-PID`` shown as ``NAME``."""
+    text = os.fsdecode(name) if isinstance(name, str | bytes | os.PathLike) else str(name)
+    return text.split(TMP_MARK, 1)[0]
+
+
+def _os_error_sentence(exc: OSError) -> tuple[int, str] | None:
+    """Exit code and sentence for a full disk (1) or a path the user may not write (2); None otherwise."""
+    path = _shown_path(exc.filename) if exc.filename is not None else None
+    where = f" {path}" if path else ""
+    if exc.errno in NO_SPACE:
+        return 1, (
+            f"no space left on the device of{where or ' an output'} ({exc.strerror}): free space or choose an "
+            f"output folder on another disk, then {RERUN} and stay valid"
+        )
+    if isinstance(exc, PermissionError) or exc.errno in NOT_PERMITTED:
+        return 2, (
+            f"cannot write{where or ' an output'} ({exc.strerror}): fix its permissions or choose another output "
+            f"folder, then {RERUN} and stay valid"
+        )
+    return None
+
+
+def error_sentence(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and the one-sentence message for an error densecurate explains; None for a bug.
+
+    2: a mistake the user can fix (``UserError``, an invalid option, an unwritable output path);
+    1: a failure of the environment (``EnvironmentFailure``, a full disk). Errors raised in a Ray task
+    or actor are judged by the exception the task raised.
+    """
+    exc = _ray_cause(exc)
+    if isinstance(exc, ValidationError):
+        lines = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            option = "--" + str(err["loc"][-1]).replace("_", "-")
-            console.print(f"[red]error:[/red] {field} ({option}): {err['msg']}")
-        return 2
-    except UserError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
-    # Any other exception is a bug (or an environment failure): its traceback is shown and the exit code is 1.
+            option = "--" + str(err["loc"][-1]).replace("_", "-") if err["loc"] else "(top level)"
+            lines.append(f"{field} ({option}): {err['msg']}")
+        return 2, "\n".join(lines)
+    if isinstance(exc, UserError):
+        return 2, str(exc)
+    if isinstance(exc, EnvironmentFailure):
+        return 1, str(exc)
+    if isinstance(exc, OSError):
+        return _os_error_sentence(exc)
+    return None
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``densecurate`` console script.
+
+    Exit codes: 0 done; 2 a user's mistake and 1 a failure of the environment, each printed as one
+    sentence; 1 with a traceback for a bug; 130 when interrupted. ``--debug`` (anywhere on the command
+    line) or ``DENSECURATE_DEBUG=1`` prints the traceback of every error too.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        console.print(f"[red]interrupted:[/red] {RERUN}")
+        return 130
+    except Exception as exc:
+        verdict = error_sentence(exc)
+        if verdict is None:
+            raise  # a bug: its traceback is shown and the exit code is 1
+        if debug:
+            traceback.print_exc()
+        code, sentence = verdict
+        for line in sentence.splitlines() or [""]:
+            console.print(f"[red]error:[/red] {escape(line)}")
+        return code

@@ -47,8 +47,11 @@ def shard_config_from_args(args: argparse.Namespace) -> ShardConfig:
                 "image_column": args.image_column,
                 "caption_column": args.caption_column,
                 "id_column": args.id_column,
+                "max_file_bytes": args.max_file_bytes,
+                "max_sidecar_bytes": args.max_sidecar_bytes,
             },
             "image": {
+                "max_output_side": args.max_output_side,
                 "resize": args.resize,
                 "crop": args.crop,
                 "min_size": args.min_size,
@@ -185,6 +188,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.launch import launch_training
 
     overrides = [*args.overrides, *([f"workers={args.workers}"] if args.workers else [])]
+    if args.nan_tolerance is not None:
+        overrides.append(f"nan_tolerance={args.nan_tolerance}")
     config = load_train_config(read_input_text(args.config, "training config"), overrides, source=str(args.config))
     if config.workers > 1:
         from pipeline.ray_cluster import init_ray

@@ -84,7 +84,8 @@ def run_train(spec: PipelineSpec) -> None:
     from trainer.launch import launch_training
 
     step = spec.train
-    config = load_train_config(read_input_text(step.config, "training config"), step.overrides, source=step.config)
+    overrides = [*step.overrides, *([] if step.nan_tolerance is None else [f"nan_tolerance={step.nan_tolerance}"])]
+    config = load_train_config(read_input_text(step.config, "training config"), overrides, source=step.config)
     result = launch_training(
         config, resume=step.resume, overwrite=step.overwrite, allow_config_change=step.allow_config_change
     )

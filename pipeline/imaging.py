@@ -86,6 +86,24 @@ def _target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _refuse_large_output(width: int, height: int, settings: ImageSettings) -> None:
+    """Skip (``too_many_pixels``) an image whose resized image would exceed ``--max-pixels``.
+
+    Called before decoding (on the header's size) and again before resizing (on the decoded size):
+    an image upscaled to ``--resize`` (or a panorama resized by its short side) could otherwise ask
+    for gigabytes. The resized image is counted before a center crop: it is what is allocated.
+    """
+    if not settings.resize:
+        return  # the output is at most the original, already within --max-pixels
+    out_w, out_h = _target_size(width, height, settings.resize)
+    if out_w * out_h > settings.max_pixels:
+        raise SkipRecord(
+            "too_many_pixels",
+            f"resizing {width}x{height} to short side --resize {settings.resize} makes {out_w}x{out_h} = "
+            f"{out_w * out_h} pixels, over --max-pixels {settings.max_pixels}",
+        )
+
+
 def _center_square(im: Image.Image) -> Image.Image:
     side = min(im.size)
     left, top = (im.width - side) // 2, (im.height - side) // 2
@@ -106,6 +124,7 @@ def process_image(data: bytes, settings: ImageSettings) -> EncodedImage:
     """Bytes of any supported image to the stored JPEG; raises ``SkipRecord`` with the reason."""
     im = _open(data)
     original_width, original_height = _check_size(im, settings)
+    _refuse_large_output(original_width, original_height, settings)
     if settings.resize and im.format == "JPEG" and min(im.size) > settings.resize:
         # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale, never below the requested size.
         scale = settings.resize / min(im.size)
@@ -114,6 +133,7 @@ def process_image(data: bytes, settings: ImageSettings) -> EncodedImage:
     if settings.resize:
         # After a draft decode the remaining factor is below 2, where BICUBIC matches LANCZOS closely
         # (41 dB against a full decode + LANCZOS on SA-1B photos) at two thirds of its cost.
+        _refuse_large_output(*im.size, settings)
         im = im.resize(_target_size(*im.size, settings.resize), Image.Resampling.BICUBIC, reducing_gap=3.0)
     if settings.crop == "center":
         im = _center_square(im)

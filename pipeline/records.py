@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas.shard_config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_SIDECAR_BYTES
+
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]*")
 # The shape of a hashed key: a flattened id (always holding a ``_``) then ``-`` and 8 lowercase hex digits.
@@ -65,11 +67,24 @@ class MemberRef:
 
 
 @dataclass(frozen=True)
+class ReadLimits:
+    """The most bytes a shard task reads of a record's image and of each of its sidecars."""
+
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES
+
+
+DEFAULT_LIMITS = ReadLimits()
+
+
+@dataclass(frozen=True)
 class InputRecord:
     """One input sample. Exactly one of ``path`` (a file) or ``tar`` (+ ``image_member``) holds the image.
 
     ``json_*``/``txt_*`` point at sidecars; ``alt_text``/``meta`` carry values a table already gave.
     ``preset_skip`` marks a record known bad at listing time (unsafe tar member, duplicate key, ...).
+    ``path``/``json_path``/``txt_path`` are the files to open (links already resolved inside the source);
+    ``limits`` bounds what is read of them (the source's ``--max-file-bytes``/``--max-sidecar-bytes``).
     """
 
     key: str
@@ -87,6 +102,7 @@ class InputRecord:
     alt_text: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     preset_skip: tuple[str, str] | None = None
+    limits: ReadLimits = DEFAULT_LIMITS
 
 
 @dataclass

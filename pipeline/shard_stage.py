@@ -149,7 +149,11 @@ class ShardStage(Stage[ShardJob, ShardSummary]):
         records = list_inputs(self.srcs, self.config.sources)
         self.records = len(records)
         size, image = self.config.shard_size, self.config.image
-        settings = image.model_dump_json()
+        # The read limits count only when changed, so shards made before they existed stay valid.
+        limits = self.config.sources.model_dump_json(
+            include={"max_file_bytes", "max_sidecar_bytes"}, exclude_defaults=True
+        )
+        settings = image.model_dump_json() + (limits if limits != "{}" else "")
         jobs = []
         for index, start in enumerate(range(0, len(records), size)):
             chunk = tuple(records[start : start + size])

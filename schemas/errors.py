@@ -1,7 +1,9 @@
-"""The errors a user can cause and fix. The CLI prints them as one sentence and exits with 2.
+"""The errors a user can cause and fix, and the failures of the environment densecurate runs in.
 
-Every other exception is a bug of densecurate (or a failure of its environment): the CLI shows its
-traceback and exits with 1.
+The CLI prints a ``UserError`` as one sentence and exits with 2, an ``EnvironmentFailure`` as one
+sentence and exits with 1. Every other exception is a bug of densecurate: the CLI shows its
+traceback and exits with 1. With ``densecurate --debug`` (or ``DENSECURATE_DEBUG=1``) every error
+shows its traceback.
 """
 
 
@@ -23,3 +25,9 @@ class StaleInputError(UserError):
 
 class OutputConflictError(UserError):
     """Writing the output would destroy data or collide with another run."""
+
+
+class EnvironmentFailure(Exception):
+    """Not the user's mistake, nor a bug: the machine or cluster failed (a dead Ray head, a worker
+    killed more often than it may restart, a full disk). The message says what failed and how to
+    go on (usually: rerun the same command, finished shards are kept)."""

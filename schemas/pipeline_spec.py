@@ -48,6 +48,9 @@ class TrainStep(_Strict):
     resume: bool = True
     overwrite: bool = Field(False, description="delete run_dir's old run first (needs resume: false)")
     allow_config_change: bool = Field(False, description="resume even when the config changed (recorded)")
+    nan_tolerance: int | None = Field(
+        None, ge=0, description="non-finite steps to skip before training stops (overrides the config's)"
+    )
 
     @model_validator(mode="after")
     def _overwrite_or_resume(self) -> TrainStep:

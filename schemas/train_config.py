@@ -12,7 +12,8 @@ from schemas.validation import validated
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Every float setting must be a finite number (``.nan``, ``.inf`` and "inf" are refused, naming the field).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -56,13 +57,13 @@ class DataConfig(_Strict):
 
 class DiffusionConfig(_Strict):
     num_train_timesteps: int = Field(1000, ge=2)
-    beta_start: float = Field(1e-4, gt=0)
-    beta_end: float = Field(0.02, gt=0)
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
     loss: Literal["hybrid", "mse"] = "hybrid"
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(2e-5, gt=0)
+    lr: float = Field(2e-5, gt=0, le=1)
     weight_decay: float = Field(0.03, ge=0)
     eps: float = Field(1e-10, gt=0)
     warmup_steps: int = Field(1000, ge=0)
@@ -90,6 +91,12 @@ class TrainConfig(_Strict):
     sample_prompts: tuple[str, ...] = ("a photo of a cat",)
     sample_steps: int = Field(20, ge=1)
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP); 1 runs in this process")
+    nan_tolerance: int = Field(
+        0,
+        ge=0,
+        description="steps with a NaN/infinite loss or gradients the run may skip (no update) before it stops; "
+        "0: the first one stops training",
+    )
     use_gpu: bool | None = Field(None, description="default: when CUDA is available")
 
 

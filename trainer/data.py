@@ -18,7 +18,11 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset, Sampler
 
 from schemas.errors import MissingInputError
+from trainer.errors import CorruptFeatureError
 from trainer.features import FEATURE_EXT, NULL_CAPTION_FILE, Features, image_tensor
+
+# What a user does about a damaged or non-finite feature file.
+REENCODE_HINT = "re-encode that shard (delete it, then rerun densecurate features) or drop the sample from the data"
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,11 @@ class SampleRef:
     tar: str
     key: str
     spans: tuple[tuple[str, int, int], ...]  # (extension, offset, size)
+
+    @property
+    def shard(self) -> str:
+        """The tar's file name (the key is unique within it)."""
+        return Path(self.tar).name
 
     def read(self, ext: str) -> bytes | None:
         for name, offset, size in self.spans:
@@ -84,18 +93,38 @@ class _StepOrdered(Dataset):
         return noise, torch.rand((), generator=gen).item() < self.caption_dropout
 
 
+def read_features(ref: SampleRef) -> Features:
+    """The sample's features, checked: a ``CorruptFeatureError`` naming the key and shard when the file does
+    not parse or holds NaN or infinite values (which would make every loss of its batches NaN)."""
+    where = f"feature file {ref.key}.{FEATURE_EXT} in shard {ref.tar}"
+    try:
+        feats = Features.from_bytes(ref.read(FEATURE_EXT))
+    except Exception as exc:  # safetensors raises its own error types for a damaged header or data
+        raise CorruptFeatureError(f"{where} does not load ({type(exc).__name__}): {REENCODE_HINT}") from None
+    bad = feats.nonfinite()
+    if bad:
+        raise CorruptFeatureError(f"{where} holds NaN or infinite values in {' and '.join(bad)}: {REENCODE_HINT}")
+    return feats
+
+
 class FeatureDataset(_StepOrdered):
-    """Position -> latent (drawn from the stored posterior), padded T5 states, mask."""
+    """Position -> latent (drawn from the stored posterior), padded T5 states, mask, and the sample's key and
+    shard (so that a failed step can name its samples). Feature files are checked finite when read."""
 
     def __init__(
         self, folder: Path, *, seed: int, max_tokens: int, scaling_factor: float, caption_dropout: float
     ) -> None:
         super().__init__(index_samples(folder, FEATURE_EXT), seed, caption_dropout)
         self.null_t5 = load_file(str(folder / NULL_CAPTION_FILE))["t5"]
+        if not bool(torch.isfinite(self.null_t5).all()):
+            raise CorruptFeatureError(
+                f"{folder / NULL_CAPTION_FILE} holds NaN or infinite values: delete it and rerun densecurate features"
+            )
         self.max_tokens, self.scaling_factor = max_tokens, scaling_factor
 
-    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        feats = Features.from_bytes(self.ref_at(position).read(FEATURE_EXT))
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor | str]:
+        ref = self.ref_at(position)
+        feats = read_features(ref)
         mean, std = feats.vae.float().chunk(2, dim=0)
         noise, dropped = self.draws(position, tuple(mean.shape))
         latent = (mean + std * noise) * self.scaling_factor
@@ -104,11 +133,11 @@ class FeatureDataset(_StepOrdered):
         padded[: t5.shape[0]] = t5
         mask = torch.zeros(self.max_tokens, dtype=torch.long)
         mask[: t5.shape[0]] = 1
-        return {"latent": latent, "t5": padded, "mask": mask}
+        return {"latent": latent, "t5": padded, "mask": mask, "key": ref.key, "shard": ref.shard}
 
 
 class CuratedDataset(_StepOrdered):
-    """Position -> image tensor, caption ("" when dropped) and latent noise, for encoders run in the loop."""
+    """Position -> image tensor, caption ("" when dropped), latent noise (for encoders run in the loop), key, shard."""
 
     def __init__(self, folder: Path, *, seed: int, resolution: int, caption_dropout: float) -> None:
         super().__init__(index_samples(folder, "jpg"), seed, caption_dropout)
@@ -119,7 +148,8 @@ class CuratedDataset(_StepOrdered):
         latent_side = self.resolution // 8
         noise, dropped = self.draws(position, (4, latent_side, latent_side))
         caption = "" if dropped else (ref.read("txt") or b"").decode()
-        return {"image": image_tensor(ref.read("jpg"), self.resolution), "caption": caption, "noise": noise}
+        image = image_tensor(ref.read("jpg"), self.resolution)
+        return {"image": image, "caption": caption, "noise": noise, "key": ref.key, "shard": ref.shard}
 
 
 class StepBatches(Sampler[list[int]]):

@@ -62,6 +62,10 @@ class Features:
         tensors = load_tensors(data)
         return cls(vae=tensors["vae"], t5=tensors["t5"])
 
+    def nonfinite(self) -> list[str]:
+        """The names of the tensors that hold NaN or infinite values (none for sound features)."""
+        return [name for name in ("vae", "t5") if not bool(torch.isfinite(getattr(self, name)).all())]
+
 
 class FeatureEncoder:
     """The frozen VAE and T5 encoder (with its tokenizer), loaded as from a hub id or a folder."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from schemas.atomic import write_atomic
+from schemas.errors import UserError
 from schemas.train_config import TrainConfig
 from trainer.loop import TrainResult, train
 from trainer.run_guard import prepare_run_dir
@@ -65,9 +66,36 @@ def _ray_train(config: TrainConfig, *, resume: bool) -> TrainResult:
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
         run_config=RunConfig(storage_path=str(Path(config.run_dir).resolve() / "ray_train"), name="train"),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:
+        user_error = worker_user_error(exc)
+        if user_error is None:
+            raise
+        raise user_error from None  # e.g. a corrupt feature file or a non-finite loss: one sentence, not a traceback
     step = check_ranks_agree(Path(config.run_dir), config.workers)
     return TrainResult(step=step, run_dir=Path(config.run_dir))
+
+
+def worker_user_error(exc: BaseException) -> UserError | None:
+    """The ``UserError`` a Ray Train worker stopped with, from the error ``fit()`` raised (None if none).
+
+    Every rank stops at a non-finite step; the rank whose own batch had it names the samples, so its
+    error is preferred over one that only says another worker's was.
+    """
+    failures = getattr(exc, "worker_failures", None) or {}
+    candidates = [failures[rank] for rank in sorted(failures)] + [exc]
+    found: list[UserError] = []
+    for candidate in candidates:
+        seen = 0
+        while candidate is not None and seen < 8:
+            if isinstance(candidate, UserError):
+                found.append(candidate)
+                break
+            candidate = getattr(candidate, "_base_exc", None) or candidate.__cause__
+            seen += 1
+    own = [e for e in found if "another worker's" not in str(e)]
+    return (own or found or [None])[0]
 
 
 def check_ranks_agree(run_dir, workers: int) -> int:

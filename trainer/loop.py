@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,10 @@ from torch.utils.data import DataLoader
 
 from schemas.errors import ConfigError
 from schemas.train_config import TrainConfig
-from trainer.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from trainer.checkpoint import listed_names, load_newest_checkpoint, nonfinite_weights, save_checkpoint, warn_line
 from trainer.data import CuratedDataset, FeatureDataset, StepBatches, seeded_generator
 from trainer.diffusion import HybridLoss, linear_scheduler
+from trainer.errors import TrainingDivergedError
 from trainer.features import FeatureEncoder, from_pretrained_component
 from trainer.run_guard import CONFIG_FILE as CONFIG_FILE  # the run's saved config (re-exported)
 from trainer.run_guard import prepare_run_dir, save_config
@@ -82,8 +85,10 @@ class TrainResult:
 
     step: int
     run_dir: Path
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # of the steps that updated the weights
     model: Any = None  # the trained transformer (unwrapped) in this process
+    skipped_steps: list[int] = field(default_factory=list)  # steps this process skipped: non-finite loss/gradients
+    nonfinite_steps: int = 0  # such steps of the whole run (carried over a resume by the checkpoints)
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -107,7 +112,13 @@ def train(
 
     First ``prepare_run_dir`` refuses to mix runs in run_dir (``overwrite``: delete the old run;
     ``allow_config_change``: resume with a changed config, recorded). ``check_run_dir=False`` when the
-    caller already did that (the driver of a Ray Train run, once for all workers).
+    caller already did that (the driver of a Ray Train run, once for all workers). A resume continues from
+    the newest checkpoint that loads completely (newer ones that do not are skipped, with a printed line).
+
+    A step whose loss or gradients are NaN or infinite updates nothing (weights, optimizer, EMA); up to
+    ``config.nan_tolerance`` such steps of the run are skipped and counted, the next one stops training
+    with a ``TrainingDivergedError`` naming the step and the samples of its batch. No checkpoint is
+    written with non-finite weights.
     """
     from diffusers.optimization import get_constant_schedule_with_warmup
 
@@ -126,23 +137,21 @@ def train(
     o = config.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
     lr_schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=o.warmup_steps)
-    start = 0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    start = nonfinite_steps = 0
+    checkpoint = load_newest_checkpoint(run_dir, warn=None if rank else warn_line) if resume else None
     if checkpoint is not None:
-        from diffusers import PixArtTransformer2DModel
-
-        start, state = load_training_state(checkpoint)
-        model.load_state_dict(PixArtTransformer2DModel.from_pretrained(checkpoint / "transformer").state_dict())
-        ema.module.load_state_dict(
-            PixArtTransformer2DModel.from_pretrained(checkpoint / "transformer_ema").state_dict()
-        )
+        start, state = checkpoint.step, checkpoint.state
+        model.load_state_dict(checkpoint.transformer.state_dict())
+        ema.module.load_state_dict(checkpoint.transformer_ema.state_dict())
         ema.n_averaged.copy_(state["ema_n_averaged"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         torch.set_rng_state(state["rng"])
+        nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        del checkpoint
     if rank == 0:
         save_config(run_dir, config)
-    result = TrainResult(step=start, run_dir=run_dir, model=model)
+    result = TrainResult(step=start, run_dir=run_dir, model=model, nonfinite_steps=nonfinite_steps)
     if start >= config.steps:
         return result
 
@@ -196,31 +205,56 @@ def train(
             terms = diffusion_terms(train_model, latents, t5, mask, scheduler, loss_fn, gen)
         loss = terms.loss.mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # always (even for a NaN loss): DDP ranks all-reduce the gradients here
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        optimizer.step()
-        lr_schedule.step()
-        ema.update_parameters(model)
         done = step + 1
+        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one sync
+        if _all_finite(loss_value, norm_value, world, device):
+            optimizer.step()
+            ema.update_parameters(model)
+            result.losses.append(loss_value)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            result.skipped_steps.append(done)
+            result.nonfinite_steps += 1
+            what = _nonfinite_what(loss_value, norm_value, terms.loss.detach(), batch, world)
+            weights_broken = bool(nonfinite_weights(model))  # then skipping cannot help: stop now
+            if weights_broken or result.nonfinite_steps > config.nan_tolerance:
+                raise TrainingDivergedError(
+                    _diverged_message(done, what, result.nonfinite_steps, config.nan_tolerance, weights_broken)
+                )
+            if rank == 0:
+                warn_line(
+                    f"warning: step {done} skipped (no update) because {what}; "
+                    f"{result.nonfinite_steps} of --nan-tolerance {config.nan_tolerance} such steps used"
+                )
+        with warnings.catch_warnings():  # the schedule follows the step count, skipped steps included
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            lr_schedule.step()
         result.step = done
-        result.losses.append(loss.item())
         if writer is not None and (done % config.log_every == 0 or done == config.steps):
             now = time.perf_counter()
             images = config.log_every * config.data.batch_size * world
             scalars = {
-                "loss": loss.item(),
+                "loss": loss_value,
                 "loss/mse": terms.mse.mean().item(),
                 "loss/vb": terms.vb.mean().item(),
-                "grad_norm": grad_norm.item(),
+                "grad_norm": norm_value,
                 "lr": lr_schedule.get_last_lr()[0],
                 "images_per_s": images / max(now - last_log, 1e-9),
+                "nonfinite_steps": result.nonfinite_steps,
             }
             for name, value in scalars.items():
                 writer.add_scalar(name, value, done)
             print(f"step {done}/{config.steps} loss {scalars['loss']:.4f} (mse {scalars['loss/mse']:.4f})", flush=True)
             last_log = now
-        if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
-            save_checkpoint(run_dir, done, model, ema, optimizer, lr_schedule)
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            # Every rank checks (the weights agree across DDP ranks), so that all of them stop together.
+            _check_weights_finite(done, model, ema.module)
+            if rank == 0:
+                save_checkpoint(
+                    run_dir, done, model, ema, optimizer, lr_schedule, nonfinite_steps=result.nonfinite_steps
+                )
         if rank == 0 and config.sample_every and done % config.sample_every == 0:
             from trainer.sampling import save_sample_grid
 
@@ -228,6 +262,69 @@ def train(
     if writer is not None:
         writer.close()
     return result
+
+
+def _all_finite(loss: float, grad_norm: float, world: int, device: torch.device) -> bool:
+    """Whether this step's loss and gradient norm are finite, on every DDP rank (so that all skip or stop alike)."""
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([0.0 if finite else 1.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        finite = flag.item() == 0.0
+    return finite
+
+
+def _samples(batch: dict[str, Any], which: list[int] | None = None, limit: int = 4) -> str:
+    """``KEY (SHARD), ...`` for the batch's samples (``which``: their indices), at most ``limit`` named."""
+    keys, shards = batch.get("key"), batch.get("shard")
+    if not keys:
+        return "unknown samples"
+    which = list(range(len(keys))) if which is None else which
+    named = [f"{keys[i]} ({shards[i]})" if shards else str(keys[i]) for i in which[:limit]]
+    more = f" and {len(which) - limit} more" if len(which) > limit else ""
+    return ", ".join(named) + more
+
+
+def _nonfinite_what(loss: float, grad_norm: float, per_sample: torch.Tensor, batch: dict[str, Any], world: int) -> str:
+    """What was not finite at this step, naming the samples of the batch (those whose loss was, when known).
+
+    With DDP the gradients are averaged over the workers, so a worker whose own loss is finite says so (the
+    launcher then prefers the error of the worker whose batch had it)."""
+    if not math.isfinite(loss):
+        bad = [i for i, ok in enumerate(torch.isfinite(per_sample.float()).tolist()) if not ok]
+        return f"the loss is {loss} on samples {_samples(batch, bad or None)}"
+    if not math.isfinite(grad_norm) and world == 1:
+        return f"the gradient norm is {grad_norm} on the batch of samples {_samples(batch)}"
+    if not math.isfinite(grad_norm):
+        return (
+            f"the gradient norm averaged over the workers is {grad_norm}, from this worker's batch of samples "
+            f"{_samples(batch)} or another worker's"
+        )
+    return f"another worker's loss or gradients are not finite (this worker's batch has samples {_samples(batch)})"
+
+
+def _diverged_message(step: int, what: str, count: int, tolerance: int, weights_broken: bool) -> str:
+    if weights_broken:
+        return (
+            f"training stopped at step {step} because {what} and the weights themselves are NaN or infinite since "
+            "an earlier update (no checkpoint was written with them); lower optim.lr or optim.grad_clip and resume "
+            "from an earlier checkpoint"
+        )
+    return (
+        f"training stopped at step {step} because {what}, non-finite step {count} of the run with --nan-tolerance "
+        f"{tolerance} (no checkpoint was written for it); check those samples' features or lower optim.lr, or "
+        "resume with a higher --nan-tolerance to skip such steps"
+    )
+
+
+def _check_weights_finite(step: int, model: Any, ema_model: Any) -> None:
+    bad = nonfinite_weights(model) + [f"EMA {n}" for n in nonfinite_weights(ema_model)]
+    if bad:
+        raise TrainingDivergedError(
+            f"training stopped at step {step} because its update made the weights NaN or infinite (in "
+            f"{listed_names(bad)}) and no checkpoint was written for it; lower optim.lr or optim.grad_clip and "
+            "resume from an earlier checkpoint"
+        )
 
 
 def _summary_writer(run_dir: Path) -> Any:

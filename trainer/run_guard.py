@@ -35,10 +35,12 @@ CHANGES_FILE = "config_changes.jsonl"
 RUN_OUTPUTS = ("checkpoints", "samples", "tensorboard", "workers", "ray_train", CHANGES_FILE, CONFIG_FILE)
 
 # Fields a resume may change freely: the length of the run, and settings that only decide what is
-# logged, saved or sampled (and how many loader processes read the data, which never changes a batch).
+# logged, saved or sampled (and how many loader processes read the data, which never changes a batch),
+# and how many non-finite steps may be skipped (which changes nothing while the steps are finite).
 RESUMABLE_FIELDS = frozenset(
     {
         "steps",
+        "nan_tolerance",
         "log_every",
         "checkpoint_every",
         "sample_every",
@@ -149,7 +151,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _step_of(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / "state.json").read_text())["step"])
+    """From the folder name ``step-NNNNNNNN`` (its state.json may be damaged: the resume then skips it)."""
+    return int(checkpoint.name[5:])
 
 
 def _short(value: Any, limit: int = 40) -> str:

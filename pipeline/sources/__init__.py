@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.records import InputRecord
+from pipeline.records import InputRecord, ReadLimits
 from pipeline.sources.detect import detect_format
 from pipeline.sources.errors import SourceError
+from pipeline.sources.files import kind_of
 from pipeline.sources.folder import list_folder
 from pipeline.sources.img2dataset import list_img2dataset
 from pipeline.sources.parquet_table import list_parquet
@@ -20,16 +21,20 @@ def list_source(src: Path, settings: SourceSettings) -> list[InputRecord]:
     """All records of one source path, sorted by original id (then location)."""
     if not src.exists():
         raise SourceError(f"input {src} does not exist")
+    if not (src.is_dir() or src.is_file()):
+        st_mode = src.stat().st_mode
+        raise SourceError(f"input {src} is a {kind_of(st_mode)}, not a folder or a regular file")
     fmt = settings.format if settings.format != "auto" else detect_format(src)
     source = settings.source_name or fmt
+    limits = ReadLimits(settings.max_file_bytes, settings.max_sidecar_bytes)
     if fmt == "folder":
         if not src.is_dir():
             raise SourceError(f"--format folder needs a directory, got the file {src}")
-        records = list_folder(src, source=source, kind="folder")
+        records = list_folder(src, source=source, kind="folder", limits=limits)
     elif fmt == "sa1b":
-        records = list_sa1b(src, source=source)
+        records = list_sa1b(src, source=source, limits=limits)
     elif fmt == "img2dataset":
-        records = list_img2dataset(src, source=source)
+        records = list_img2dataset(src, source=source, limits=limits)
     elif fmt == "parquet":
         records = list_parquet(src, source=source, settings=settings)
     else:

@@ -4,23 +4,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.records import InputRecord, make_key
+from pipeline.records import DEFAULT_LIMITS, InputRecord, ReadLimits, make_key
+from pipeline.sources.files import listed_file, over_limit
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
-def list_folder(root: Path, *, source: str, kind: str) -> list[InputRecord]:
-    """Every image file under ``root``; the original id is its relative path without suffix."""
+def _sidecar(path: Path, root: Path, limit: int) -> tuple[Path | None, tuple[str, str] | None]:
+    """The sidecar file to read (None: absent, or not a regular file inside the source) and its skip if too large."""
+    try:
+        real, found = listed_file(path, root)
+    except OSError:  # absent (the usual case) or not examinable
+        return None, None
+    if real is None:
+        return None, None
+    if found.st_size > limit:
+        return None, ("bad_metadata", over_limit(str(path), found.st_size, limit, "--max-sidecar-bytes"))
+    return real, None
+
+
+def list_folder(root: Path, *, source: str, kind: str, limits: ReadLimits = DEFAULT_LIMITS) -> list[InputRecord]:
+    """Every image file under ``root``; the original id is its relative path without suffix.
+
+    Only regular files are read: a link is followed only to a regular file inside ``root``; a FIFO,
+    a device or a link elsewhere is skipped as ``not_regular_file``, a file over
+    ``limits.max_file_bytes`` as ``file_too_large``, a sidecar over ``limits.max_sidecar_bytes`` as
+    ``bad_metadata``. Sidecars that are not regular files inside ``root`` are ignored.
+    """
+    real_root = root.resolve()
     records = []
     for path in root.rglob("*"):
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.is_dir():
             continue
         original_id = path.relative_to(root).with_suffix("").as_posix()
-        txt, js = path.with_suffix(".txt"), path.with_suffix(".json")
         skip = None
-        if path.is_symlink():
-            # A link may point anywhere on the machine; only real files under the root are read.
-            skip = ("not_regular_file", f"{path} is a symbolic link")
+        try:
+            real, found = listed_file(path, real_root)
+        except OSError as exc:  # vanished or unreadable since the directory was listed
+            real, found = None, ("read_error", f"cannot examine {path}: {exc}")
+        if real is None:
+            skip = found
+        elif found.st_size > limits.max_file_bytes:
+            skip = ("file_too_large", over_limit(str(path), found.st_size, limits.max_file_bytes, "--max-file-bytes"))
+        txt, txt_skip = _sidecar(path.with_suffix(".txt"), real_root, limits.max_sidecar_bytes)
+        js, js_skip = _sidecar(path.with_suffix(".json"), real_root, limits.max_sidecar_bytes)
         records.append(
             InputRecord(
                 key=make_key(source, original_id),
@@ -28,10 +55,11 @@ def list_folder(root: Path, *, source: str, kind: str) -> list[InputRecord]:
                 original_id=original_id,
                 location=str(path),
                 kind=kind,
-                path=path,
-                txt_path=txt if txt.is_file() and not txt.is_symlink() else None,
-                json_path=js if js.is_file() and not js.is_symlink() else None,
-                preset_skip=skip,
+                path=real or path,
+                txt_path=txt,
+                json_path=js,
+                preset_skip=skip or js_skip or txt_skip,
+                limits=limits,
             )
         )
     return records

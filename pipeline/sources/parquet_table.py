@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.records import InputRecord, make_key
+from pipeline.records import InputRecord, ReadLimits, make_key
 from pipeline.sources.errors import SourceError
 from schemas.shard_config import SourceSettings
 
@@ -18,7 +18,13 @@ def _json_safe(value: Any) -> Any:
 
 
 def list_parquet(src: Path, *, source: str, settings: SourceSettings) -> list[InputRecord]:
-    """One record per row; relative paths are taken from the table's folder."""
+    """One record per row; relative paths are taken from the table's folder.
+
+    The image paths are not examined here (the table may name millions, maybe on storage only the
+    workers see): the shard task refuses a path that is not a regular file (links followed: a table
+    names paths anywhere) or is over ``--max-file-bytes`` before reading it.
+    """
+    limits = ReadLimits(settings.max_file_bytes, settings.max_sidecar_bytes)
     table = pq.read_table(src)
     columns = table.column_names
     wanted = [settings.image_column, settings.id_column]
@@ -50,6 +56,7 @@ def list_parquet(src: Path, *, source: str, settings: SourceSettings) -> list[In
                 alt_text=row.get(caption_col) if caption_col else None,
                 meta=meta,
                 preset_skip=None if path else ("missing_path", f"row {row_index} has no image path"),
+                limits=limits,
             )
         )
     return records

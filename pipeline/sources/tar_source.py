@@ -5,14 +5,34 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from pipeline.records import InputRecord, make_key
-from pipeline.sources.tar_members import list_tar_samples
+from pipeline.records import DEFAULT_LIMITS, InputRecord, MemberRef, ReadLimits, make_key
+from pipeline.sources.files import listed_file, over_limit
+from pipeline.sources.tar_members import TarSample, list_tar_samples
 
 
-def list_tar_records(tar_path: Path, *, source: str, kind: str) -> list[InputRecord]:
-    """One record per sample key in the tar; unusable samples carry their skip reason."""
+def _size_problem(sample: TarSample, image: MemberRef, limits: ReadLimits) -> tuple[str, str] | None:
+    """``file_too_large`` for an image member, ``bad_metadata`` for a sidecar member, over its limit (by header)."""
+    if image.size > limits.max_file_bytes:
+        what = f"tar member {image.name!r}"
+        return ("file_too_large", over_limit(what, image.size, limits.max_file_bytes, "--max-file-bytes"))
+    for ext in ("json", "txt"):
+        side = sample.members.get(ext)
+        if side is not None and side.size > limits.max_sidecar_bytes:
+            what = f"tar member {side.name!r}"
+            return ("bad_metadata", over_limit(what, side.size, limits.max_sidecar_bytes, "--max-sidecar-bytes"))
+    return None
+
+
+def list_tar_records(
+    tar_path: Path, *, source: str, kind: str, limits: ReadLimits = DEFAULT_LIMITS, read_path: Path | None = None
+) -> list[InputRecord]:
+    """One record per sample key in the tar; unusable samples carry their skip reason.
+
+    ``read_path`` is the file to open when ``tar_path`` (the name records carry) is a link.
+    """
+    real = read_path or tar_path
     try:
-        samples, stopped = list_tar_samples(tar_path)
+        samples, stopped = list_tar_samples(real)
     except (tarfile.TarError, OSError) as exc:
         return [_tar_problem(tar_path, source, kind, "", f"{tar_path} is not a readable uncompressed tar ({exc})")]
     records = []
@@ -24,6 +44,8 @@ def list_tar_records(tar_path: Path, *, source: str, kind: str) -> list[InputRec
         elif image is None:
             names = ", ".join(sorted(sample.members)) or "nothing"
             skip = ("no_image", f"sample {sample.prefix!r} has no image member (has {names})")
+        else:
+            skip = _size_problem(sample, image, limits)
         records.append(
             InputRecord(
                 key=make_key(source, sample.prefix),
@@ -31,11 +53,12 @@ def list_tar_records(tar_path: Path, *, source: str, kind: str) -> list[InputRec
                 original_id=sample.prefix,
                 location=f"{tar_path}::{image.name if image else sample.prefix}",
                 kind=kind,
-                tar=tar_path,
+                tar=real,
                 image_member=image,
                 json_member=sample.members.get("json"),
                 txt_member=sample.members.get("txt"),
                 preset_skip=skip,
+                limits=limits,
             )
         )
     if stopped is not None:
@@ -44,7 +67,9 @@ def list_tar_records(tar_path: Path, *, source: str, kind: str) -> list[InputRec
     return records
 
 
-def _tar_problem(tar_path: Path, source: str, kind: str, suffix: str, detail: str) -> InputRecord:
+def _tar_problem(
+    tar_path: Path, source: str, kind: str, suffix: str, detail: str, code: str = "bad_tar"
+) -> InputRecord:
     """A record standing for the part of a tar that cannot be listed, so the loss is on record."""
     original_id = f"{tar_path.stem}{suffix}"
     return InputRecord(
@@ -53,14 +78,28 @@ def _tar_problem(tar_path: Path, source: str, kind: str, suffix: str, detail: st
         original_id=original_id,
         location=str(tar_path),
         kind=kind,
-        preset_skip=("bad_tar", detail),
+        preset_skip=(code, detail),
     )
 
 
-def list_tar_dir(src: Path, *, source: str, kind: str) -> list[InputRecord]:
-    """Records of one tar file, or of every ``*.tar`` directly in a directory."""
-    tars = [src] if src.is_file() else sorted(src.glob("*.tar"))
+def list_tar_dir(src: Path, *, source: str, kind: str, limits: ReadLimits = DEFAULT_LIMITS) -> list[InputRecord]:
+    """Records of one tar file, or of every ``*.tar`` directly in a directory.
+
+    A ``*.tar`` in the directory that is not a regular file (a FIFO, a device, a link out of the
+    directory) is one ``not_regular_file`` record and is never opened.
+    """
+    if not src.is_dir():
+        return list_tar_records(src, source=source, kind=kind, limits=limits, read_path=src.resolve())
+    root = src.resolve()
     records: list[InputRecord] = []
-    for tar_path in tars:
-        records.extend(list_tar_records(tar_path, source=source, kind=kind))
+    for tar_path in sorted(src.glob("*.tar")):
+        try:
+            real, found = listed_file(tar_path, root)
+        except OSError as exc:
+            real, found = None, ("bad_tar", f"cannot examine {tar_path}: {exc}")
+        if real is None:
+            code, detail = found
+            records.append(_tar_problem(tar_path, source, kind, "", detail, code=code))
+            continue
+        records.extend(list_tar_records(tar_path, source=source, kind=kind, limits=limits, read_path=real))
     return records
