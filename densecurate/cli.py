@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -20,6 +21,13 @@ from schemas.pipeline_spec import STAGES
 from schemas.score_config import DEFAULT_SPACY_MODEL
 
 console = commands.console
+
+
+def _path(text: str) -> Path:
+    """A path argument; an empty string, which would name the current directory, is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty string is not a path")
+    return Path(text)
 
 
 def _add_rerun_options(p: argparse.ArgumentParser, *, replace: bool) -> None:
@@ -93,7 +101,7 @@ def _add_query_parser(sub: argparse._SubParsersAction) -> None:
         help="run SQL on the dataset's tables with DuckDB (read-only)",
         description="Views: samples (ROOT/shards/*.parquet). The catalog is also in ROOT/catalog.duckdb.",
     )
-    p.add_argument("root", type=Path, help="dataset root")
+    p.add_argument("root", type=_path, help="dataset root")
     p.add_argument("sql", help='SQL, e.g. "SELECT status, count(*) FROM samples GROUP BY ALL"')
     p.add_argument("--format", default="table", choices=["table", "csv", "json"])
     p.set_defaults(handler=commands.cmd_query)
@@ -106,7 +114,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
         description="Runs jobs/examples/demo.yaml with DIR for demo_out: sample photos, tiny models, shard, "
         "caption, score, report (DIR/report.html), curate, features, train, export (DIR/export).",
     )
-    p.add_argument("--out", required=True, type=Path, help="demo directory")
+    p.add_argument("--out", required=True, type=_path, help="demo directory")
     p.set_defaults(handler=commands.cmd_demo)
 
 
@@ -117,7 +125,7 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
         description="Reads ROOT/shards/*.tar, writes ROOT/captions/NAME/NNNNN.parquet (one row per key). "
         "Finished shards are skipped on a rerun.",
     )
-    p.add_argument("root", type=Path, help="dataset root")
+    p.add_argument("root", type=_path, help="dataset root")
     p.add_argument("--model", required=True, help="hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
     p.add_argument("--name", help="captioner name, the folder under ROOT/captions (default: from the model)")
     p.add_argument("--prompt", default="pixart", help="pixart | pixart-alt | free text, may hold {alt_text}")
@@ -161,7 +169,7 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
         "chat template), OUT/pixart: a tiny PixArtAlphaPipeline folder (T5 encoder, VAE, transformer, "
         "scheduler), and OUT/clip: a tiny open_clip model (local-dir:OUT/clip); all load like hub models.",
     )
-    tiny.add_argument("out", type=Path)
+    tiny.add_argument("out", type=_path)
     tiny.set_defaults(handler=commands.cmd_make_tiny)
 
 
@@ -177,7 +185,7 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
         help="concept density: nouns per caption for alt text and captioners, and each field's vocabulary",
         description="Writes ROOT/density/FIELD/NNNNN.parquet and ROOT/vocab/FIELD.parquet.",
     )
-    p.add_argument("root", type=Path, help="dataset root")
+    p.add_argument("root", type=_path, help="dataset root")
     p.add_argument(
         "--field", action="append", help="alt_text or a captioner name; repeat for several (default: alt_text)"
     )
@@ -193,7 +201,7 @@ def _add_density_parser(sub: argparse._SubParsersAction) -> None:
         help="the Table-1 row of a caption table on its own (Parquet, CSV or JSONL; no images needed)",
         description="Scores one text column and prints PixArt-alpha's Table-1 numbers for it.",
     )
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=_path)
     p.add_argument("--column", required=True, help="the caption column")
     _add_nouns_options(p)
     p.add_argument("--format", default="table", choices=["table", "json"])
@@ -209,14 +217,14 @@ def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
         "Rules come from --config (YAML with the keys min_valid_nouns, min_nouns, drop_flagged, min_words); "
         "options given on the command line override it.",
     )
-    p.add_argument("root", type=Path, help="dataset root (scored for --field)")
+    p.add_argument("root", type=_path, help="dataset root (scored for --field)")
     p.add_argument("--field", required=True, help="alt_text or a captioner name: the caption to keep")
-    p.add_argument("--out", required=True, type=Path, help="output folder of the curated shards")
+    p.add_argument("--out", required=True, type=_path, help="output folder of the curated shards")
     p.add_argument("--min-valid-nouns", type=int, help="drop captions with fewer valid noun occurrences")
     p.add_argument("--min-nouns", type=int, help="drop captions with fewer noun occurrences")
     p.add_argument("--min-words", type=int, help="drop captions with fewer words (default 1: no caption)")
     p.add_argument("--drop-flagged", action="store_true", default=None, help="drop truncated/repetitive/empty")
-    p.add_argument("--config", type=Path, help="curate.yaml with the rules")
+    p.add_argument("--config", type=_path, help="curate.yaml with the rules")
     _add_ray_options(p, "tasks at once (default: every CPU)")
     _add_rerun_options(p, replace=True)
     p.set_defaults(handler=commands.cmd_curate)
@@ -229,8 +237,8 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
         description="Writes FEATS/NNNNN.tar (KEY.feat.safetensors: VAE mean+std and T5 states, fp16; KEY.txt; "
         "KEY.json), NNNNN.parquet, NNNNN_stats.json and null_caption.safetensors. Finished shards are skipped.",
     )
-    p.add_argument("curated", type=Path, help="folder of curated shards (densecurate curate --out)")
-    p.add_argument("--out", required=True, type=Path, help="folder of the feature shards")
+    p.add_argument("curated", type=_path, help="folder of curated shards (densecurate curate --out)")
+    p.add_argument("--out", required=True, type=_path, help="folder of the feature shards")
     p.add_argument("--vae", required=True, help="AutoencoderKL: hub id or directory (a PixArt pipeline folder works)")
     p.add_argument("--text-encoder", required=True, help="T5 encoder and tokenizer: hub id or directory")
     p.add_argument("--resolution", type=int, default=256)
@@ -283,8 +291,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         help="write a run's latest checkpoint as a folder PixArtAlphaPipeline.from_pretrained loads",
         description="Transformer (or its EMA with --ema), the run's VAE, T5 encoder and tokenizer, DPM-Solver.",
     )
-    p.add_argument("run", type=Path, help="run directory (run_dir of the training config)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("run", type=_path, help="run directory (run_dir of the training config)")
+    p.add_argument("--out", required=True, type=_path)
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.set_defaults(handler=commands.cmd_export)
 
@@ -295,14 +303,14 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="generate images for prompts with an exported pipeline and report their CLIP score",
         description="CLIP score = 100 * max(cosine(image, prompt), 0) with an open_clip model, per prompt and mean.",
     )
-    p.add_argument("pipeline", type=Path, help="exported pipeline folder (densecurate export --out)")
-    p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
+    p.add_argument("pipeline", type=_path, help="exported pipeline folder (densecurate export --out)")
+    p.add_argument("--prompts", required=True, type=_path, help="text file, one prompt per line")
     p.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name, or local-dir:DIR")
     p.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag or file")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=Path, help="save the generated images here")
+    p.add_argument("--images", type=_path, help="save the generated images here")
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.set_defaults(handler=commands.cmd_eval)
 
@@ -313,7 +321,7 @@ def _add_spec_parsers(sub: argparse._SubParsersAction) -> None:
         help="run a pipeline spec in this process (local Ray), stage after stage, skipping what is done",
         description="SPEC is YAML (see jobs/examples/); relative paths are taken from the current directory.",
     )
-    run.add_argument("spec", type=Path)
+    run.add_argument("spec", type=_path)
     run.add_argument("--stage", action="append", choices=STAGES, help="run only this stage (repeatable)")
     run.set_defaults(handler=commands.cmd_run)
     submit = sub.add_parser(
@@ -323,7 +331,7 @@ def _add_spec_parsers(sub: argparse._SubParsersAction) -> None:
         "environment that carries densecurate's packages. Address: --address, else RAY_ADDRESS, else "
         "the local head (http://127.0.0.1:8265).",
     )
-    submit.add_argument("spec", type=Path)
+    submit.add_argument("spec", type=_path)
     submit.add_argument("--address", help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
     submit.add_argument("--stage", action="append", choices=STAGES, help="run only this stage (repeatable)")
     submit.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
@@ -341,8 +349,8 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
         help="compare caption fields: Table-1 rows side by side, noun distributions, long tail, flags",
         description="Prints the report; with --html also writes one self-contained page with plots and a gallery.",
     )
-    p.add_argument("root", type=Path, help="dataset root (scored)")
-    p.add_argument("--html", type=Path, help="write the HTML report here")
+    p.add_argument("root", type=_path, help="dataset root (scored)")
+    p.add_argument("--html", type=_path, help="write the HTML report here")
     p.add_argument("--gallery", type=int, default=8, help="samples in the HTML gallery")
     p.add_argument("--spacy-model", default=DEFAULT_SPACY_MODEL, help="for marking nouns in the gallery")
     p.set_defaults(handler=commands.cmd_report)
@@ -356,7 +364,7 @@ def _add_verify_parsers(sub: argparse._SubParsersAction) -> None:
         "members; with --deep every stored image matches its sha256. Caption, density and vocabulary tables read "
         "in full. Rerun the stage that wrote a damaged output with --repair to redo exactly those.",
     )
-    p.add_argument("root", type=Path, help="dataset root (or a folder of curated or feature shards)")
+    p.add_argument("root", type=_path, help="dataset root (or a folder of curated or feature shards)")
     p.add_argument("--deep", action="store_true", help="also hash every stored image")
     p.set_defaults(handler=commands.cmd_verify)
     p = sub.add_parser(
@@ -365,7 +373,7 @@ def _add_verify_parsers(sub: argparse._SubParsersAction) -> None:
         description="Caption and density tables whose shard no longer exists (after a rerun of the shard stage "
         "with fewer shards) and in-progress files of killed runs. Stages never remove these on their own.",
     )
-    p.add_argument("root", type=Path, help="dataset root")
+    p.add_argument("root", type=_path, help="dataset root")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.set_defaults(handler=commands.cmd_prune)
 
@@ -376,7 +384,7 @@ def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
         help="the common questions: counts by status and source, captions, nouns per image, top nouns",
         description="Runs the common DuckDB queries on the dataset root's catalog.",
     )
-    p.add_argument("root", type=Path, help="dataset root")
+    p.add_argument("root", type=_path, help="dataset root")
     p.set_defaults(handler=commands.cmd_stats)
 
 
@@ -412,9 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEBUG_ENV = "DENSECURATE_DEBUG"
-RERUN = "rerun the same command to go on: finished shards are kept"
+RERUN = "rerun the same command to go on (finished shards are kept)"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _ray_cause(exc: BaseException) -> BaseException:
@@ -428,35 +437,37 @@ def _ray_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _shown_path(name: object) -> str:
-    """A path for an error message: an in-progress output ``NAME.tmp-PID`` shown as ``NAME``."""
+def _shown_path(exc: OSError) -> str:
+    """The path of an OSError for a message; an in-progress output ``NAME.tmp-PID`` is shown as ``NAME``."""
+    if exc.filename is None:
+        return "an output"
+    name = exc.filename
     text = os.fsdecode(name) if isinstance(name, str | bytes | os.PathLike) else str(name)
     return text.split(TMP_MARK, 1)[0]
 
 
 def _os_error_sentence(exc: OSError) -> tuple[int, str] | None:
-    """Exit code and sentence for a full disk (1) or a path the user may not write (2); None otherwise."""
-    path = _shown_path(exc.filename) if exc.filename is not None else None
-    where = f" {path}" if path else ""
+    """A full disk (exit 1) or a path the user may not write (exit 2), with its path; None otherwise."""
     if exc.errno in NO_SPACE:
         return 1, (
-            f"no space left on the device of{where or ' an output'} ({exc.strerror}): free space or choose an "
-            f"output folder on another disk, then {RERUN} and stay valid"
+            f"no space left on the device of {_shown_path(exc)} ({exc.strerror}): free space or choose an output "
+            f"folder on another disk, then {RERUN}"
         )
     if isinstance(exc, PermissionError) or exc.errno in NOT_PERMITTED:
         return 2, (
-            f"cannot write{where or ' an output'} ({exc.strerror}): fix its permissions or choose another output "
-            f"folder, then {RERUN} and stay valid"
+            f"cannot write {_shown_path(exc)} ({exc.strerror}): fix its permissions or choose another output "
+            f"folder, then {RERUN}"
         )
     return None
 
 
-def error_sentence(exc: BaseException) -> tuple[int, str] | None:
-    """The exit code and the one-sentence message for an error densecurate explains; None for a bug.
+def explain_error(exc: BaseException) -> tuple[int, list[str]] | None:
+    """The exit code and the message (one sentence; one per field of an invalid option) for an error
+    densecurate explains; None for a bug.
 
-    2: a mistake the user can fix (``UserError``, an invalid option, an unwritable output path);
-    1: a failure of the environment (``EnvironmentFailure``, a full disk). Errors raised in a Ray task
-    or actor are judged by the exception the task raised.
+    2: a mistake the user can fix (``UserError``, an invalid option, an output path it may not write);
+    1: a failure of the environment (``EnvironmentFailure``, a full disk). An error raised in a Ray task
+    or actor is judged by the exception the task raised.
     """
     exc = _ray_cause(exc)
     if isinstance(exc, ValidationError):
@@ -465,13 +476,13 @@ def error_sentence(exc: BaseException) -> tuple[int, str] | None:
             field = ".".join(str(p) for p in err["loc"])
             option = "--" + str(err["loc"][-1]).replace("_", "-") if err["loc"] else "(top level)"
             lines.append(f"{field} ({option}): {err['msg']}")
-        return 2, "\n".join(lines)
+        return 2, lines
     if isinstance(exc, UserError):
-        return 2, str(exc)
+        return 2, [str(exc)]
     if isinstance(exc, EnvironmentFailure):
-        return 1, str(exc)
-    if isinstance(exc, OSError):
-        return _os_error_sentence(exc)
+        return 1, [str(exc)]
+    if isinstance(exc, OSError) and (verdict := _os_error_sentence(exc)) is not None:
+        return verdict[0], [verdict[1]]
     return None
 
 
@@ -482,9 +493,10 @@ def _debug_requested(argv: Sequence[str]) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``densecurate`` console script.
 
-    Exit codes: 0 done; 2 a user's mistake and 1 a failure of the environment, each printed as one
-    sentence; 1 with a traceback for a bug; 130 when interrupted. ``--debug`` (anywhere on the command
-    line) or ``DENSECURATE_DEBUG=1`` prints the traceback of every error too.
+    Exit codes: 0 done; 2 a user's mistake and 1 a failure of the environment, each one sentence;
+    1 with a traceback for a bug; 130 when interrupted (128 + the signal for SIGTERM and SIGHUP);
+    ``verify`` 3 for damaged outputs. ``--debug`` (anywhere on the command line) or
+    ``DENSECURATE_DEBUG=1`` also prints the traceback of every error.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
@@ -496,13 +508,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         console.print(f"[red]interrupted:[/red] {RERUN}")
         return 130
+    except SystemExit as exc:  # SIGTERM or SIGHUP while a local Ray runs (see pipeline.ray_cluster)
+        if exc.code in [128 + s for s in STOP_SIGNALS]:
+            console.print(f"[red]stopped by {signal.Signals(exc.code - 128).name}:[/red] {RERUN}")
+        raise
     except Exception as exc:
-        verdict = error_sentence(exc)
+        verdict = explain_error(exc)
         if verdict is None:
             raise  # a bug: its traceback is shown and the exit code is 1
         if debug:
             traceback.print_exc()
-        code, sentence = verdict
-        for line in sentence.splitlines() or [""]:
-            console.print(f"[red]error:[/red] {escape(line)}")
+        code, messages = verdict
+        for message in messages:
+            console.print(f"[red]error:[/red] {escape(message)}")
         return code

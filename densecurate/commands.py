@@ -7,13 +7,12 @@ import json
 import re
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 
 from pipeline.catalog import run_query
 from pipeline.table_output import print_rows
 from schemas.caption_config import CaptionConfig
-from schemas.errors import UserError
+from schemas.errors import OutputConflictError, UserError
 from schemas.features_config import FeaturesConfig
 from schemas.pipeline_spec import PipelineSpec, parse_spec, resolve_paths
 from schemas.score_config import (
@@ -25,11 +24,30 @@ from schemas.score_config import (
 )
 from schemas.shard_config import ShardConfig
 from schemas.train_config import load_train_config
-from schemas.validation import read_input_text, validated
+from schemas.validation import load_yaml, read_input_text, require_model_folder, validated
 
 console = Console(stderr=True, soft_wrap=True)
 # Options every stage command shares (``--replace`` only where the stage takes it).
 RUN_OPTIONS = ("workers", "ray_address", "repair", "replace")
+
+
+def require_folder_option(path: Path | None, option: str) -> None:
+    """Refuse an output folder that is, or lies under, an existing file (before any work starts)."""
+    for part in (path, *path.parents) if path is not None else ():
+        if part.exists():
+            if not part.is_dir():
+                raise OutputConflictError(
+                    f"{option} {path}: {part} is a file, not a folder; choose a folder (it is made when missing)"
+                )
+            return
+
+
+def require_file_option(path: Path | None, option: str) -> None:
+    """Refuse an output file that is an existing folder, or whose folder cannot be made."""
+    if path is not None and path.is_dir():
+        raise OutputConflictError(f"{option} {path} is a folder; give the name of a file to write")
+    if path is not None:
+        require_folder_option(path.parent, option)
 
 
 def run_options(args: argparse.Namespace) -> dict:
@@ -75,14 +93,14 @@ def cmd_shard(args: argparse.Namespace) -> int:
 def default_captioner_name(model: str) -> str:
     """``llava-hf/llava-1.5-7b-hf`` -> ``llava-1.5-7b-hf``; a directory -> its name."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(model.rstrip("/")).name)
-    return name or "captioner"
+    return name if name.strip(".") else "captioner"
 
 
 def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
     """Validate the caption options into a ``CaptionConfig``."""
     return CaptionConfig.model_validate(
         {
-            "name": args.name or default_captioner_name(args.model),
+            "name": default_captioner_name(args.model) if args.name is None else args.name,
             "model": {
                 "model": args.model,
                 "revision": args.revision,
@@ -124,6 +142,7 @@ def _noun_settings(args: argparse.Namespace) -> dict:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from jobs.stages import require_spacy_model
     from pipeline.score_stage import run_score_stage
 
     config = ScoreConfig.model_validate(
@@ -134,6 +153,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             **run_options(args),
         }
     )
+    require_spacy_model(config.nouns.spacy_model, config.ray_address)
     Console().print(run_score_stage(args.root, config).render())
     from pipeline.report import print_table1
 
@@ -159,7 +179,7 @@ def curate_config_from_args(args: argparse.Namespace) -> CurateConfig:
     """Rules from --config, overridden by the options given; validated with the file named in errors."""
     rules: dict = {}
     if args.config:
-        loaded = yaml.safe_load(read_input_text(args.config, "curation rules")) or {}
+        loaded = load_yaml(read_input_text(args.config, "curation rules"), str(args.config)) or {}
         rules = loaded.get("rules", loaded) if isinstance(loaded, dict) else loaded
         rules = validated(CurateRules, rules, str(args.config)).model_dump(exclude_unset=True)
     for name in ("min_valid_nouns", "min_nouns", "min_words", "drop_flagged"):
@@ -180,6 +200,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     keys = ("vae", "text_encoder", "resolution", "max_tokens", "batch_size", "device", "gpus_per_worker")
     config = FeaturesConfig.model_validate({**{k: getattr(args, k) for k in keys}, **run_options(args)})
+    require_model_folder(config.vae, "--vae")
+    require_model_folder(config.text_encoder, "--text-encoder")
     Console().print(run_features_stage(args.curated, args.out, config).render())
     return 0
 
@@ -205,6 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_pipeline
 
+    require_folder_option(args.out, "--out")
     out = export_pipeline(args.run, args.out, ema=args.ema)
     Console().print(f"exported {'EMA ' if args.ema else ''}pipeline to {out}")
     return 0
@@ -213,6 +236,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate, read_prompts
 
+    require_folder_option(args.images, "--images")
     scores = evaluate(
         args.pipeline,
         read_prompts(args.prompts),
@@ -259,31 +283,35 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from jobs.submission import client
+    from jobs.submission import client, cluster_errors
 
+    if args.action != "list" and not (args.job_id or "").strip():
+        raise UserError(f"`densecurate jobs {args.action}` needs a job id")
     jobs = client(args.address)
     if args.action == "list":
+        with cluster_errors(args.address):
+            listed = jobs.list_jobs()
         rows = [
             (j.submission_id, str(j.status.value), (j.metadata or {}).get("densecurate_spec", ""), j.entrypoint[:60])
-            for j in jobs.list_jobs()
+            for j in listed
         ]
         print_rows(["job_id", "status", "spec", "entrypoint"], rows)
         return 0
-    if not args.job_id:
-        raise UserError(f"`densecurate jobs {args.action}` needs a job id")
-    if args.action == "status":
-        print(jobs.get_job_status(args.job_id).value)
-    elif args.action == "logs":
-        print(jobs.get_job_logs(args.job_id), end="")
-    else:
-        stopped = jobs.stop_job(args.job_id)
-        print("stopped" if stopped else "not running")
+    with cluster_errors(args.address, args.job_id):
+        if args.action == "status":
+            print(jobs.get_job_status(args.job_id).value)
+        elif args.action == "logs":
+            print(jobs.get_job_logs(args.job_id), end="")
+        else:
+            stopped = jobs.stop_job(args.job_id)
+            print("stopped" if stopped else "not running")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import gather_report, print_report
 
+    require_file_option(args.html, "--html")
     reports = gather_report(args.root)
     print_report(args.root, reports)
     if args.html:
@@ -305,6 +333,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from captioner.tiny import make_tiny_llava
     from trainer.tiny import make_tiny_clip, make_tiny_pixart
 
+    require_folder_option(args.out, "OUT")
     llava = make_tiny_llava(args.out / "llava")
     pixart = make_tiny_pixart(args.out / "pixart")
     clip = make_tiny_clip(args.out / "clip")
@@ -321,6 +350,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
+    require_folder_option(args.out, "--out")
     run_demo(args.out)
     return 0
 

@@ -6,11 +6,13 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from jobs.pipeline_job import encode_spec
+from schemas.errors import EnvironmentFailure, MissingInputError
 from schemas.pipeline_spec import PipelineSpec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the dashboard of `ray start --head` on this machine
@@ -24,18 +26,51 @@ def job_address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def cluster_errors(address: str | None, job_id: str | None = None) -> Iterator[None]:
+    """Turn what the Job Submission API raises into one sentence naming the address (and the job).
+
+    A job the cluster does not know is a ``MissingInputError``; a cluster that cannot be reached,
+    or that fails the request, an ``EnvironmentFailure``.
+    """
+    where = job_address(address)
+    try:
+        yield
+    except RuntimeError as exc:  # the dashboard answered with an error status
+        if job_id is not None and "status code 404" in str(exc):
+            raise MissingInputError(
+                f"the Ray cluster at {where} has no job {job_id}: `densecurate jobs list --address {where}` "
+                "lists its jobs"
+            ) from exc
+        raise EnvironmentFailure(f"the Ray cluster at {where} refused the request: {_first_line(exc)}") from exc
+    except OSError as exc:  # ConnectionError, timeouts, and the errors of requests and aiohttp
+        detail = _first_line(exc)
+        why = "" if where in detail else f" ({detail})"
+        raise EnvironmentFailure(
+            f"cannot reach the Ray cluster at {where}{why}: start its head (`ray start --head`) or pass the "
+            "address of a running one's dashboard (--address or RAY_ADDRESS)"
+        ) from exc
+
+
 def client(address: str | None) -> Any:
     """A Job Submission client; sends this machine's Ray auth token when there is one.
 
     Ray clusters started with ``ray start`` require a token by default; the client side only sends it
     with ``RAY_AUTH_MODE=token``, which is set here when a token is available and the mode is unset.
+    A cluster that cannot be reached is an ``EnvironmentFailure`` naming the address.
     """
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"  # read when Ray is imported: set it first
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(job_address(address))
+    with cluster_errors(address):
+        return JobSubmissionClient(job_address(address))
 
 
 def runtime_env() -> dict[str, Any]:
@@ -54,11 +89,13 @@ def entrypoint(spec: PipelineSpec, stages: Sequence[str] | None = None) -> str:
 
 def submit(spec: PipelineSpec, *, address: str | None = None, stages: Sequence[str] | None = None) -> str:
     """Submit a (validated, path-resolved) spec; returns the job id."""
-    return client(address).submit_job(
-        entrypoint=entrypoint(spec, stages),
-        runtime_env=runtime_env(),
-        metadata={"densecurate_spec": spec.name},
-    )
+    jobs = client(address)
+    with cluster_errors(address):
+        return jobs.submit_job(
+            entrypoint=entrypoint(spec, stages),
+            runtime_env=runtime_env(),
+            metadata={"densecurate_spec": spec.name},
+        )
 
 
 def follow(job_id: str, *, address: str | None = None, out=sys.stdout) -> str:
@@ -70,7 +107,8 @@ def follow(job_id: str, *, address: str | None = None, out=sys.stdout) -> str:
             out.write(lines)
             out.flush()
 
-    asyncio.run(tail())
+    with cluster_errors(address, job_id):
+        asyncio.run(tail())
     return wait(job_id, address=address, timeout=60)
 
 
@@ -79,7 +117,8 @@ def wait(job_id: str, *, address: str | None = None, timeout: float = 3600, poll
     jobs = client(address)
     deadline = time.monotonic() + timeout
     while True:
-        status = str(jobs.get_job_status(job_id).value)
+        with cluster_errors(address, job_id):
+            status = str(jobs.get_job_status(job_id).value)
         if status in TERMINAL or time.monotonic() > deadline:
             return status
         time.sleep(poll)

@@ -214,6 +214,10 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
         raise QueryError(f"query failed: {exc}") from None
+    if not statements:
+        raise QueryError(
+            'the query is empty: give one SQL statement, e.g. "SELECT status, count(*) FROM samples GROUP BY ALL"'
+        )
     for statement in statements:
         if (reason := _refusal(con, statement)) is not None:
             raise QueryError(reason)

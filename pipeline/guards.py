@@ -40,11 +40,24 @@ def _relation(output: Path, source: Path) -> str | None:
     return None
 
 
+def _require_folder_path(output: Path) -> None:
+    """Refuse an output folder that is, or lies under, an existing file (a folder cannot be made there)."""
+    for path in (output, *output.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise OutputConflictError(
+                    f"{path} is a file, not a folder: the output {output} cannot be written there; choose a "
+                    "folder (it is made when missing)"
+                )
+            return
+
+
 def check_paths(inputs: Iterable[Path], outputs: Iterable[Path], *, user_chosen: bool) -> None:
     """Refuse outputs that overlap an input; a ``user_chosen`` output may not take a dataset root's
     reserved folder nor be a dataset root itself."""
     resolved_inputs = [Path(p).resolve() for p in inputs]
     for output in (Path(p).resolve() for p in outputs):
+        _require_folder_path(output)
         for source in resolved_inputs:
             relation = _relation(output, source)
             if relation:

@@ -9,6 +9,8 @@ summary.
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -22,9 +24,10 @@ from pipeline.catalog import refresh_catalog
 from pipeline.guards import OutputLock, check_paths, index_of, outputs_outside, write_plan
 from pipeline.ray_cluster import cluster_cpus, init_ray, start_actors
 from pipeline.stage import Actors, JobResult, JobT, ShardJob, Stage, StageRun, Stats, SummaryT, Tasks
-from schemas.errors import OutputConflictError
+from schemas.errors import EnvironmentFailure, OutputConflictError, UserError
 
 console = Console(stderr=True)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class _TaskLauncher:
@@ -146,7 +149,7 @@ def _run(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT]) -> StageRun[JobT]:
             launcher: _TaskLauncher | _ActorLauncher = _TaskLauncher(work)
             run.workers = launcher.capacity
         else:
-            actors, run.device = _start_pool(work, todo)
+            actors, run.device = _start_pool(work, todo, stage.label)
             launcher = _ActorLauncher(actors, work.method)
             run.workers = len(actors)
         _run_jobs(stage, todo, launcher, run, total=len(jobs))
@@ -157,7 +160,7 @@ def _run(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT]) -> StageRun[JobT]:
     return run
 
 
-def _start_pool(pool: Actors, todo: Sequence[ShardJob]) -> tuple[list[Any], str]:
+def _start_pool(pool: Actors, todo: Sequence[ShardJob], label: str = "stage") -> tuple[list[Any], str]:
     """The pool's actors, started only when there is work (or a missing setup output), set up once."""
     import ray
 
@@ -165,8 +168,51 @@ def _start_pool(pool: Actors, todo: Sequence[ShardJob]) -> tuple[list[Any], str]
         return [], "cpu"
     actors, device = start_actors(pool, count_cap=max(1, len(todo)))
     if pool.setup:
-        ray.get(getattr(actors[0], pool.setup).remote(*pool.setup_args))
+        try:
+            ray.get(getattr(actors[0], pool.setup).remote(*pool.setup_args))
+        except _lost_worker_errors() as exc:
+            for actor in actors:
+                ray.kill(actor)
+            raise _lost_worker(label, None, exc) from exc
     return actors, device
+
+
+def _lost_worker_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a worker (actor or task process) that died, or a node that was lost."""
+    from ray import exceptions
+
+    names = ("RayActorError", "WorkerCrashedError", "OutOfMemoryError", "NodeDiedError")
+    return tuple(getattr(exceptions, name) for name in names if hasattr(exceptions, name))
+
+
+def _raised_user_error(line: str) -> UserError | None:
+    """The ``UserError`` named by the last line of a worker's traceback (``module.Class: message``), if any."""
+    match = re.fullmatch(r"([A-Za-z_][\w.]*)\.(\w+): (.+)", line)
+    module = sys.modules.get(match.group(1)) if match else None
+    cls = getattr(module, match.group(2), None) if match else None
+    if not (isinstance(cls, type) and issubclass(cls, UserError)):
+        return None
+    try:
+        return cls(match.group(3))
+    except Exception:
+        return UserError(match.group(3))
+
+
+def _lost_worker(label: str, job: ShardJob | None, exc: BaseException) -> Exception:
+    """The one-sentence error for a worker Ray lost: one that could not start (its constructor raised),
+    or one that died more often than it may restart (``max_restarts``/``max_task_retries``)."""
+    if getattr(exc, "actor_init_failed", False):
+        lines = [ln.strip() for ln in ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+        reason = lines[-1] if lines else type(exc).__name__
+        return _raised_user_error(reason) or EnvironmentFailure(
+            f"the {label} workers could not start ({reason}); check the model and device options "
+            "(`densecurate --debug ...` shows the workers' traceback)"
+        )
+    where = f"running shard {job.index} of {job.out_dir}" if job is not None else "during its setup"
+    return EnvironmentFailure(
+        f"a {label} worker died more often than it may restart {where} (killed for memory, crashed, or its "
+        f"node was lost: {type(exc).__name__}); rerun the same command to go on (finished shards are kept)"
+    )
 
 
 def _run_jobs(
@@ -194,7 +240,10 @@ def _run_jobs(
             ready, _ = ray.wait(list(pending), num_returns=1)
             job = pending.pop(ready[0])
             launcher.release(ready[0])
-            stats: Stats = ray.get(ready[0])
+            try:
+                stats: Stats = ray.get(ready[0])
+            except _lost_worker_errors() as exc:
+                raise _lost_worker(stage.label, job, exc) from exc
             run.results.append(JobResult(job, stats, reused=False))
             run.items_processed += job.items
             progress.advance(shard_bar)

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.validation import Device, SimpleName
+
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
@@ -39,7 +41,7 @@ class ModelSettings(BaseModel):
     model: str = Field(..., min_length=1, description="hub id or local directory")
     revision: str | None = None
     dtype: DType = "auto"
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
     trust_remote_code: bool = False
 
 
@@ -71,7 +73,7 @@ class CaptionConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="captioner name: ROOT/captions/NAME/")
+    name: SimpleName = Field(..., description="captioner name: ROOT/captions/NAME/ (letters, digits, -, _, .)")
     model: ModelSettings
     generation: GenerationSettings = GenerationSettings()
     workers: int | None = Field(None, ge=1, description="model replicas (default: one per GPU, or 1 on CPU)")

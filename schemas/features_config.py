@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.validation import Device, ModelReference
+
 
 class FeaturesConfig(BaseModel):
     """Everything `densecurate features` runs with."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    vae: str = Field(..., min_length=1, description="AutoencoderKL: hub id or directory (a pipeline folder works)")
-    text_encoder: str = Field(..., min_length=1, description="T5 encoder + tokenizer: hub id or directory")
+    vae: ModelReference = Field(
+        ..., min_length=1, description="AutoencoderKL: hub id or directory (a pipeline folder works)"
+    )
+    text_encoder: ModelReference = Field(..., min_length=1, description="T5 encoder + tokenizer: hub id or directory")
     resolution: int = Field(256, ge=8, multiple_of=8)
     max_tokens: int = Field(120, ge=1)
     batch_size: int = Field(16, ge=1)
-    device: str = "auto"
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
     workers: int | None = Field(None, ge=1)
     gpus_per_worker: float = Field(1.0, ge=0.0)
     ray_address: str | None = None

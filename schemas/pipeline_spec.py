@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.caption_config import CaptionConfig
 from schemas.features_config import FeaturesConfig
 from schemas.score_config import CurateConfig, ScoreConfig
 from schemas.shard_config import ShardConfig
-from schemas.validation import validated
+from schemas.validation import SimpleName, load_yaml, read_input_text, validated
 
 
 class _Strict(BaseModel):
@@ -72,7 +71,7 @@ class PipelineSpec(_Strict):
     """Stages run in this order, each only when present: prepare, shard, caption, score, report, curate,
     features, train, export. Each stage skips the work it finds done."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SimpleName = Field(..., description="the spec's name (letters, digits, '-', '_', '.')")
     root: str = Field(..., min_length=1, description="the dataset root")
     prepare: PrepareStep | None = None
     shard: ShardStep | None = None
@@ -90,7 +89,7 @@ STAGES = ("prepare", "shard", "caption", "score", "report", "curate", "features"
 
 def parse_spec(text: str, source: str = "spec") -> PipelineSpec:
     """Validate a YAML spec; an error names the file and the field at fault."""
-    return validated(PipelineSpec, yaml.safe_load(text) or {}, source)
+    return validated(PipelineSpec, load_yaml(text, source) or {}, source)
 
 
 def local_path(value: str, base: Path) -> str:
@@ -110,7 +109,7 @@ def _train_overrides(train: TrainStep, base: Path) -> list[str]:
     """The step's overrides plus absolute forms of the training config's own paths."""
     from schemas.train_config import load_train_config
 
-    config = load_train_config(Path(train.config).read_text(), train.overrides, source=train.config)
+    config = load_train_config(read_input_text(train.config, "training config"), train.overrides, source=train.config)
     fixed = [f"run_dir={local_path(config.run_dir, base)}", f"pipeline={model_path(config.pipeline, base)}"]
     for key in ("features", "curated"):
         value = getattr(config.data, key)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import ConfigError
-from schemas.validation import validated
+from schemas.validation import load_yaml, validated
 
 
 class _Strict(BaseModel):
@@ -111,12 +110,12 @@ def set_dotted(config: dict[str, Any], dotted: str) -> None:
         node = node.setdefault(name, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {name} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = load_yaml(raw, f"override {dotted!r}")
 
 
 def load_train_config(text: str, overrides: list[str], source: str = "config") -> TrainConfig:
     """Parse YAML, apply overrides, validate; errors name the field at fault."""
-    data = yaml.safe_load(text) or {}
+    data = load_yaml(text, source) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     for item in overrides:

@@ -2,14 +2,87 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+import yaml
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from schemas.errors import ConfigError, MissingInputError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+SIMPLE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _yaml_where(source: str, exc: yaml.YAMLError) -> str:
+    """``SOURCE, line L, column C`` for a YAML error with a position (lines and columns counted from 1)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """The data of a YAML document the user wrote (``yaml.safe_load``), or a ``ConfigError`` naming the
+    file and line of what cannot be read: invalid YAML, a tag such as ``!!python/object`` (only plain
+    YAML is read: mappings, lists, strings, numbers, booleans, null), or nesting too deep to walk."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        problem = exc.problem or ""
+        tag = re.search(r"for the tag '([^']*)'", problem)
+        if tag:
+            name = tag.group(1).replace(YAML_TAG_PREFIX, "!!", 1)
+            raise ConfigError(
+                f"{_yaml_where(source, exc)}: unsupported YAML tag {name}: only plain YAML is read (mappings, "
+                "lists, strings, numbers, booleans)"
+            ) from exc
+        raise ConfigError(f"{_yaml_where(source, exc)}: invalid YAML: {problem}") from exc
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(f"{_yaml_where(source, exc)}: invalid YAML: {exc.problem or exc.context}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{source}: YAML nested too deeply to read; settings files are a few levels deep") from exc
+
+
+def check_device(value: str) -> str:
+    """A torch device the stages take: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not DEVICE.fullmatch(value):
+        raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+def check_simple_name(value: str) -> str:
+    """A name that is one path component: letters, digits, ``-``, ``_`` and ``.``, but not ``.`` or ``..``."""
+    if not SIMPLE_NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(
+            f"name {value!r} must be a simple name: letters, digits, '-', '_' and '.', and not '.' or '..'"
+        )
+    return value
+
+
+def check_model_reference(value: str) -> str:
+    """A model given as a hub id or a folder; a path to a file is refused (it can hold no model)."""
+    if Path(value).expanduser().is_file():
+        raise ValueError(
+            f"{value} is a file, not a model folder: give the folder of the model (with its config.json, or a "
+            "pipeline folder with model_index.json) or a hub id"
+        )
+    return value
+
+
+def require_model_folder(value: str, what: str) -> None:
+    """When a model is written as a path (``/``, ``./``, ``../`` or ``~`` first, as ``pipeline_spec.model_path``
+    reads it), its folder must exist by the time the stage runs (a spec's earlier stage may make it)."""
+    if value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().is_dir():
+        raise MissingInputError(f"{what} {value}: the model folder does not exist")
+
+
+Device = Annotated[str, AfterValidator(check_device)]
+SimpleName = Annotated[str, AfterValidator(check_simple_name)]
+ModelReference = Annotated[str, AfterValidator(check_model_reference)]
 
 
 def validated(model: type[ModelT], data: Any, source: str) -> ModelT:
@@ -29,4 +102,9 @@ def read_input_text(path: Path | str, what: str) -> str:
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{what} {path} does not exist or is not a file")
-    return path.read_text()
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not a text file ({exc.reason} at byte {exc.start})") from exc
+    except PermissionError as exc:
+        raise MissingInputError(f"{what} {path} cannot be read ({exc.strerror})") from exc

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, MissingInputError
 from schemas.validation import read_input_text
 
 
@@ -23,6 +23,39 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise ConfigError(f"{path} holds no prompts (one per line)")
     return prompts
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def require_pipeline_folder(pipeline_dir: Path) -> None:
+    """Refuse a pipeline folder that does not exist or holds no exported pipeline (``model_index.json``)."""
+    folder = Path(pipeline_dir)
+    if not folder.is_dir():
+        raise MissingInputError(
+            f"pipeline folder {folder} does not exist: export one with `densecurate export RUN --out {folder}`"
+        )
+    if not (folder / "model_index.json").is_file():
+        raise MissingInputError(
+            f"{folder} holds no exported pipeline (no model_index.json): export one with "
+            f"`densecurate export RUN --out {folder}`"
+        )
+
+
+def require_clip_model(model: str) -> None:
+    """Refuse an open_clip model name that open_clip does not know, or a ``local-dir:`` folder that is missing."""
+    import open_clip
+
+    if model.startswith("local-dir:"):
+        folder = Path(model.removeprefix("local-dir:"))
+        if not folder.is_dir():
+            raise MissingInputError(f"CLIP model folder {folder} does not exist (--clip-model local-dir:DIR)")
+    elif not model.startswith("hf-hub:") and model not in open_clip.list_models():
+        raise ConfigError(
+            f"unknown open_clip model {model!r}: use a name of open_clip.list_models(), hf-hub:REPO or local-dir:DIR"
+        )
 
 
 class ClipScorer:
@@ -63,8 +96,13 @@ def evaluate(
     """CLIP score of one generated image per prompt (seeded), optionally saving the images."""
     from diffusers import PixArtAlphaPipeline
 
+    require_pipeline_folder(pipeline_dir)
+    require_clip_model(clip_model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = PixArtAlphaPipeline.from_pretrained(pipeline_dir).to(device)
+    try:
+        pipe = PixArtAlphaPipeline.from_pretrained(pipeline_dir).to(device)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the pipeline in {pipeline_dir}: {_first_line(exc)}") from exc
     images = pipe(
         prompts,
         num_inference_steps=steps,
@@ -77,5 +115,12 @@ def evaluate(
         images_out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             image.save(images_out / f"{i:04d}.png")
-    scores = ClipScorer(clip_model, clip_pretrained, device).score(images, prompts)
+    try:
+        scorer = ClipScorer(clip_model, clip_pretrained, device)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load the CLIP model {clip_model} (weights {clip_pretrained}): {_first_line(exc)}; pass "
+            "--clip-model local-dir:DIR for a local open_clip folder"
+        ) from exc
+    scores = scorer.score(images, prompts)
     return [PromptScore(p, s) for p, s in zip(prompts, scores, strict=True)]

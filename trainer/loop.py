@@ -15,7 +15,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, MissingInputError
 from schemas.train_config import TrainConfig
 from trainer.checkpoint import listed_names, load_newest_checkpoint, nonfinite_weights, save_checkpoint, warn_line
 from trainer.data import CuratedDataset, FeatureDataset, StepBatches, seeded_generator
@@ -52,7 +52,14 @@ def vae_scaling_factor(pipeline: str) -> float:
 
     local = Path(pipeline)
     subfolder = "vae" if not local.is_dir() or (local / "vae").is_dir() else None
-    return float(AutoencoderKL.load_config(pipeline, subfolder=subfolder).get("scaling_factor", 0.18215))
+    try:
+        config = AutoencoderKL.load_config(pipeline, subfolder=subfolder)
+    except OSError as exc:
+        raise MissingInputError(
+            f"model.pipeline {pipeline!r} has no VAE to load: it is not a local PixArt pipeline folder and could not "
+            f"be loaded from the Hugging Face cache or hub ({type(exc).__name__}); pass a folder or a hub id"
+        ) from None
+    return float(config.get("scaling_factor", 0.18215))
 
 
 def diffusion_terms(

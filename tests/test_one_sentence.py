@@ -1,0 +1,488 @@
+"""Every error a user meets is one sentence and a non-zero exit: 2 for a mistake they can fix, 1 for a
+failure of the environment; ``--debug`` (or ``DENSECURATE_DEBUG=1``) shows the traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from densecurate import commands
+from densecurate.cli import build_parser, explain_error, main
+from schemas.errors import ConfigError, EnvironmentFailure, MissingInputError, UserError
+from schemas.validation import load_yaml
+from tests.test_jobs import ray_head  # noqa: F401 - a live Ray head with the job server (module scope)
+
+TRACEBACK = "Traceback (most recent call last)"
+DEAD_HEAD = "http://127.0.0.1:1"  # nothing listens on port 1
+REPO = Path(__file__).resolve().parents[1]
+TAGGED = "name: x\nroot: r\ncurate:\n  field: alt_text\n  out: !!python/object:os.system\n    a: 1\n"
+DEEP = "a: " + "[" * 100_000 + "]" * 100_000 + "\n"
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    """``main(argv)`` in this process: its exit code (argparse's usage errors included) and its stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def _one_sentence(err: str) -> str:
+    """The error line, checked to be one ``error:`` line with no traceback."""
+    assert TRACEBACK not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- YAML a user wrote -----------------------------------------------------------------------------------
+
+
+def test_load_yaml_names_an_unsupported_tag_with_file_and_line():
+    with pytest.raises(ConfigError) as info:
+        load_yaml(TAGGED, "spec.yaml")
+    assert str(info.value).startswith("spec.yaml, line 5, column 8: unsupported YAML tag !!python/object:os.system")
+
+
+def test_load_yaml_refuses_deep_nesting_and_invalid_yaml():
+    with pytest.raises(ConfigError, match=r"^deep.yaml: YAML nested too deeply"):
+        load_yaml(DEEP, "deep.yaml")
+    with pytest.raises(ConfigError, match=r"^bad.yaml, line 2, column 1: invalid YAML"):
+        load_yaml("a: [1, 2\n", "bad.yaml")
+    assert load_yaml("a: [1, {b: c}]\n", "ok.yaml") == {"a": [1, {"b": "c"}]}
+
+
+@pytest.mark.parametrize(
+    "text, expected", [(TAGGED, "unsupported YAML tag"), (DEEP, "nested too deeply")], ids=["tag", "deep"]
+)
+@pytest.mark.parametrize("command", ["run", "curate"])
+def test_spec_and_curate_config_yaml_errors_are_one_sentence(tmp_path, capsys, command, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    argv = {
+        "run": ["run", str(path)],
+        "curate": ["curate", str(tmp_path), "--field", "alt_text", "--out", str(tmp_path / "o"), "--config", str(path)],
+    }[command]
+    code, err = _run(argv, capsys)
+    assert code == 2
+    line = _one_sentence(err)
+    assert str(path) in line and expected in line
+    if text is TAGGED:
+        assert "line 5" in line
+
+
+@pytest.mark.parametrize("text", [TAGGED, DEEP], ids=["tag", "deep"])
+def test_training_config_yaml_errors_are_one_sentence(tmp_path, capsys, text):
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    code, err = _run(["train", str(path)], capsys)
+    assert code == 2 and str(path) in _one_sentence(err)
+
+
+def test_a_training_pipeline_that_does_not_exist_is_one_sentence(tmp_path, capsys):
+    from trainer.loop import vae_scaling_factor
+
+    with pytest.raises(MissingInputError, match=r"model\.pipeline '/nonexistent' has no VAE to load"):
+        vae_scaling_factor("/nonexistent")
+
+
+# --- options ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["caption", "{root}", "--model", "m", "--device", "tpu"], "device 'tpu' is not one of auto, cpu, cuda"),
+        (["caption", "{root}", "--model", "m", "--name", ".."], "name '..' must be a simple name"),
+        (["caption", "{root}", "--model", "m", "--name", "a/b"], "name 'a/b' must be a simple name"),
+        (["caption", "{root}", "--model", "m", "--name", ""], "name '' must be a simple name"),
+        (
+            ["features", "{root}", "--out", "{tmp}/f", "--vae", "v", "--text-encoder", "t", "--device", "tpu"],
+            "device 'tpu' is not one of",
+        ),
+        (
+            ["features", "{root}", "--out", "{tmp}/f", "--vae", "{file}", "--text-encoder", "t"],
+            "is a file, not a model folder",
+        ),
+        (
+            ["features", "{root}", "--out", "{tmp}/f", "--vae", "{tmp}/nope", "--text-encoder", "t"],
+            "--vae {tmp}/nope: the model folder does not exist",
+        ),
+        (["query", "{root}", ""], "the query is empty"),
+        (["query", "{root}", "-- only a comment"], "the query is empty"),
+        (["score", "{root}", "--spacy-model", "nosuch"], "spaCy model 'nosuch' is not installed"),
+        (["shard", "{tmp}", "--out", "{file}"], "is a file, not a folder"),
+        (["eval", "{tmp}/nope", "--prompts", "{file}"], "pipeline folder {tmp}/nope does not exist"),
+        (["models", "make-tiny", "{file}"], "is a file, not a folder"),
+    ],
+)
+def test_bad_values_are_one_sentence_with_exit_2(tmp_path, capsys, argv, expected):
+    file = tmp_path / "a_file"
+    file.write_text("a photo of a cat\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    fill = {"root": root, "tmp": tmp_path, "file": file}
+    code, err = _run([part.format(**fill) for part in argv], capsys)
+    assert code == 2
+    assert expected.format(**fill) in _one_sentence(err)
+
+
+# --- the Ray job server -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["jobs", "list", "--address", DEAD_HEAD],
+        ["jobs", "status", "raysubmit_123", "--address", DEAD_HEAD],
+        ["jobs", "logs", "raysubmit_123", "--address", DEAD_HEAD],
+        ["jobs", "stop", "raysubmit_123", "--address", DEAD_HEAD],
+        ["submit", str(REPO / "jobs/examples/laion_recaption.yaml"), "--address", DEAD_HEAD],
+    ],
+)
+def test_a_dead_ray_head_is_one_sentence_with_exit_1(capsys, argv):
+    code, err = _run(argv, capsys)
+    assert code == 1
+    line = _one_sentence(err)
+    assert f"cannot reach the Ray cluster at {DEAD_HEAD}" in line and "ray start --head" in line
+
+
+def test_a_dead_ray_head_through_the_console_script():
+    result = subprocess.run(
+        [sys.executable, "-m", "densecurate", "jobs", "status", "raysubmit_123", "--address", DEAD_HEAD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert DEAD_HEAD in _one_sentence(result.stderr)
+
+
+def test_a_dead_cluster_for_a_stage_is_one_sentence_with_exit_1(tmp_path):
+    from pipeline.sample_data import write_sample_folder
+
+    photos = write_sample_folder(tmp_path / "photos")
+    command = ["shard", str(photos), "--out", str(tmp_path / "root"), "--ray-address", "127.0.0.1:1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "densecurate", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    line = _one_sentence(result.stderr)
+    assert "cannot reach the Ray cluster at 127.0.0.1:1 " in line and "--ray-address" in line
+
+
+@pytest.mark.slow
+def test_an_unknown_job_on_a_live_head_names_the_id(ray_head, capsys):  # noqa: F811
+    for action in ("status", "logs", "stop"):
+        code, err = _run(["jobs", action, "BOGUS_ID", "--address", ray_head], capsys)
+        assert code == 2
+        line = _one_sentence(err)
+        assert "has no job BOGUS_ID" in line and ray_head in line
+
+
+# --- failures of the machine ------------------------------------------------------------------------------
+
+
+def _raise_in_verify(monkeypatch, exc: BaseException) -> None:
+    def handler(args):
+        raise exc
+
+    monkeypatch.setattr(commands, "cmd_verify", handler)
+
+
+@pytest.mark.parametrize(
+    "error, code, expected",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 1, "no space left on the device of {out}"),
+        (PermissionError(errno.EACCES, "Permission denied"), 2, "cannot write {out}"),
+        (OSError(errno.EROFS, "Read-only file system"), 2, "cannot write {out}"),
+    ],
+)
+def test_full_disks_and_unwritable_outputs_name_the_path(tmp_path, capsys, monkeypatch, error, code, expected):
+    out = tmp_path / "shards" / "00003.tar"
+    error.filename = f"{out}.tmp-4242"  # what a writer holds: the in-progress name
+    _raise_in_verify(monkeypatch, error)
+    got, err = _run(["verify", str(tmp_path)], capsys)
+    assert got == code
+    line = _one_sentence(err)
+    assert expected.format(out=out) in line and ".tmp-" not in line
+    assert "rerun the same command" in line and "finished shards are kept" in line
+
+
+def test_errors_raised_in_a_ray_task_are_judged_by_their_cause(tmp_path):
+    from ray.exceptions import RayTaskError
+
+    cause = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "00001.parquet"))
+    wrapped = RayTaskError("write_shard", "remote traceback", cause).as_instanceof_cause()
+    code, [line] = explain_error(wrapped)
+    assert code == 1 and str(tmp_path / "00001.parquet") in line
+    user = RayTaskError("score", "remote traceback", UserError("the user's mistake")).as_instanceof_cause()
+    assert explain_error(user) == (2, ["the user's mistake"])
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, capsys, monkeypatch):
+    argv = ["query", str(tmp_path), ""]
+    code, err = _run(argv, capsys)
+    assert code == 2 and TRACEBACK not in err
+    for debug_argv in (["--debug", *argv], [*argv, "--debug"]):
+        code, err = _run(debug_argv, capsys)
+        assert code == 2 and TRACEBACK in err and "the query is empty" in err
+    monkeypatch.setenv("DENSECURATE_DEBUG", "1")
+    code, err = _run(argv, capsys)
+    assert code == 2 and TRACEBACK in err
+
+
+def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
+    _raise_in_verify(monkeypatch, ZeroDivisionError("a bug"))
+    with pytest.raises(ZeroDivisionError):
+        main(["verify", str(tmp_path)])
+
+
+# --- a worker that died -----------------------------------------------------------------------------------
+
+
+def _job(tmp_path: Path):
+    from pipeline.stage import ShardJob
+
+    return ShardJob(index=3, out_dir=tmp_path / "captions" / "m", fingerprint="f", items=1)
+
+
+def _run_one_job_on(worker_cls: type, tmp_path: Path) -> None:
+    from pipeline.ray_cluster import start_actors
+    from pipeline.runner import _ActorLauncher, _run_jobs
+    from pipeline.stage import Actors, StageRun
+
+    pool = Actors(worker_cls, (), "work", workers=1)
+    actors, _ = start_actors(pool, count_cap=1)
+    stage = SimpleNamespace(label="caption", item_label=None)
+    _run_jobs(stage, [_job(tmp_path)], _ActorLauncher(actors, "work"), StageRun(), total=1)
+
+
+def test_an_actor_that_dies_more_often_than_it_may_restart_names_the_shard(ray_local, tmp_path):
+    class DiesEveryTime:
+        def __init__(self, cpu_threads: int | None = None) -> None:
+            pass
+
+        def work(self, job):
+            os._exit(1)
+
+    with pytest.raises(EnvironmentFailure) as info:
+        _run_one_job_on(DiesEveryTime, tmp_path)
+    message = str(info.value)
+    assert "caption worker died more often than it may restart" in message
+    assert f"shard 3 of {tmp_path / 'captions' / 'm'}" in message
+    assert "rerun the same command" in message and "finished shards are kept" in message
+    assert explain_error(info.value)[0] == 1
+
+
+def test_an_actor_whose_constructor_raises_a_user_error_is_exit_2(ray_local, tmp_path):
+    class NeedsAModel:
+        def __init__(self, cpu_threads: int | None = None) -> None:
+            raise ConfigError("model m is not installed")
+
+        def work(self, job):
+            return {}
+
+    with pytest.raises(ConfigError, match=r"^model m is not installed$"):
+        _run_one_job_on(NeedsAModel, tmp_path)
+
+    class Broken:
+        def __init__(self, cpu_threads: int | None = None) -> None:
+            raise RuntimeError("CUDA driver too old")
+
+        def work(self, job):
+            return {}
+
+    with pytest.raises(EnvironmentFailure, match=r"the caption workers could not start \(RuntimeError: CUDA"):
+        _run_one_job_on(Broken, tmp_path)
+
+
+# --- a local Ray ends with its command --------------------------------------------------------------------
+
+
+def _photo_folder(folder: Path, count: int) -> Path:
+    from PIL import Image
+    from skimage import data as skdata
+
+    folder.mkdir()
+    image = Image.fromarray(skdata.astronaut()).resize((128, 128))
+    for i in range(count):
+        image.save(folder / f"photo{i:03d}.jpg")
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signum, code, said",
+    [
+        (signal.SIGTERM, 128 + signal.SIGTERM, "stopped by SIGTERM"),
+        (signal.SIGINT, 130, "interrupted"),  # Ctrl-C
+    ],
+)
+def test_a_stopped_command_shuts_its_local_ray_down(tmp_path, signum, code, said):
+    import psutil
+
+    photos = _photo_folder(tmp_path / "photos", 80)
+    out = tmp_path / "root"
+    command = [sys.executable, "-m", "densecurate", "shard", str(photos), "--out", str(out)]
+    command += ["--shard-size", "1", "--workers", "1", "--min-size", "8"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "shards").glob("*_stats.json")):  # Ray is up and shards are being written
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the shard command wrote no shard in 120 s"
+            time.sleep(0.1)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        names = {p.name() for p in started if p.is_running()}
+        assert {"raylet", "gcs_server"} <= names, names
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == code
+        assert said in err and "rerun the same command" in err and TRACEBACK not in err
+        _, alive = psutil.wait_procs(started, timeout=20)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert not [p for p in alive if p.name() in ("raylet", "gcs_server")]
+        assert not alive, [p.name() for p in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+
+# --- every command, with bad arguments --------------------------------------------------------------------
+
+# Arguments that are missing, of the wrong type, empty or out of range; none may start Ray or load a model.
+BAD_ARGUMENTS: dict[str, list[list[str]]] = {
+    "shard": [
+        ["{tmp}/nope", "--out", "{tmp}/o"],
+        ["{tmp}", "--out", "{file}"],
+        ["{tmp}", "--out", "{tmp}/o", "--resize", "-5"],
+        ["{tmp}", "--out", "{tmp}/o", "--shard-size", "zero"],
+        ["{tmp}", "--out", "{tmp}/o", "--format", "png"],
+        ["{tmp}"],
+    ],
+    "query": [["{tmp}/nope", "SELECT 1"], ["{root}", ""], ["{root}", "SELECT nope FROM nowhere"], [""], []],
+    "caption": [
+        ["{tmp}/nope", "--model", "m"],
+        ["{root}", "--model", "m", "--device", "tpu"],
+        ["{root}", "--model", "m", "--name", ".."],
+        ["{root}", "--model", "m", "--name", ""],
+        ["{root}", "--model", ""],
+        ["{root}", "--model", "m", "--batch-size", "0"],
+        ["{root}", "--model", "m", "--temperature", "hot"],
+        ["", "--model", "m"],
+    ],
+    "score": [["{tmp}/nope"], ["{root}", "--spacy-model", "nosuch"], ["{root}", "--min-count", "-1"], [""]],
+    "density": [
+        ["{tmp}/nope.csv", "--column", "c"],
+        ["{file}", "--column", "c"],
+        ["{csv}", "--column", "nope"],
+        ["{csv}", "--column", "c", "--spacy-model", "nosuch"],
+        ["", "--column", "c"],
+    ],
+    "stats": [["{tmp}/nope"], ["{file}"], [""]],
+    "verify": [["{tmp}/nope"], ["{file}"], [""]],
+    "prune": [["{tmp}/nope"], ["{file}"]],
+    "report": [["{tmp}/nope"], ["{root}"], ["{root}", "--html", "{tmp}"], ["{root}", "--gallery", "many"]],
+    "curate": [
+        ["{tmp}/nope", "--field", "alt_text", "--out", "{tmp}/o"],
+        ["{root}", "--field", "alt_text", "--out", "{tmp}/o", "--config", "{tmp}/nope.yaml"],
+        ["{root}", "--field", "alt_text", "--out", "{tmp}/o", "--config", "{tagged}"],
+        ["{root}", "--field", "alt_text", "--out", "{tmp}/o", "--config", "{deep}"],
+        ["{root}", "--field", "alt_text", "--out", "{tmp}/o", "--config", "{binary}"],
+        ["{root}", "--field", "alt_text", "--out", "{tmp}/o", "--min-nouns", "-1"],
+        ["{root}", "--field", "", "--out", "{tmp}/o"],
+        ["{root}", "--field", "alt_text", "--out", "{file}"],
+    ],
+    "features": [
+        ["{tmp}/nope", "--out", "{tmp}/f", "--vae", "v", "--text-encoder", "t"],
+        ["{root}", "--out", "{tmp}/f", "--vae", "{file}", "--text-encoder", "t"],
+        ["{root}", "--out", "{tmp}/f", "--vae", "v", "--text-encoder", "t", "--device", "tpu"],
+        ["{root}", "--out", "{tmp}/f", "--vae", "v", "--text-encoder", "t", "--resolution", "7"],
+        ["{root}", "--out", "{file}", "--vae", "v", "--text-encoder", "t"],
+        ["{root}", "--out", "{tmp}/f", "--vae", "", "--text-encoder", "t"],
+    ],
+    "train": [["{tmp}/nope.yaml"], ["{tmp}"], ["{binary}"], ["{trainyaml}", "no_equals_sign"], ["{trainyaml}", "lr=x"]],
+    "export": [["{tmp}/nope", "--out", "{tmp}/e"], ["{root}", "--out", "{tmp}/e"], ["{root}", "--out", "{file}"]],
+    "eval": [
+        ["{tmp}/nope", "--prompts", "{file}"],
+        ["{root}", "--prompts", "{file}"],
+        ["{root}", "--prompts", "{tmp}/nope.txt"],
+        ["{root}", "--prompts", "{empty}"],
+        ["{root}", "--prompts", "{file}", "--images", "{file}"],
+        ["{root}", "--prompts", "{file}", "--steps", "many"],
+    ],
+    "run": [["{tmp}/nope.yaml"], ["{tagged}"], ["{deep}"], ["{binary}"], ["{file}"], ["{badname}"], [""]],
+    "submit": [["{tmp}/nope.yaml"], ["{tagged}"], ["{goodspec}", "--address", DEAD_HEAD]],
+    "jobs": [
+        ["status"],
+        ["status", ""],
+        ["explode"],
+        ["list", "--address", DEAD_HEAD],
+        ["logs", "raysubmit_1", "--address", DEAD_HEAD],
+    ],
+    "models": [[], ["make-tiny"], ["make-tiny", "{file}"], ["make-tiny", ""]],
+    "demo": [[], ["--out", "{file}"], ["--out", ""]],
+}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "root").mkdir()
+    files = {
+        "file": "a photo of a cat\n",
+        "csv": "c\na red car\n",
+        "empty": "\n",
+        "tagged": TAGGED,
+        "deep": DEEP,
+        "badname": "name: ..\nroot: r\n",
+        "goodspec": "name: good\nroot: r\n",
+        "trainyaml": (REPO / "trainer/configs/tiny.yaml").read_text(),
+    }
+    paths = {"tmp": tmp, "root": tmp / "root"}
+    for name, text in files.items():
+        paths[name] = tmp / f"{name}.{'csv' if name == 'csv' else 'yaml'}"
+        paths[name].write_text(text)
+    paths["binary"] = tmp / "binary.yaml"
+    paths["binary"].write_bytes(b"\xff\xfe\x00bad")
+    return paths
+
+
+def test_every_command_has_bad_arguments():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(BAD_ARGUMENTS)
+
+
+@pytest.mark.parametrize("command", sorted(BAD_ARGUMENTS))
+def test_bad_arguments_never_show_a_traceback(command, bad_inputs, capsys, monkeypatch):
+    monkeypatch.delenv("DENSECURATE_DEBUG", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(bad_inputs["tmp"])
+    for args in BAD_ARGUMENTS[command]:
+        argv = [command, *(part.format(**bad_inputs) for part in args)]
+        code, err = _run(argv, capsys)
+        assert code in (1, 2), (argv, code, err)
+        assert TRACEBACK not in err, (argv, err)
+        assert err.strip(), argv
