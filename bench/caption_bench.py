@@ -7,7 +7,7 @@
 
 Two workloads, both with EOS ignored so that runs compare: **fixed** (every caption ``--new-tokens``
 long) and **natural** (each caption as long as a real dense caption: lengths drawn from the LLaVA
-``detail`` captions in ``../shared/data/dense_captions/llava`` when that folder exists, at 1.33
+``detail`` captions of the benchmark data's ``dense_captions/llava`` (docs/BENCHMARK_DATA.md) when present, at 1.33
 tokens per word, else uniformly from 64 to 256 tokens). Static batches pay for their longest caption;
 continuous batching does not. The full-size architecture is built from its published
 hyperparameters with random weights (no download; weights do not change speed) at 336 px (576 image
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_data import bench_data
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -39,7 +40,7 @@ from captioner.tiny import CHAT_TEMPLATE, make_tiny_llava, train_tokenizer
 from schemas.caption_config import GenerationSettings, ModelSettings
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field", "retina")
-LLAVA_DETAIL = Path(__file__).resolve().parents[2] / "shared/data/dense_captions/llava"
+LLAVA_DETAIL = bench_data("dense_captions", "llava")
 TOKENS_PER_WORD = 1.33  # LLaMA's tokenizer on English prose
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,10 +2,11 @@
 
     python bench/score_bench.py [--limit N] [--full-limit 1000] [--dense FILE.jsonl ... [--field NAME]]
 
-Corpora: real dense captions (by default every JSONL under ../shared/data/dense_captions: the IIW, IIW-P5B
-and DOCCI fields of iiw/*.jsonl, and the `detail` answers of llava/*.jsonl), interleaved across files and
-fields so that --limit keeps a mix; and short alt texts, which are derived from those captions (there is no
-alt-text corpus on disk): the first 6 to 12 words (cycling) of each caption's first sentence.
+Corpora: real dense captions (by default every JSONL under the benchmark data's dense_captions, see
+docs/BENCHMARK_DATA.md: the IIW, IIW-P5B and DOCCI fields of iiw/*.jsonl, and the `detail` answers of
+llava/*.jsonl), interleaved across files and fields so that --limit keeps a mix; and short alt texts,
+which are derived from those captions (there is no alt-text corpus on disk): the first 6 to 12 words
+(cycling) of each caption's first sentence.
 
 Methods, on each corpus:
   * baseline "full pipeline": spacy.load without exclusions, one nlp(text) call per caption, 1 process.
@@ -39,13 +40,14 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
+from bench_data import bench_data
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.nouns import NOT_NEEDED, NOUN_POS, NounExtractor, TextNouns, load_spacy
 from schemas.score_config import NounSettings
 
-DENSE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dense_captions"
+DENSE_DIR = bench_data("dense_captions")
 DEFAULT_FIELDS = ("IIW", "IIW-P5B", "DOCCI", "output")  # iiw/*.jsonl; llava/*.jsonl (rows with type == detail)
 CHUNK = 256
 WARMUP = "A warm-up caption: a brown dog sleeps on a red sofa next to two white cushions."

@@ -5,8 +5,8 @@
 Rows: the naive baseline (full decode, LANCZOS resize, JPEG encode) and our per-image path
 (`pipeline.imaging.process_image`: draft-mode decode, then resize and encode), each in a process
 pool of 1 and 2 workers; then the whole shard stage on a local Ray (tar + Parquet + stats written)
-with 1 and 2 workers. Without --folder it uses ../shared/data/images/sa1b_fastsam when present (real
-SA-1B photos), else makes 2250x1500 JPEGs from scikit-image's photos.
+with 1 and 2 workers. Without --folder it uses the benchmark data's images/sa1b_fastsam when present
+(real SA-1B photos; see docs/BENCHMARK_DATA.md), else makes 2250x1500 JPEGs from scikit-image's photos.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from bench_data import bench_data
 from PIL import Image, ImageOps
 from rich.console import Console
 from rich.table import Table
@@ -27,7 +28,7 @@ from rich.table import Table
 from pipeline.imaging import process_image
 from schemas.shard_config import ImageSettings, ShardConfig
 
-SA1B_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "images" / "sa1b_fastsam"
+SA1B_SAMPLE = bench_data("images", "sa1b_fastsam")
 
 
 def naive_resize(path: str, resize: int = 512) -> int:

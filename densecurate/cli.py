@@ -19,6 +19,7 @@ from schemas.atomic import TMP_MARK
 from schemas.errors import EnvironmentFailure, UserError
 from schemas.pipeline_spec import STAGES
 from schemas.score_config import DEFAULT_SPACY_MODEL
+from schemas.shard_config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_OUTPUT_SIDE, DEFAULT_MAX_SIDECAR_BYTES
 
 console = commands.console
 
@@ -56,8 +57,8 @@ def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
         description="Write ROOT/shards/NNNNN.tar, NNNNN.parquet and NNNNN_stats.json from the sources. "
         "Finished shards are skipped on a rerun.",
     )
-    p.add_argument("src", nargs="+", type=Path, help="source paths (folders, tars, Parquet tables)")
-    p.add_argument("--out", required=True, type=Path, help="dataset root")
+    p.add_argument("src", nargs="+", type=_path, help="source paths (folders, tars, Parquet tables)")
+    p.add_argument("--out", required=True, type=_path, help="dataset root")
     p.add_argument("--format", default="auto", choices=["auto", "folder", "sa1b", "img2dataset", "parquet"])
     p.add_argument("--resize", type=int, default=512, help="short side after resizing; 0 keeps the size")
     p.add_argument("--crop", default="none", choices=["center", "none"], help="center: square crop")
@@ -71,18 +72,21 @@ def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
         help="skip images with more pixels (by the header, before decoding) or whose resized image would have more",
     )
     p.add_argument(
-        "--max-output-side", type=int, default=8192, help="the largest --resize accepted (at most 65535, JPEG's limit)"
+        "--max-output-side",
+        type=int,
+        default=DEFAULT_MAX_OUTPUT_SIDE,
+        help="the largest --resize accepted (at most 65535, JPEG's limit)",
     )
     p.add_argument(
         "--max-file-bytes",
         type=int,
-        default=256 * 1024 * 1024,
+        default=DEFAULT_MAX_FILE_BYTES,
         help="skip image files and tar members larger than this (bytes; default 256 MiB)",
     )
     p.add_argument(
         "--max-sidecar-bytes",
         type=int,
-        default=16 * 1024 * 1024,
+        default=DEFAULT_MAX_SIDECAR_BYTES,
         help="skip records whose .json/.txt sidecar is larger than this (bytes; default 16 MiB)",
     )
     p.add_argument("--jpeg-quality", type=int, default=95)

@@ -142,7 +142,6 @@ def _noun_settings(args: argparse.Namespace) -> dict:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from jobs.stages import require_spacy_model
     from pipeline.score_stage import run_score_stage
 
     config = ScoreConfig.model_validate(
@@ -153,7 +152,6 @@ def cmd_score(args: argparse.Namespace) -> int:
             **run_options(args),
         }
     )
-    require_spacy_model(config.nouns.spacy_model, config.ray_address)
     Console().print(run_score_stage(args.root, config).render())
     from pipeline.report import print_table1
 

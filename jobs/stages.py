@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -45,27 +43,10 @@ def run_caption(spec: PipelineSpec) -> None:
         console.print(run_caption_stage(Path(spec.root), config).render())
 
 
-def require_spacy_model(name: str, ray_address: str | None = None) -> None:
-    """Refuse, before any worker starts, a spaCy pipeline this machine cannot load (one sentence, exit 2).
-
-    Skipped when the workers run on a cluster (``ray_address`` or ``RAY_ADDRESS``), where it may be installed.
-    """
-    if ray_address or os.environ.get("RAY_ADDRESS"):
-        return
-    if name.startswith("blank:") or Path(name).exists():
-        return
-    if name.isidentifier() and importlib.util.find_spec(name) is not None:
-        return  # an installed pipeline package: found without loading spaCy
-    from pipeline.nouns import load_spacy
-
-    load_spacy(name)  # raises SpacyModelNotAvailableError, whose sentence says how to install one
-
-
 def run_score(spec: PipelineSpec) -> None:
     from pipeline.report import print_table1
     from pipeline.score_stage import run_score_stage
 
-    require_spacy_model(spec.score.nouns.spacy_model, spec.score.ray_address)
     console.print(run_score_stage(Path(spec.root), spec.score).render())
     print_table1(Path(spec.root))
 

@@ -154,7 +154,7 @@ class CaptionSummary(StageSummary):
 class CaptionStage(Stage[CaptionJob, CaptionSummary]):
     """Caption every finished shard of a root with one model, on model-holding actors."""
 
-    label = "shards"
+    label = "caption"
     item_label = "captions"
 
     def __init__(self, root: Path, config: CaptionConfig) -> None:

@@ -184,7 +184,7 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
             density = read_meta(layout.density_file(name, index))
             if density is None:
                 raise MissingInputError(f"shard {index} has no density for {name!r}: rerun `densecurate score`")
-            if not density_is_current(layout, name, index):
+            if not density_is_current(layout, name, index, density):
                 raise StaleInputError(
                     f"the density of shard {index} was computed from other {name!r} texts than the current "
                     f"ones: rerun `densecurate score {layout.root} --field {name}` first"

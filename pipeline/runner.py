@@ -72,8 +72,9 @@ def _planned_indices(jobs: Sequence[ShardJob]) -> dict[Path, set[int]]:
     return planned
 
 
-def _guard_earlier_outputs(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT]) -> None:
-    """Refuse (or, with --replace, carry out) a plan that replaces or removes finished outputs.
+def _guard_earlier_outputs(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], finished: list[Stats | None]) -> None:
+    """Refuse (or, with --replace, carry out) a plan that replaces or removes finished outputs
+    (``finished``: each job's ``finished()``, read once by the caller).
 
     Stages without --replace never remove anything: outputs outside their plan are reported, for
     ``densecurate prune``.
@@ -88,7 +89,11 @@ def _guard_earlier_outputs(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT]) -
                 "(an earlier, larger run); `densecurate prune ROOT` lists and removes them"
             )
         return
-    replaced = [job.index for job in jobs if stage.guards_finished and job.made_elsewise()]
+    replaced = [
+        job.index
+        for job, done in zip(jobs, finished, strict=True)
+        if stage.guards_finished and done is None and job.made_elsewise()
+    ]
     removed = {index_of(path) for path in outside}
     if (removed or replaced) and not stage.replace:
         dependents = stage.dependents(removed | set(replaced))
@@ -102,11 +107,12 @@ def _guard_earlier_outputs(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT]) -
         path.unlink()
 
 
-def _todo(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], run: StageRun[JobT]) -> list[JobT]:
+def _todo(
+    stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], finished: list[Stats | None], run: StageRun[JobT]
+) -> list[JobT]:
     """The jobs to run; finished ones go into ``run`` as reused (unless --repair finds them damaged)."""
     todo: list[JobT] = []
-    for job in jobs:
-        done = job.finished()
+    for job, done in zip(jobs, finished, strict=True):
         problem = job.damage() if done is not None and stage.repair else None
         if problem:
             console.print(f"[yellow]repair:[/yellow] shard {job.index} in {job.out_dir}: {problem}")
@@ -120,28 +126,29 @@ def _todo(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], run: StageRun[JobT
 def run_stage(stage: Stage[JobT, SummaryT]) -> SummaryT:
     """Run every unfinished job of the stage's plan and return its summary."""
     check_paths(stage.inputs, stage.outputs, user_chosen=stage.catalog is None)
-    jobs = stage.plan()
     stage.check()
+    jobs = stage.plan()
     with ExitStack() as locks:
         for folder in stage.outputs:
             locks.enter_context(OutputLock(folder, stage.label))
-        _guard_earlier_outputs(stage, jobs)
+        finished = [job.finished() for job in jobs]  # each output is read once, under the lock
+        _guard_earlier_outputs(stage, jobs, finished)
         for folder, indices in _planned_indices(jobs).items():
             write_plan(folder, stage.label, sorted(indices))
-        run = _run(stage, jobs)
+        run = _run(stage, jobs, finished)
         stage.finish(run)
         if stage.catalog is not None:
             refresh_catalog(stage.catalog)
     return stage.summarize(run)
 
 
-def _run(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT]) -> StageRun[JobT]:
+def _run(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], finished: list[Stats | None]) -> StageRun[JobT]:
     """Start Ray and the workers, run the jobs to do, and always stop the actors."""
     import ray
 
     init_ray(stage.ray_address, None if stage.ray_address else stage.local_cpus)
     run: StageRun[JobT] = StageRun()
-    todo = _todo(stage, jobs, run)
+    todo = _todo(stage, jobs, finished, run)
     work = stage.work()
     actors: list[Any] = []
     try:

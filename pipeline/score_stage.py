@@ -19,7 +19,7 @@ from rich.table import Table
 
 from pipeline.catalog import sql_string
 from pipeline.guards import require_complete
-from pipeline.nouns import NounExtractor
+from pipeline.nouns import NounExtractor, require_spacy_model
 from pipeline.parquet_meta import read_meta, write_table_atomic
 from pipeline.runner import run_stage
 from pipeline.shard_reading import read_shard_stats
@@ -191,6 +191,9 @@ class ScoreStage(Stage[ScoreJob, ScoreSummary]):
 
     def plan(self) -> list[ScoreJob]:
         return [job for name in self.field_names for job in plan_score_jobs(self.catalog, name, self.config.nouns)]
+
+    def check(self) -> None:
+        require_spacy_model(self.config.nouns.spacy_model, self.ray_address)
 
     def work(self) -> Actors:
         return Actors(ScoreWorker, (self.config.nouns,), "score_shard", self.config.workers, one_per_core=True)

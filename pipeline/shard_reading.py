@@ -8,11 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from schemas.layout import DatasetLayout
+from schemas.layout import DatasetLayout, ShardFiles
 
 
 def read_shard_stats(layout: DatasetLayout, index: int) -> dict[str, Any]:
-    return json.loads(layout.shard_files(index).stats.read_text())
+    """The stats of a finished shard of the root (its stats file only: nothing else is opened)."""
+    return stats_of(layout.shard_files(index))
+
+
+def stats_of(files: ShardFiles) -> dict[str, Any]:
+    """The stats file of a finished shard, as written (no consistency check: see ``read_stats`` for that)."""
+    return json.loads(files.stats.read_text())
 
 
 def iter_shard_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:

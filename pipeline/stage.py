@@ -233,7 +233,7 @@ class Stage(ABC, Generic[JobT, SummaryT]):
         """The stage's summary from the run's results."""
 
     def check(self) -> None:
-        """Checks before any worker starts (e.g. that a model exists); raises a ``UserError``."""
+        """Checks of the settings, before planning and before any worker starts (e.g. that a model exists)."""
 
     def finish(self, run: StageRun[JobT]) -> None:
         """Work on the whole stage's output after every shard is done (e.g. a vocabulary)."""

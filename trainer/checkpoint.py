@@ -232,9 +232,3 @@ def load_newest_checkpoint(
         f"none of the {len(skipped)} checkpoints in {checkpoints_dir(run_dir)} loads completely (the newest, "
         f"{newest.name}, because {why.short}); {remedy}"
     )
-
-
-def load_training_state(checkpoint: Path) -> tuple[int, dict[str, Any]]:
-    """``(step, state)``; the state is read with ``weights_only=True``."""
-    step = json.loads((checkpoint / "state.json").read_text())["step"]
-    return step, torch.load(checkpoint / STATE_FILE, weights_only=True)

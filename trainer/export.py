@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from schemas.errors import MissingInputError
 from schemas.train_config import TrainConfig
-from schemas.validation import validated
+from schemas.validation import load_yaml, validated
 from trainer.checkpoint import TRANSFORMER, TRANSFORMER_EMA, load_newest_checkpoint
 from trainer.run_guard import CONFIG_FILE
 
@@ -28,7 +26,11 @@ def export_pipeline(run_dir: Path, out: Path, *, ema: bool = False) -> Path:
     )
     if checkpoint is None:
         raise MissingInputError(f"no checkpoint in {run_dir / 'checkpoints'}: train first")
-    config = validated(TrainConfig, yaml.safe_load((run_dir / CONFIG_FILE).read_text()), str(run_dir / CONFIG_FILE))
+    config = validated(
+        TrainConfig,
+        load_yaml((run_dir / CONFIG_FILE).read_text(), str(run_dir / CONFIG_FILE)),
+        str(run_dir / CONFIG_FILE),
+    )
     transformer = checkpoint.transformer_ema if ema else checkpoint.transformer
     pipe = PixArtAlphaPipeline.from_pretrained(config.pipeline, transformer=transformer)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)

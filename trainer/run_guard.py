@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from schemas.atomic import write_atomic
 from schemas.errors import ConfigError, OutputConflictError
 from schemas.train_config import TrainConfig
+from schemas.validation import load_yaml
 from trainer.checkpoint import latest_checkpoint
 
 CONFIG_FILE = "config.yaml"
@@ -133,7 +134,7 @@ def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         return None
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text(), str(path)) or {}
     try:
         return TrainConfig.model_validate(data).model_dump(mode="json")
     except ValidationError:
