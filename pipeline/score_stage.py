@@ -14,21 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow.parquet as pq
 from rich.table import Table
 
 from pipeline.catalog import sql_string
-from pipeline.guards import require_complete
+from pipeline.field_texts import TextSource, field_sources, read_texts
 from pipeline.nouns import NounExtractor, require_spacy_model
-from pipeline.parquet_meta import read_meta, write_table_atomic
+from pipeline.parquet_meta import write_table_atomic
 from pipeline.runner import run_stage
-from pipeline.shard_reading import read_shard_stats
 from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint
 from schemas.atomic import atomic_output
 from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD, NounSettings, ScoreConfig
-from schemas.tables import DENSITY_SCHEMA, STATUS_OK
+from schemas.tables import DENSITY_SCHEMA
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,27 +34,7 @@ class ScoreJob(TableJob):
     """One shard of one field: where its texts are; the density goes to ``density/FIELD/NNNNN.parquet``."""
 
     field: str
-    source: Path  # the shard's Parquet (alt_text) or the captioner's Parquet
-    text_column: str
-    source_fingerprint: str  # of the texts scored (shard inputs, or the caption file), for later stages to check
-
-
-def _field_sources(layout: DatasetLayout, field_name: str) -> list[tuple[int, Path, str, str]]:
-    """``(index, table, text column, its fingerprint)`` per shard that has texts for the field."""
-    if field_name == ALT_TEXT_FIELD:
-        return [
-            (i, layout.shard_files(i).parquet, ALT_TEXT_FIELD, read_shard_stats(layout, i)["inputs_fingerprint"])
-            for i in require_complete(layout.shards_dir).finished
-        ]
-    if field_name not in layout.caption_names():
-        have = ", ".join([ALT_TEXT_FIELD, *layout.caption_names()])
-        raise MissingInputError(f"no caption field {field_name!r} under {layout.root} (have: {have})")
-    sources = []
-    for path in layout.caption_tables(field_name):
-        meta = read_meta(path)
-        if meta is not None:
-            sources.append((int(path.stem), path, "caption", meta["fingerprint"]))
-    return sources
+    source: TextSource  # the shard's texts of the field; its fingerprint is recorded for later stages to check
 
 
 def plan_score_jobs(layout: DatasetLayout, field_name: str, nouns: NounSettings) -> list[ScoreJob]:
@@ -64,27 +42,17 @@ def plan_score_jobs(layout: DatasetLayout, field_name: str, nouns: NounSettings)
     settings = nouns.model_dump_json()
     jobs = [
         ScoreJob(
-            index=index,
+            index=source.index,
             out_dir=layout.density_dir(field_name),
-            fingerprint=fingerprint(settings, upstream),
+            fingerprint=fingerprint(settings, source.fingerprint),
             field=field_name,
             source=source,
-            text_column=column,
-            source_fingerprint=upstream,
         )
-        for index, source, column, upstream in _field_sources(layout, field_name)
+        for source in field_sources(layout, field_name)
     ]
     if not jobs:
         raise MissingInputError(f"nothing to score for {field_name!r} under {layout.root}: run the earlier stages")
     return jobs
-
-
-def _texts(job: ScoreJob) -> tuple[list[str], list[str | None]]:
-    """Keys and texts to score: the shard's written samples, or every caption row."""
-    table = pq.read_table(job.source, columns=["key", "status", job.text_column]).to_pylist()
-    if job.text_column == ALT_TEXT_FIELD:
-        table = [r for r in table if r["status"] == STATUS_OK]
-    return [r["key"] for r in table], [r[job.text_column] for r in table]
 
 
 class ScoreWorker:
@@ -95,7 +63,7 @@ class ScoreWorker:
 
     def score_shard(self, job: ScoreJob) -> dict[str, Any]:
         """Write the job's density file; returns its stats."""
-        keys, texts = _texts(job)
+        keys, texts = read_texts(job.source)
         tagged_before = self.extractor.texts_tagged
         found = self.extractor.extract(texts)
         rows = [
@@ -117,7 +85,7 @@ class ScoreWorker:
         }
         meta = {
             "fingerprint": job.fingerprint,
-            "source_fingerprint": job.source_fingerprint,
+            "source_fingerprint": job.source.fingerprint,
             "stats": stats,
             "spacy": self.extractor.model_version,
         }
