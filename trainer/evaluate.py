@@ -9,6 +9,7 @@ import torch
 
 from schemas.errors import ConfigError, MissingInputError
 from schemas.validation import read_input_text
+from trainer.clip_model import ClipModel, require_clip_model
 
 
 @dataclass(frozen=True)
@@ -44,44 +45,6 @@ def require_pipeline_folder(pipeline_dir: Path) -> None:
         )
 
 
-def require_clip_model(model: str) -> None:
-    """Refuse an open_clip model name that open_clip does not know, or a ``local-dir:`` folder that is missing."""
-    import open_clip
-
-    if model.startswith("local-dir:"):
-        folder = Path(model.removeprefix("local-dir:"))
-        if not folder.is_dir():
-            raise MissingInputError(f"CLIP model folder {folder} does not exist (--clip-model local-dir:DIR)")
-    elif not model.startswith("hf-hub:") and model not in open_clip.list_models():
-        raise ConfigError(
-            f"unknown open_clip model {model!r}: use a name of open_clip.list_models(), hf-hub:REPO or local-dir:DIR"
-        )
-
-
-class ClipScorer:
-    """An open_clip model (any name and weights tag or path; ``local-dir:DIR`` for a folder)."""
-
-    def __init__(self, model: str, pretrained: str | None, device: torch.device) -> None:
-        import open_clip
-
-        schema = model.startswith(("local-dir:", "hf-hub:"))
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=None if schema else pretrained, device=device
-        )
-        self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(model)
-        self.device = device
-
-    @torch.inference_mode()
-    def score(self, images: list, prompts: list[str]) -> list[float]:
-        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
-        image_emb = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        text_emb = torch.nn.functional.normalize(
-            self.model.encode_text(self.tokenizer(prompts).to(self.device)).float(), dim=-1
-        )
-        return (100 * (image_emb * text_emb).sum(dim=-1).clamp(min=0)).tolist()
-
-
 def evaluate(
     pipeline_dir: Path,
     prompts: list[str],
@@ -115,12 +78,6 @@ def evaluate(
         images_out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             image.save(images_out / f"{i:04d}.png")
-    try:
-        scorer = ClipScorer(clip_model, clip_pretrained, device)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load the CLIP model {clip_model} (weights {clip_pretrained}): {_first_line(exc)}; pass "
-            "--clip-model local-dir:DIR for a local open_clip folder"
-        ) from exc
-    scores = scorer.score(images, prompts)
-    return [PromptScore(p, s) for p, s in zip(prompts, scores, strict=True)]
+    clip = ClipModel(clip_model, clip_pretrained, device)
+    cosines = (clip.encode_images(images) * clip.encode_texts(prompts)).sum(dim=-1)
+    return [PromptScore(p, float(100 * max(c, 0.0))) for p, c in zip(prompts, cosines.tolist(), strict=True)]
