@@ -56,4 +56,5 @@ bench: setup
 	$(BIN)/python bench/shard_bench.py
 	$(BIN)/python bench/caption_bench.py
 	$(BIN)/python bench/score_bench.py
+	$(BIN)/python bench/ground_bench.py
 	$(BIN)/python bench/train_bench.py

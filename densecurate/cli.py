@@ -103,7 +103,9 @@ def _add_query_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "query",
         help="run SQL on the dataset's tables with DuckDB (read-only)",
-        description="Views: samples (ROOT/shards/*.parquet). The catalog is also in ROOT/catalog.duckdb.",
+        description="Views (each once its tables exist): samples, captions, density, vocab, embeddings (without "
+        "the vectors; embedding_vectors has them), grounding, noun_calibration, duplicates. The catalog is also in "
+        "ROOT/catalog.duckdb.",
     )
     p.add_argument("root", type=_path, help="dataset root")
     p.add_argument("sql", help='SQL, e.g. "SELECT status, count(*) FROM samples GROUP BY ALL"')
@@ -199,6 +201,43 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=commands.cmd_score)
 
 
+def _add_ground_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ground",
+        help="grounded concept density: CLIP image-caption scores, nouns found in the image, near-duplicates",
+        description="Writes ROOT/embeddings/MODEL/NNNNN.parquet (one image embedding per sample and CLIP model), "
+        "ROOT/duplicates/MODEL.parquet (exact and near-duplicate clusters), ROOT/calibration/FIELD.parquet "
+        "(per-noun calibration) and ROOT/grounding/FIELD/NNNNN.parquet (sentence scores, each noun grounded or "
+        "not). Needs the fields scored (`densecurate score`). Finished shards are skipped on a rerun.",
+    )
+    p.add_argument("root", type=_path, help="dataset root")
+    p.add_argument(
+        "--field", action="append", help="alt_text or a captioner name; repeat for several (default: alt_text)"
+    )
+    p.add_argument("--clip-model", required=True, help="open_clip model name (ViT-L-14), hf-hub:REPO or local-dir:DIR")
+    p.add_argument("--clip-pretrained", help="open_clip weights tag (e.g. openai) or file; not for local-dir:")
+    p.add_argument("--batch-size", type=int, default=64, help="images (and texts) per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0)
+    rule = p.add_argument_group("grounding rule (docs/GROUNDING.md)")
+    rule.add_argument("--z-threshold", type=float, default=2.0, help="grounded when z against the noun's negatives >=")
+    rule.add_argument("--min-negatives", type=int, default=20, help="fewer negatives: judged on pooled statistics")
+    rule.add_argument("--min-std", type=float, default=0.5, help="floor of a noun's std (100 * cosine units)")
+    rule.add_argument("--calibration-images", type=int, default=20_000, help="reference images for the calibration")
+    rule.add_argument("--max-sentences", type=int, default=32, help="sentences of a caption scored")
+    rule.add_argument(
+        "--noun-prompt", action="append", help='prompt template with {} for the noun, repeatable (default: "a photo '
+        'of a {}." and three more)'
+    )
+    dup = p.add_argument_group("near-duplicates")
+    dup.add_argument("--dup-threshold", type=float, default=0.95, help="cosine at or above which images are duplicates")
+    dup.add_argument("--dup-exact-limit", type=int, default=200_000, help="above this many images: IVF search")
+    dup.add_argument("--dup-nprobe", type=int, default=16, help="IVF lists probed per query")
+    _add_ray_options(p, "model replicas (default: one per GPU, or 1 on CPU)")
+    _add_rerun_options(p, replace=False)
+    p.set_defaults(handler=commands.cmd_ground)
+
+
 def _add_density_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "density",
@@ -218,7 +257,8 @@ def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
         help="keep samples whose chosen caption is dense enough, as new webdataset shards",
         description="Writes OUT/NNNNN.tar (KEY.jpg, KEY.txt = the caption of --field, KEY.json with density), "
         "OUT/NNNNN.parquet and OUT/NNNNN_stats.json, and prints how many samples each rule removed. "
-        "Rules come from --config (YAML with the keys min_valid_nouns, min_nouns, drop_flagged, min_words); "
+        "Rules come from --config (YAML with the keys min_valid_nouns, min_nouns, drop_flagged, min_words, "
+        "min_clip_score, min_grounded_nouns, min_grounded_share, drop_near_duplicates); "
         "options given on the command line override it.",
     )
     p.add_argument("root", type=_path, help="dataset root (scored for --field)")
@@ -228,6 +268,16 @@ def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-nouns", type=int, help="drop captions with fewer noun occurrences")
     p.add_argument("--min-words", type=int, help="drop captions with fewer words (default 1: no caption)")
     p.add_argument("--drop-flagged", action="store_true", default=None, help="drop truncated/repetitive/empty")
+    grounded = p.add_argument_group("grounding rules (need `densecurate ground` for --field)")
+    grounded.add_argument("--min-clip-score", type=float, help="drop captions whose image-caption score is lower")
+    grounded.add_argument("--min-grounded-nouns", type=int, help="drop captions with fewer nouns found in the image")
+    grounded.add_argument("--min-grounded-share", type=float, help="drop captions with a lower share of grounded nouns")
+    grounded.add_argument(
+        "--drop-near-duplicates",
+        action="store_true",
+        default=None,
+        help="drop exact and near-duplicates, keeping one sample per cluster",
+    )
     p.add_argument("--config", type=_path, help="curate.yaml with the rules")
     _add_ray_options(p, "tasks at once (default: every CPU)")
     _add_rerun_options(p, replace=True)
@@ -408,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query_parser(sub)
     _add_caption_parser(sub)
     _add_score_parser(sub)
+    _add_ground_parser(sub)
     _add_density_parser(sub)
     _add_stats_parser(sub)
     _add_verify_parsers(sub)

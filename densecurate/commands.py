@@ -14,6 +14,7 @@ from pipeline.table_output import print_rows
 from schemas.caption_config import CaptionConfig
 from schemas.errors import OutputConflictError, UserError
 from schemas.features_config import FeaturesConfig
+from schemas.ground_config import GroundConfig
 from schemas.pipeline_spec import PipelineSpec, parse_spec, resolve_paths
 from schemas.score_config import (
     ALT_TEXT_FIELD,
@@ -159,6 +160,42 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def ground_config_from_args(args: argparse.Namespace) -> GroundConfig:
+    """Validate the ground options into a ``GroundConfig``."""
+    grounding = {
+        "z_threshold": args.z_threshold,
+        "min_negatives": args.min_negatives,
+        "min_std": args.min_std,
+        "calibration_images": args.calibration_images,
+        "max_sentences": args.max_sentences,
+    }
+    if args.noun_prompt:
+        grounding["noun_prompts"] = args.noun_prompt
+    return GroundConfig.model_validate(
+        {
+            "fields": args.field or [ALT_TEXT_FIELD],
+            "clip": {"model": args.clip_model, "pretrained": args.clip_pretrained},
+            "grounding": grounding,
+            "duplicates": {
+                "threshold": args.dup_threshold,
+                "exact_limit": args.dup_exact_limit,
+                "nprobe": args.dup_nprobe,
+            },
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "gpus_per_worker": args.gpus_per_worker,
+            **run_options(args),
+        }
+    )
+
+
+def cmd_ground(args: argparse.Namespace) -> int:
+    from pipeline.ground_stage import run_ground_stage
+
+    Console().print(run_ground_stage(args.root, ground_config_from_args(args)).render())
+    return 0
+
+
 def cmd_density(args: argparse.Namespace) -> int:
     from pipeline.density_file import score_file
 
@@ -180,7 +217,7 @@ def curate_config_from_args(args: argparse.Namespace) -> CurateConfig:
         loaded = load_yaml(read_input_text(args.config, "curation rules"), str(args.config)) or {}
         rules = loaded.get("rules", loaded) if isinstance(loaded, dict) else loaded
         rules = validated(CurateRules, rules, str(args.config)).model_dump(exclude_unset=True)
-    for name in ("min_valid_nouns", "min_nouns", "min_words", "drop_flagged"):
+    for name in CurateRules.model_fields:
         if getattr(args, name) is not None:
             rules[name] = getattr(args, name)
     return CurateConfig.model_validate({"field": args.field, "rules": rules, **run_options(args)})

@@ -51,6 +51,12 @@ def run_score(spec: PipelineSpec) -> None:
     print_table1(Path(spec.root))
 
 
+def run_ground(spec: PipelineSpec) -> None:
+    from pipeline.ground_stage import run_ground_stage
+
+    console.print(run_ground_stage(Path(spec.root), spec.ground).render())
+
+
 def run_report(spec: PipelineSpec) -> None:
     from pipeline.report import gather_report, print_report
 
@@ -112,6 +118,7 @@ RUNNERS: dict[str, Callable[[PipelineSpec], None]] = {
     "shard": run_shard,
     "caption": run_caption,
     "score": run_score,
+    "ground": run_ground,
     "report": run_report,
     "curate": run_curate,
     "features": run_features,

@@ -18,6 +18,8 @@ from schemas.layout import TABLE_GLOBS, DatasetLayout
 log = logging.getLogger(__name__)
 
 READ_ALL = "SELECT * FROM read_parquet({files}, union_by_name = true)"
+# Tables whose vectors are left out of the default view (a second view has them).
+WITHOUT_VECTORS = "SELECT * EXCLUDE ({column}) FROM read_parquet({{files}}, union_by_name = true)"
 # Density rows plus, from the vocabulary, how many of each caption's nouns are valid.
 DENSITY_WITH_VALID = """
 WITH d AS (SELECT * FROM read_parquet({files}, union_by_name = true)),
@@ -52,6 +54,11 @@ VIEWS: tuple[View, ...] = (
     View("captions", TABLE_GLOBS["captions"]),
     View("vocab", TABLE_GLOBS["vocab"]),
     View("density", TABLE_GLOBS["density"], DENSITY_WITH_VALID, requires=("vocab",)),
+    View("embeddings", TABLE_GLOBS["embeddings"], WITHOUT_VECTORS.format(column="embedding")),
+    View("embedding_vectors", TABLE_GLOBS["embeddings"]),
+    View("grounding", TABLE_GLOBS["grounding"]),
+    View("noun_calibration", TABLE_GLOBS["noun_calibration"], WITHOUT_VECTORS.format(column="text_embedding")),
+    View("duplicates", TABLE_GLOBS["duplicates"]),
 )
 
 # Settings fixed when a connection opens: no extension is installed or loaded behind a query's back.

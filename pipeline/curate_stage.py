@@ -32,7 +32,19 @@ from schemas.score_config import ALT_TEXT_FIELD, CurateConfig, CurateRules
 from schemas.tables import CURATED_SCHEMA
 
 # The rules in the order they are checked; a removed sample's reason is the first it fails.
-RULE_ORDER = ("missing_caption", "min_words", "drop_flagged", "min_nouns", "min_valid_nouns")
+RULE_ORDER = (
+    "missing_caption",
+    "min_words",
+    "drop_flagged",
+    "min_nouns",
+    "min_valid_nouns",
+    "min_clip_score",
+    "min_grounded_nouns",
+    "min_grounded_share",
+    "drop_near_duplicates",
+)
+DENSITY_COLUMNS = ("caption", "n_tokens", "n_nouns", "n_valid_nouns", "flagged")
+GROUNDING_COLUMNS = ("clip_score", "n_grounded_nouns", "grounded_share", "duplicate_of")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +54,8 @@ class CurateJob(ShardFilesJob):
     root: Path
     field: str
     rules: CurateRules
+    grounding: Path | None = None  # the shard's grounding table, with grounding rules
+    duplicates: Path | None = None  # the grounding model's duplicate clusters, with drop_near_duplicates
 
 
 def _candidates(job: CurateJob) -> list[dict[str, Any]]:
@@ -58,6 +72,14 @@ def _candidates(job: CurateJob) -> list[dict[str, Any]]:
         captions_join = (
             f"LEFT JOIN read_parquet({sql_string(str(layout.caption_file(job.field, job.index)))}) c USING (key)"
         )
+    grounded, grounding_join = ", ".join(f"NULL AS {c}" for c in GROUNDING_COLUMNS[:3]), ""
+    if job.grounding is not None:
+        grounded = ", ".join(f"g.{c}" for c in GROUNDING_COLUMNS[:3])
+        grounding_join = f"LEFT JOIN read_parquet({sql_string(str(job.grounding))}) g USING (key)"
+    duplicate, duplicates_join = "NULL", ""
+    if job.duplicates is not None:
+        duplicate = "CASE WHEN NOT dup.kept THEN dup.cluster END"
+        duplicates_join = f"LEFT JOIN read_parquet({sql_string(str(job.duplicates))}) dup USING (key)"
     sql = f"""
         WITH d AS (SELECT * FROM read_parquet({density})),
         valid AS (
@@ -67,9 +89,12 @@ def _candidates(job: CurateJob) -> list[dict[str, Any]]:
             GROUP BY x.key
         )
         SELECT s.key, {caption} AS caption, {flagged} AS flagged, d.n_tokens, d.n_nouns,
-               coalesce(valid.n_valid, 0) AS n_valid_nouns, d.nouns
+               coalesce(valid.n_valid, 0) AS n_valid_nouns, d.nouns,
+               {grounded}, {duplicate} AS duplicate_of
         FROM read_parquet({shard}) s
         {captions_join}
+        {grounding_join}
+        {duplicates_join}
         LEFT JOIN d USING (key)
         LEFT JOIN valid USING (key)
         WHERE s.status = 'ok'
@@ -96,6 +121,23 @@ def first_failed_rule(sample: dict[str, Any], rules: CurateRules) -> tuple[str, 
         return "min_nouns", f"{nouns} nouns < {rules.min_nouns}"
     if sample["n_valid_nouns"] < rules.min_valid_nouns:
         return "min_valid_nouns", f"{sample['n_valid_nouns']} valid nouns < {rules.min_valid_nouns}"
+    return _failed_grounding_rule(sample, rules)
+
+
+def _failed_grounding_rule(sample: dict[str, Any], rules: CurateRules) -> tuple[str, str] | None:
+    """The first grounding rule (CLIP score, grounded nouns, near-duplicates) the sample fails, if any."""
+    score = sample.get("clip_score")
+    if rules.min_clip_score is not None and (score is None or score < rules.min_clip_score):
+        shown = "no score" if score is None else f"{score:.2f}"
+        return "min_clip_score", f"image-caption score {shown} < {rules.min_clip_score}"
+    grounded = sample.get("n_grounded_nouns") or 0
+    if grounded < rules.min_grounded_nouns:
+        return "min_grounded_nouns", f"{grounded} grounded nouns < {rules.min_grounded_nouns}"
+    share = sample.get("grounded_share") or 0.0
+    if share < rules.min_grounded_share:
+        return "min_grounded_share", f"grounded share {share:.2f} < {rules.min_grounded_share}"
+    if rules.drop_near_duplicates and sample.get("duplicate_of"):
+        return "drop_near_duplicates", f"a duplicate of {sample['duplicate_of']} (kept)"
     return None
 
 
@@ -112,7 +154,7 @@ def curate_shard(job: CurateJob) -> dict[str, Any]:
                     "stage again with --repair"
                 )
             sample = candidates[key]
-            row = {k: sample[k] for k in ("caption", "n_tokens", "n_nouns", "n_valid_nouns", "flagged")}
+            row = {k: sample[k] for k in (*DENSITY_COLUMNS, *GROUNDING_COLUMNS)}
             row["field"] = job.field
             failed = first_failed_rule(sample, job.rules)
             if failed:
@@ -121,6 +163,8 @@ def curate_shard(job: CurateJob) -> dict[str, Any]:
             meta = json.loads(members["json"])
             meta["caption_field"] = job.field
             meta["density"] = {k: sample[k] for k in ("n_tokens", "n_nouns", "n_valid_nouns", "nouns")}
+            if job.grounding is not None:
+                meta["grounding"] = {k: sample[k] for k in GROUNDING_COLUMNS[:3]}
             files = {"jpg": members["jpg"], "json": json.dumps(meta)}
             if sample["caption"]:
                 files["txt"] = sample["caption"]
@@ -167,7 +211,8 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
         self.ray_address = config.ray_address
         self.local_cpus = config.workers
         captions = () if config.field == ALT_TEXT_FIELD else (layout.captions_dir(config.field),)
-        self.inputs = (layout.shards_dir, *captions, layout.density_dir(config.field), layout.vocab_dir)
+        grounding = (layout.grounding_dir(config.field),) if config.rules.needs_grounding else ()
+        self.inputs = (layout.shards_dir, *captions, layout.density_dir(config.field), layout.vocab_dir, *grounding)
         self.outputs = (self.out_dir,)
         self.replace, self.repair = config.replace, config.repair
 
@@ -189,17 +234,43 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
                     f"the density of shard {index} was computed from other {name!r} texts than the current "
                     f"ones: rerun `densecurate score {layout.root} --field {name}` first"
                 )
+            grounding, duplicates, upstream = self._grounding_inputs(index, density["fingerprint"])
             jobs.append(
                 CurateJob(
                     index=index,
                     out_dir=self.out_dir,
-                    fingerprint=fingerprint(settings, density["fingerprint"]),
+                    fingerprint=fingerprint(settings, density["fingerprint"] + upstream),
                     root=layout.root,
                     field=name,
                     rules=self.config.rules,
+                    grounding=grounding,
+                    duplicates=duplicates,
                 )
             )
         return jobs
+
+    def _grounding_inputs(self, index: int, density_fingerprint: str) -> tuple[Path | None, Path | None, str]:
+        """The shard's grounding table and the duplicates file the rules read, and their fingerprints."""
+        rules, layout, name = self.config.rules, self.layout, self.config.field
+        if not rules.needs_grounding:
+            return None, None, ""
+        path = layout.grounding_file(name, index)
+        grounding = read_meta(path)
+        command = f"densecurate ground {layout.root} --field {name} --clip-model MODEL"
+        if grounding is None:
+            raise MissingInputError(f"shard {index} is not grounded for {name!r}: run `{command}` first")
+        if grounding.get("density_fingerprint") != density_fingerprint:
+            raise StaleInputError(
+                f"the grounding of shard {index} was made from other {name!r} density than the current one: "
+                f"rerun `{command}` first"
+            )
+        if not rules.drop_near_duplicates:
+            return path, None, grounding["fingerprint"]
+        duplicates = layout.duplicates_file(grounding["model"])
+        clusters = read_meta(duplicates)
+        if clusters is None:
+            raise MissingInputError(f"no duplicates of {grounding['model']} under {layout.root}: run `{command}`")
+        return path, duplicates, grounding["fingerprint"] + clusters["fingerprint"]
 
     def work(self) -> Tasks:
         return Tasks(curate_shard, workers=self.config.workers)

@@ -1,6 +1,6 @@
 """``densecurate prune``: remove a dataset root's tables that belong to no current shard.
 
-After the shard stage is rerun with ``--replace`` and fewer shards, caption and density tables of
+After the shard stage is rerun with ``--replace`` and fewer shards, the per-shard tables of
 the removed shards stay (stages never delete on their own) and would be counted by the catalog.
 """
 
@@ -16,10 +16,9 @@ from schemas.layout import DatasetLayout, is_dataset_root
 
 
 def orphan_tables(layout: DatasetLayout) -> list[Path]:
-    """Caption and density tables whose shard is not a finished shard of the root."""
+    """Per-shard tables (captions, density, embeddings, grounding) whose shard is not a finished shard of the root."""
     shards = set(layout.shard_indices())
-    per_shard = [p for p in layout.tables() if p.parent.parent in (layout.captions_root, layout.density_root)]
-    return [p for p in per_shard if p.stem.isdigit() and index_of(p) not in shards]
+    return [p for p in layout.per_shard_tables() if index_of(p) not in shards]
 
 
 def prune_root(root: Path, *, dry_run: bool = False) -> list[Path]:

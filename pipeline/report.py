@@ -16,6 +16,17 @@ from schemas.errors import MissingInputError
 from schemas.layout import TABLE_GLOBS, DatasetLayout
 
 
+@dataclass(frozen=True)
+class GroundingFigures:
+    """A grounded field's figures (``densecurate ground``): the honest companions of its Table-1 row."""
+
+    model: str
+    grounded_per_image: float
+    grounded_share: float  # grounded noun occurrences / noun occurrences
+    clip_quantiles: tuple[float, float, float]  # image-caption score p10, median, p90
+    near_duplicate_share: float | None  # samples that are a duplicate of a kept one (None: no duplicates table)
+
+
 @dataclass
 class FieldReport:
     """Everything the report shows about one caption field."""
@@ -30,10 +41,39 @@ class FieldReport:
     rank_counts: list[int]  # every noun's count, most frequent first
     tail_occurrence_share: float  # share of noun occurrences from nouns seen <= min_count times
     flags: dict[str, float] = field(default_factory=dict)  # captioner fields: share truncated/repetitive/empty
+    grounding: GroundingFigures | None = None
 
     @property
     def tail_distinct_share(self) -> float:
         return 1.0 - self.row.valid_share if self.row.distinct_nouns else 0.0
+
+
+GROUNDING_FIGURES = """
+SELECT any_value(g.model), avg(g.n_grounded_nouns), sum(g.n_grounded_nouns) / nullif(sum(g.n_nouns), 0),
+       quantile_cont(g.clip_score, 0.1), quantile_cont(g.clip_score, 0.5), quantile_cont(g.clip_score, 0.9),
+       {duplicate_share}
+FROM grounding g {duplicates_join}
+WHERE g.field = ? AND NOT g.missing
+"""
+
+
+def _has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchone()[0])
+
+
+def grounding_figures(con: duckdb.DuckDBPyConnection, field_name: str) -> GroundingFigures | None:
+    """The field's grounding figures, or None when it is not grounded."""
+    if not _has_view(con, "grounding"):
+        return None
+    duplicates = _has_view(con, "duplicates")
+    sql = GROUNDING_FIGURES.format(
+        duplicate_share="avg(CASE WHEN dup.kept = false THEN 1 ELSE 0 END)" if duplicates else "NULL",
+        duplicates_join="LEFT JOIN duplicates dup ON dup.key = g.key AND dup.model = g.model" if duplicates else "",
+    )
+    model, per_image, share, p10, p50, p90, dup_share = con.execute(sql, [field_name]).fetchone()
+    if model is None:
+        return None
+    return GroundingFigures(model, per_image or 0.0, share or 0.0, (p10 or 0.0, p50 or 0.0, p90 or 0.0), dup_share)
 
 
 def _field_report(con: duckdb.DuckDBPyConnection, row: Table1Row, density: str, top: int) -> FieldReport:
@@ -50,8 +90,7 @@ def _field_report(con: duckdb.DuckDBPyConnection, row: Table1Row, density: str, 
     min_count = con.execute("SELECT coalesce(max(min_count), 10) FROM vocab WHERE field = ?", [f]).fetchone()[0]
     tail = sum(c for c in counts if c <= min_count)
     flags = {}
-    has_captions = con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'captions'").fetchone()[0]
-    if has_captions:
+    if _has_view(con, "captions"):
         got = con.execute(
             "SELECT count(*), avg(truncated::INT), avg(repetitive::INT), avg(empty::INT) FROM captions "
             "WHERE captioner = ? AND status = 'ok'",
@@ -75,6 +114,7 @@ def _field_report(con: duckdb.DuckDBPyConnection, row: Table1Row, density: str, 
         rank_counts=counts,
         tail_occurrence_share=tail / sum(counts) if counts else 0.0,
         flags=flags,
+        grounding=grounding_figures(con, f),
     )
 
 
@@ -95,29 +135,65 @@ def warn_if_stale(root: Path) -> None:
         Console(stderr=True).print(f"[red]{warning}[/red]")
 
 
-def table1_table(rows: list[Table1Row], title: str = "concept density (PixArt-alpha Table 1)") -> Table:
-    """Metrics as rows, fields as columns: alt text and each captioner side by side."""
+def table1_table(
+    rows: list[Table1Row],
+    title: str = "concept density (PixArt-alpha Table 1)",
+    grounding: list[GroundingFigures | None] | None = None,
+) -> Table:
+    """Metrics as rows, fields as columns: alt text and each captioner side by side; with ``grounding``
+    (one per row) also the grounded figures of the fields that have them."""
     table = Table("", *(r.field for r in rows), title=title)
-    table.add_row("captions", *(f"{r.n_captions:,}" for r in rows))
-    table.add_row("VN / DN", *(r.vn_dn() for r in rows))
-    table.add_row("total nouns", *(f"{r.total_nouns:,}" for r in rows))
-    table.add_row("nouns per image", *(f"{r.nouns_per_caption:.1f}" for r in rows))
-    table.add_row("missing captions", *(f"{r.missing:,}" for r in rows))
+    for name, value in table1_lines(rows, grounding):
+        table.add_row(name, *value)
     return table
+
+
+def table1_lines(
+    rows: list[Table1Row], grounding: list[GroundingFigures | None] | None = None
+) -> list[tuple[str, list[str]]]:
+    """The Table-1 lines (name, one value per field), followed by the grounded ones when any field has them."""
+    lines = [
+        ("captions", [f"{r.n_captions:,}" for r in rows]),
+        ("VN / DN", [r.vn_dn() for r in rows]),
+        ("total nouns", [f"{r.total_nouns:,}" for r in rows]),
+        ("nouns per image", [f"{r.nouns_per_caption:.1f}" for r in rows]),
+        ("missing captions", [f"{r.missing:,}" for r in rows]),
+    ]
+    if not grounding or all(g is None for g in grounding):
+        return lines
+
+    def each(show) -> list[str]:
+        return ["-" if g is None else show(g) for g in grounding]
+
+    return [
+        *lines,
+        ("grounded nouns per image", each(lambda g: f"{g.grounded_per_image:.1f}")),
+        ("grounded share", each(lambda g: f"{100 * g.grounded_share:.1f}%")),
+        (
+            "image-caption score p10 / median / p90",
+            each(lambda g: "{:.1f} / {:.1f} / {:.1f}".format(*g.clip_quantiles)),
+        ),
+        (
+            "near-duplicate share",
+            each(lambda g: "-" if g.near_duplicate_share is None else f"{100 * g.near_duplicate_share:.1f}%"),
+        ),
+        ("grounded by (CLIP model)", each(lambda g: g.model)),
+    ]
 
 
 def print_table1(root: Path) -> None:
     """Print the Table-1 rows of every scored field (and which are stale)."""
     warn_if_stale(root)
     with connect(root) as con:
-        Console().print(table1_table(table1_rows(con, DatasetLayout(root.resolve()).density_glob())))
+        rows = table1_rows(con, DatasetLayout(root.resolve()).density_glob())
+        Console().print(table1_table(rows, grounding=[grounding_figures(con, r.field) for r in rows]))
 
 
 def print_report(root: Path, reports: list[FieldReport]) -> None:
     """The whole report on the console (first, which fields are stale)."""
     warn_if_stale(root)
     console = Console()
-    console.print(table1_table([r.row for r in reports]))
+    console.print(table1_table([r.row for r in reports], grounding=[r.grounding for r in reports]))
     names = [r.row.field for r in reports]
     dist = Table("", *names, title="nouns per image, caption length, long tail")
     dist.add_row(

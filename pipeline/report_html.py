@@ -12,7 +12,7 @@ import duckdb
 
 from pipeline.catalog import connect
 from pipeline.nouns import NOUN_POS, load_spacy
-from pipeline.report import FieldReport
+from pipeline.report import FieldReport, table1_lines
 from pipeline.shard_reading import iter_shard_samples
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD
@@ -29,6 +29,7 @@ th { background: #f3f3f3; }
 .field { font-size: 0.8rem; color: #666; margin-top: 0.4rem; }
 mark.valid { background: #b7e4c7; }
 mark.rare { background: #ffd6a5; }
+mark.ungrounded { text-decoration: line-through; text-decoration-color: #b00; outline: 1px dashed #b00; }
 #broken-images { color: #b00; font-weight: bold; }
 """
 # Shows, on the page itself, how many pictures failed to render (the tests read it too).
@@ -81,11 +82,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _summary_tables(reports: list[FieldReport]) -> str:
     names = [r.row.field for r in reports]
-    table1 = [
-        ["captions", *(f"{r.row.n_captions:,}" for r in reports)],
-        ["VN / DN", *(r.row.vn_dn() for r in reports)],
-        ["total nouns", *(f"{r.row.total_nouns:,}" for r in reports)],
-        ["nouns per image", *(f"{r.row.nouns_per_caption:.1f}" for r in reports)],
+    lines = table1_lines([r.row for r in reports], [r.grounding for r in reports])
+    table1 = [[name, *values] for name, values in lines]
+    table1 += [
         ["nouns per image p10 / median / p90", *("{:.0f} / {:.0f} / {:.0f}".format(*r.quantiles) for r in reports)],
         ["words per caption (mean)", *(f"{r.words_mean:.1f}" for r in reports)],
         ["distinct nouns seen <= min-count times", *(f"{100 * r.tail_distinct_share:.1f}%" for r in reports)],
@@ -151,16 +150,29 @@ def _captions(con: duckdb.DuckDBPyConnection, keys: list[str], fields: list[str]
     return found
 
 
-def _marked(nlp, text: str | None, valid: set[str], pos: frozenset[str]) -> str:
-    """The caption as HTML with each noun marked valid (seen more than min-count times) or rare."""
+def _ungrounded(con: duckdb.DuckDBPyConnection, keys: list[str]) -> dict[tuple[str, str], set[str]]:
+    """Per (field, key) of the gallery, the nouns the ground stage judged not in the image."""
+    if not con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'grounding'").fetchone()[0]:
+        return {}
+    rows = con.execute("SELECT field, key, ungrounded_nouns FROM grounding WHERE list_contains(?, key)", [keys])
+    return {(f, key): set(nouns) for f, key, nouns in rows.fetchall()}
+
+
+def _marked(nlp, text: str | None, valid: set[str], pos: frozenset[str], ungrounded: set[str] | None = None) -> str:
+    """The caption as HTML with each noun marked valid (seen more than min-count times) or rare, and
+    struck through when the ground stage judged it not in the image."""
     if not text:
         return "<em>no caption</em>"
     parts = []
     for token in nlp(text):
         word = html.escape(token.text)
+        lemma = token.lemma_.lower()
         if token.pos_ in pos and any(c.isalpha() for c in token.lemma_):
-            kind = "valid" if token.lemma_.lower() in valid else "rare"
-            word = f'<mark class="{kind}" title="{html.escape(token.lemma_.lower())}">{word}</mark>'
+            kind = "valid" if lemma in valid else "rare"
+            title = lemma
+            if ungrounded is not None and lemma in ungrounded:
+                kind, title = f"{kind} ungrounded", f"{lemma}: not found in the image"
+            word = f'<mark class="{kind}" title="{html.escape(title)}">{word}</mark>'
         parts.append(word + html.escape(token.whitespace_))
     return "".join(parts)
 
@@ -174,6 +186,7 @@ def _gallery(root: Path, fields: list[str], n: int, spacy_model: str) -> str:
             f: {w for (w,) in con.execute("SELECT noun FROM vocab WHERE field = ? AND valid", [f]).fetchall()}
             for f in fields
         }
+        ungrounded = _ungrounded(con, keys)
     thumbs = _thumbnails(samples)
     nlp = load_spacy(spacy_model)
     cards = []
@@ -183,12 +196,13 @@ def _gallery(root: Path, fields: list[str], n: int, spacy_model: str) -> str:
             f"<b>{html.escape(key)}</b>",
         ]
         for f in fields:
-            marked = _marked(nlp, captions.get((f, key)), valid[f], NOUN_POS["all"])
+            marked = _marked(nlp, captions.get((f, key)), valid[f], NOUN_POS["all"], ungrounded.get((f, key)))
             body.append(f'<div class="field">{html.escape(f)}</div><div>{marked}</div>')
         cards.append('<div class="card">' + "".join(body) + "</div>")
     legend = (
         '<p><mark class="valid">valid noun</mark> (seen more than min-count times) · '
-        '<mark class="rare">rare noun</mark></p>'
+        '<mark class="rare">rare noun</mark> · '
+        '<mark class="valid ungrounded">not found in the image</mark> (`densecurate ground`)</p>'
     )
     return "<h2>Gallery</h2>" + legend + '<div class="gallery">' + "".join(cards) + "</div>"
 

@@ -10,7 +10,7 @@ from pipeline.catalog import connect
 from pipeline.report import warn_if_stale
 from pipeline.table_output import print_rows
 
-# (title, the view it needs, SQL)
+# (title, the views it needs separated by spaces, SQL)
 STATS_QUERIES: tuple[tuple[str, str, str], ...] = (
     (
         "samples by status",
@@ -40,6 +40,25 @@ STATS_QUERIES: tuple[tuple[str, str, str], ...] = (
         "FROM density GROUP BY ALL ORDER BY field",
     ),
     (
+        "grounded concept density by field",
+        "grounding duplicates",
+        "SELECT g.field, any_value(g.model) AS clip_model, count(*) FILTER (WHERE NOT g.missing) AS captions, "
+        "round(avg(g.n_grounded_nouns) FILTER (WHERE NOT g.missing), 2) AS grounded_nouns_per_image, "
+        "round(sum(g.n_grounded_nouns) / nullif(sum(g.n_nouns), 0), 3) AS grounded_share, "
+        "round(quantile_cont(g.clip_score, 0.1), 2) AS clip_p10, round(quantile_cont(g.clip_score, 0.5), 2) "
+        "AS clip_median, round(quantile_cont(g.clip_score, 0.9), 2) AS clip_p90, "
+        "round(avg(CASE WHEN dup.kept = false THEN 1 ELSE 0 END), 3) AS near_duplicate_share "
+        "FROM grounding g LEFT JOIN duplicates dup ON dup.key = g.key AND dup.model = g.model "
+        "GROUP BY ALL ORDER BY g.field",
+    ),
+    (
+        "duplicates by CLIP model",
+        "duplicates",
+        "SELECT model, count(DISTINCT cluster) AS clusters, count(*) FILTER (WHERE NOT kept) AS duplicates, "
+        "count(*) FILTER (WHERE kind = 'exact') AS exact, count(*) FILTER (WHERE kind = 'semantic') AS semantic "
+        "FROM duplicates GROUP BY ALL ORDER BY model",
+    ),
+    (
         "top nouns by field",
         "vocab",
         "SELECT field, noun, count FROM (SELECT *, row_number() OVER (PARTITION BY field ORDER BY count DESC, noun) "
@@ -54,8 +73,8 @@ def print_stats(root: Path) -> None:
     warn_if_stale(root)
     with connect(root) as con:
         views = {name for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
-        for title, view, sql in STATS_QUERIES:
-            if view not in views:
+        for title, needed, sql in STATS_QUERIES:
+            if not set(needed.split()) <= views:
                 continue
             console.rule(title)
             cursor = con.execute(sql)

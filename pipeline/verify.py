@@ -87,7 +87,7 @@ def verify_shard_folder(folder: Path, *, deep: bool) -> list[Damage]:
 
 
 def verify_root(layout: DatasetLayout, *, deep: bool) -> list[Damage]:
-    """Every damaged output of a dataset root: shards, caption and density tables, vocabularies."""
+    """Every damaged output of a dataset root: shards and every table of the catalog (see ``DatasetLayout.tables``)."""
     found = verify_shard_folder(layout.shards_dir, deep=deep)
     found += [Damage(path, problem) for path in layout.tables() if (problem := table_damage(path))]
     return found

@@ -15,9 +15,17 @@ TABLE_GLOBS = {
     "captions": "captions/*/*.parquet",
     "vocab": "vocab/*.parquet",
     "density": "density/*/*.parquet",
+    "embeddings": "embeddings/*/*.parquet",
+    "grounding": "grounding/*/*.parquet",
+    "noun_calibration": "calibration/*.parquet",
+    "duplicates": "duplicates/*.parquet",
 }
+# The per-shard tables (one folder per field or model, NNNNN.parquet per shard).
+PER_SHARD_TABLES = ("captions", "density", "embeddings", "grounding")
 # Folders (and the catalog) a dataset root's own stages write; no user-chosen output may take them.
-RESERVED_NAMES = frozenset({"shards", "captions", "density", "vocab", "embeddings", "grounding", CATALOG_FILE})
+RESERVED_NAMES = frozenset(
+    {"shards", "captions", "density", "vocab", "embeddings", "grounding", "calibration", "duplicates", CATALOG_FILE}
+)
 
 
 def shard_stem(index: int) -> str:
@@ -64,6 +72,10 @@ class DatasetLayout:
     ROOT/captions/NAME/NNNNN.parquet                      one folder per captioner
     ROOT/density/FIELD/NNNNN.parquet                      one folder per caption field
     ROOT/vocab/FIELD.parquet                              noun counts per field
+    ROOT/embeddings/MODEL/NNNNN.parquet                   CLIP image embeddings, one folder per CLIP model
+    ROOT/grounding/FIELD/NNNNN.parquet                    image-caption scores and grounded nouns per field
+    ROOT/calibration/FIELD.parquet                        per-noun grounding calibration of a field
+    ROOT/duplicates/MODEL.parquet                         exact and near-duplicate clusters per CLIP model
     ROOT/catalog.duckdb                                   DuckDB views over the tables above
     """
 
@@ -124,16 +136,37 @@ class DatasetLayout:
     def vocab_file(self, field: str) -> Path:
         return self.vocab_dir / f"{field}.parquet"
 
+    def embeddings_dir(self, model: str) -> Path:
+        return self.root / "embeddings" / model
+
+    def embedding_file(self, model: str, index: int) -> Path:
+        return self.embeddings_dir(model) / f"{shard_stem(index)}.parquet"
+
+    def grounding_dir(self, field: str) -> Path:
+        return self.root / "grounding" / field
+
+    def grounding_file(self, field: str, index: int) -> Path:
+        return self.grounding_dir(field) / f"{shard_stem(index)}.parquet"
+
+    def calibration_file(self, field: str) -> Path:
+        return self.root / "calibration" / f"{field}.parquet"
+
+    def duplicates_file(self, model: str) -> Path:
+        return self.root / "duplicates" / f"{model}.parquet"
+
     def table_glob(self, table: str) -> str:
         """The glob of a catalog table's Parquet files (``samples``, ``captions``, ``vocab``, ``density``)."""
         return str(self.root / TABLE_GLOBS[table])
 
     def tables(self) -> list[Path]:
-        """Every caption, density and vocabulary table of the root."""
-        return sorted(p for table in ("captions", "density", "vocab") for p in self.root.glob(TABLE_GLOBS[table]))
+        """Every table of the root besides the shards' own (what the catalog's views read)."""
+        return sorted(p for table in TABLE_GLOBS if table != "samples" for p in self.root.glob(TABLE_GLOBS[table]))
+
+    def per_shard_tables(self) -> list[Path]:
+        """Every per-shard table (captions, density, embeddings, grounding) of the root."""
+        return sorted(p for table in PER_SHARD_TABLES for p in self.root.glob(TABLE_GLOBS[table]) if p.stem.isdigit())
 
     def tables_of_shards(self, indices: set[int]) -> list[Path]:
-        """The caption and density tables made from the shards ``indices``."""
+        """The per-shard tables made from the shards ``indices``."""
         stems = {f"{shard_stem(i)}.parquet" for i in indices}
-        per_shard = [*self.root.glob(TABLE_GLOBS["captions"]), *self.root.glob(TABLE_GLOBS["density"])]
-        return sorted(p for p in per_shard if p.name in stems)
+        return [p for p in self.per_shard_tables() if p.name in stems]

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.caption_config import CaptionConfig
 from schemas.features_config import FeaturesConfig
+from schemas.ground_config import GroundConfig
 from schemas.score_config import CurateConfig, ScoreConfig
 from schemas.shard_config import ShardConfig
 from schemas.validation import SimpleName, load_yaml, read_input_text, validated
@@ -68,8 +69,8 @@ class ReportStep(_Strict):
 
 
 class PipelineSpec(_Strict):
-    """Stages run in this order, each only when present: prepare, shard, caption, score, report, curate,
-    features, train, export. Each stage skips the work it finds done."""
+    """Stages run in this order, each only when present: prepare, shard, caption, score, ground, report,
+    curate, features, train, export. Each stage skips the work it finds done."""
 
     name: SimpleName = Field(..., description="the spec's name (letters, digits, '-', '_', '.')")
     root: str = Field(..., min_length=1, description="the dataset root")
@@ -77,6 +78,7 @@ class PipelineSpec(_Strict):
     shard: ShardStep | None = None
     caption: list[CaptionConfig] = Field(default_factory=list, description="one entry per captioner")
     score: ScoreConfig | None = None
+    ground: GroundConfig | None = None
     report: ReportStep | None = None
     curate: CurateStep | None = None
     features: FeaturesStep | None = None
@@ -84,7 +86,10 @@ class PipelineSpec(_Strict):
     export: ExportStep | None = None
 
 
-STAGES = ("prepare", "shard", "caption", "score", "report", "curate", "features", "train", "export")
+STAGES = ("prepare", "shard", "caption", "score", "ground", "report", "curate", "features", "train", "export")
+
+
+LOCAL_CLIP = "local-dir:"  # an open_clip model in a local folder
 
 
 def parse_spec(text: str, source: str = "spec") -> PipelineSpec:
@@ -128,6 +133,9 @@ def resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
         data["shard"]["inputs"] = [local_path(p, base) for p in spec.shard.inputs]
     for caption in data["caption"]:
         caption["model"]["model"] = model_path(caption["model"]["model"], base)
+    if spec.ground and spec.ground.clip.model.startswith(LOCAL_CLIP):
+        folder = spec.ground.clip.model.removeprefix(LOCAL_CLIP)
+        data["ground"]["clip"]["model"] = LOCAL_CLIP + local_path(folder, base)
     for step, keys in (("curate", ("out",)), ("features", ("source", "out")), ("export", ("out",))):
         for key in keys if data.get(step) else ():
             data[step][key] = local_path(data[step][key], base)

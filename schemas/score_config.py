@@ -43,6 +43,22 @@ class CurateRules(BaseModel):
     min_nouns: int = Field(0, ge=0, description="drop captions with fewer noun occurrences")
     drop_flagged: bool = Field(False, description="drop captions flagged truncated, repetitive or empty")
     min_words: int = Field(1, ge=0, description="drop captions with fewer words (1 drops missing captions)")
+    min_clip_score: float | None = Field(
+        None, description="drop captions whose image-caption score (mean over sentences, 100 * cosine) is lower"
+    )
+    min_grounded_nouns: int = Field(0, ge=0, description="drop captions with fewer nouns found in the image")
+    min_grounded_share: float = Field(0.0, ge=0.0, le=1.0, description="drop captions with a lower grounded share")
+    drop_near_duplicates: bool = Field(False, description="drop every duplicate but the one kept of its cluster")
+
+    @property
+    def needs_grounding(self) -> bool:
+        """Whether a rule reads the field's grounding (``densecurate ground``)."""
+        return (
+            self.min_clip_score is not None
+            or self.min_grounded_nouns > 0
+            or self.min_grounded_share > 0
+            or self.drop_near_duplicates
+        )
 
 
 class CurateConfig(BaseModel):

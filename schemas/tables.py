@@ -86,6 +86,11 @@ CURATED_SCHEMA = pa.schema(
         pa.field("n_nouns", pa.int32()),
         pa.field("n_valid_nouns", pa.int32()),
         pa.field("flagged", pa.bool_()),
+        # With grounding rules only (null otherwise): from ROOT/grounding/FIELD and ROOT/duplicates/MODEL.
+        pa.field("clip_score", pa.float32()),
+        pa.field("n_grounded_nouns", pa.int32()),
+        pa.field("grounded_share", pa.float32()),
+        pa.field("duplicate_of", pa.string()),  # the kept sample of its cluster, for a duplicate that is not kept
     ]
 )
 
@@ -98,5 +103,68 @@ FEATURES_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("caption", pa.string()),
         pa.field("n_tokens", pa.int32()),  # T5 tokens kept (at most max_tokens)
+    ]
+)
+
+# One row per written sample of a shard and one CLIP model (ROOT/embeddings/MODEL/NNNNN.parquet).
+EMBEDDINGS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),  # MODEL, the folder name
+        pa.field("embedding", pa.list_(pa.float16()), nullable=False),  # L2-normalised image embedding
+    ]
+)
+
+# One row per scored key of a field (ROOT/grounding/FIELD/NNNNN.parquet); scores are 100 * cosine.
+GROUNDING_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("field", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),  # the CLIP model's folder name under embeddings/
+        pa.field("missing", pa.bool_(), nullable=False),  # no caption: no scores, no nouns
+        pa.field("n_sentences", pa.int32(), nullable=False),  # sentences scored (at most max_sentences)
+        pa.field("clip_score", pa.float32()),  # mean over the sentences (the score curation uses)
+        pa.field("clip_score_min", pa.float32()),
+        pa.field("clip_score_max", pa.float32()),
+        pa.field("clip_score_truncated", pa.float32()),  # the whole caption, cut at the text encoder's context
+        pa.field("nouns", pa.list_(pa.string()), nullable=False),  # the density stage's nouns, in order
+        pa.field("noun_scores", pa.list_(pa.float32()), nullable=False),  # per noun: image vs the noun's prompts
+        pa.field("noun_z", pa.list_(pa.float32()), nullable=False),  # per noun: z against its calibration
+        pa.field("grounded", pa.list_(pa.bool_()), nullable=False),  # per noun: z >= z_threshold
+        pa.field("n_nouns", pa.int32(), nullable=False),
+        pa.field("n_grounded_nouns", pa.int32(), nullable=False),
+        pa.field("grounded_share", pa.float32()),  # n_grounded_nouns / n_nouns (null without nouns)
+        pa.field("ungrounded_nouns", pa.list_(pa.string()), nullable=False),  # distinct, in caption order
+    ]
+)
+
+# One row per noun of a field's vocabulary (ROOT/calibration/FIELD.parquet): how the noun's prompts score
+# on reference images whose captions do not name it (negatives) and on those that do (positives).
+CALIBRATION_SCHEMA = pa.schema(
+    [
+        pa.field("noun", pa.string(), nullable=False),
+        pa.field("field", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("n_negatives", pa.int32(), nullable=False),
+        pa.field("n_positives", pa.int32(), nullable=False),
+        pa.field("negative_mean", pa.float32(), nullable=False),  # 100 * cosine
+        pa.field("negative_std", pa.float32(), nullable=False),
+        pa.field("positive_mean", pa.float32()),  # null without positives
+        pa.field("fallback", pa.bool_(), nullable=False),  # too few negatives: the pooled statistics are used
+        pa.field("mean", pa.float32(), nullable=False),  # what z is computed against
+        pa.field("std", pa.float32(), nullable=False),
+        pa.field("text_embedding", pa.list_(pa.float16()), nullable=False),  # the prompt ensemble's embedding
+    ]
+)
+
+# One row per member of a duplicate cluster of >= 2 samples (ROOT/duplicates/MODEL.parquet).
+DUPLICATES_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),  # MODEL, whose embeddings found the cluster
+        pa.field("cluster", pa.string(), nullable=False),  # the kept sample's key
+        pa.field("kept", pa.bool_(), nullable=False),  # one per cluster: the smallest key
+        pa.field("kind", pa.string()),  # exact (same sha256 as the kept sample) | semantic; null for the kept one
+        pa.field("similarity", pa.float32(), nullable=False),  # cosine to the kept sample's embedding
     ]
 )

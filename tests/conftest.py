@@ -45,3 +45,19 @@ def tiny_pixart_dir(tmp_path_factory):
     from trainer.tiny import make_tiny_pixart
 
     return make_tiny_pixart(tmp_path_factory.mktemp("models") / "pixart")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random-weight open_clip model folder (``densecurate models make-tiny``: load as ``local-dir:``)."""
+    from trainer.tiny import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("models") / "clip")
+
+
+@pytest.fixture(scope="session")
+def shapes_clip_dir(tmp_path_factory):
+    """A tiny open_clip model trained for real on synthetic shapes (see tests/shapes_clip.py), trained once."""
+    from tests.shapes_clip import train_shapes_clip
+
+    return train_shapes_clip(tmp_path_factory.mktemp("models") / "shapes-clip")

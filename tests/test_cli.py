@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "prune",
     "caption",
     "score",
+    "ground",
     "density",
     "stats",
     "report",

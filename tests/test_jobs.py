@@ -41,6 +41,7 @@ def test_resolve_paths_keeps_hub_ids_and_makes_local_paths_absolute():
     demo = resolve_paths(parse_spec((REPO / "jobs/examples/demo.yaml").read_text()), REPO)
     assert demo.root == f"{REPO}/demo_out/dataset"
     assert demo.caption[0].model.model == f"{REPO}/demo_out/models/llava"  # ./ marks a local model folder
+    assert demo.ground.clip.model == f"local-dir:{REPO}/demo_out/models/clip"
     assert f"run_dir={REPO}/demo_out/runs/tiny" in demo.train.overrides
     assert f"data.features={REPO}/demo_out/features" in demo.train.overrides
 
