@@ -1,7 +1,8 @@
-"""Is a field's density computed from the texts the field holds now?
+"""Is a field's density computed from the texts the field holds now, and its grounding from that density?
 
 Re-captioning without re-scoring leaves density (and every figure made from it) describing the
-earlier captions. ``curate`` refuses such density; ``report`` and ``stats`` name the stale fields.
+earlier captions; rescoring without grounding again does the same to the grounded figures. ``curate``
+refuses such inputs; ``report`` and ``stats`` name the stale fields.
 """
 
 from __future__ import annotations
@@ -46,17 +47,39 @@ def stale_fields(layout: DatasetLayout) -> dict[str, int]:
     return stale
 
 
+def stale_grounding(layout: DatasetLayout) -> dict[str, int]:
+    """Per grounded field: how many shards' grounding was made from other density than the current one."""
+    root = layout.root / "grounding"
+    stale = {}
+    for name in sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        behind = 0
+        for path in sorted(layout.grounding_dir(name).glob("*.parquet")):
+            grounding, density = read_meta(path), read_meta(layout.density_file(name, int(path.stem)))
+            behind += not (grounding and density and grounding.get("density_fingerprint") == density["fingerprint"])
+        if behind:
+            stale[name] = behind
+    return stale
+
+
 def stale_warning(layout: DatasetLayout) -> str | None:
-    """One sentence naming the stale fields, or None when every scored field is current."""
+    """One sentence naming the stale fields (density, then grounding), or None when every field is current."""
     stale = stale_fields(layout)
-    if not stale:
-        return None
-    named = ", ".join(f"{name!r} ({n} shards)" for name, n in stale.items())
-    fields = " ".join(f"--field {name}" for name in stale)
-    return (
-        f"stale density: {named} changed since they were scored, so their figures describe earlier texts; "
-        f"rerun `densecurate score {layout.root} {fields}`"
-    )
+    if stale:
+        named = ", ".join(f"{name!r} ({n} shards)" for name, n in stale.items())
+        fields = " ".join(f"--field {name}" for name in stale)
+        return (
+            f"stale density: {named} changed since they were scored, so their figures describe earlier texts; "
+            f"rerun `densecurate score {layout.root} {fields}`"
+        )
+    grounding = stale_grounding(layout)
+    if grounding:
+        named = ", ".join(f"{name!r} ({n} shards)" for name, n in grounding.items())
+        fields = " ".join(f"--field {name}" for name in grounding)
+        return (
+            f"stale grounding: {named} were rescored since they were grounded, so their grounded figures describe "
+            f"earlier nouns; rerun `densecurate ground {layout.root} {fields} --clip-model MODEL`"
+        )
+    return None
 
 
 def _caption_indices(layout: DatasetLayout, name: str) -> list[int]:

@@ -16,6 +16,7 @@ import pytest
 from densecurate.cli import main
 from pipeline.catalog import run_query
 from pipeline.curate_stage import first_failed_rule, run_curate_stage
+from pipeline.freshness import stale_warning
 from pipeline.ground_stage import run_ground_stage
 from pipeline.prune import orphan_tables
 from pipeline.report import gather_report
@@ -93,12 +94,14 @@ def test_exact_copies_are_duplicates_and_the_smaller_key_is_kept(grounded_root):
 
 def test_new_density_regrounds_without_embedding_again_and_a_rerun_reuses_everything(grounded_root, clip_dir):
     run_score_stage(grounded_root, ScoreConfig(fields=("alt_text",), min_count=0, nouns={"nouns": "common"}))
+    assert "stale grounding: 'alt_text' (4 shards)" in stale_warning(DatasetLayout(grounded_root))
     again = run_ground_stage(grounded_root, ground_config(clip_dir, duplicates={"threshold": 0.9999}))
     assert again.embeddings.shards_reused == again.embeddings.shards  # the images are not embedded again
     assert again.grounding.run.reused == 0  # the density changed: every shard is grounded again
     third = run_ground_stage(grounded_root, ground_config(clip_dir, duplicates={"threshold": 0.9999}))
     assert third.embeddings.shards_reused == third.embeddings.shards
     assert third.grounding.run.reused == len(third.grounding.run.results) == 4
+    assert stale_warning(DatasetLayout(grounded_root)) is None
 
 
 def test_views_hide_vectors_by_default(grounded_root):
