@@ -58,6 +58,6 @@ def tiny_clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_clip_dir(tmp_path_factory):
     """A tiny open_clip model trained for real on synthetic shapes (see tests/shapes_clip.py), trained once."""
-    from tests.shapes_clip import train_shapes_clip
+    from tests.shapes_clip import trained_shapes_clip
 
-    return train_shapes_clip(tmp_path_factory.mktemp("models") / "shapes-clip")
+    return trained_shapes_clip(tmp_path_factory.getbasetemp())
