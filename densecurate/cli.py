@@ -45,6 +45,12 @@ def _add_rerun_options(p: argparse.ArgumentParser, *, replace: bool) -> None:
         )
 
 
+def _add_fields_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--field", action="append", help="alt_text or a captioner name; repeat for several (default: alt_text)"
+    )
+
+
 def _add_ray_options(p: argparse.ArgumentParser, workers_help: str) -> None:
     p.add_argument("--workers", type=int, help=workers_help)
     p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray on 127.0.0.1)")
@@ -192,9 +198,7 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
         description="Writes ROOT/density/FIELD/NNNNN.parquet and ROOT/vocab/FIELD.parquet.",
     )
     p.add_argument("root", type=_path, help="dataset root")
-    p.add_argument(
-        "--field", action="append", help="alt_text or a captioner name; repeat for several (default: alt_text)"
-    )
+    _add_fields_option(p)
     _add_nouns_options(p)
     _add_ray_options(p, "spaCy processes (default: every CPU)")
     _add_rerun_options(p, replace=False)
@@ -211,9 +215,7 @@ def _add_ground_parser(sub: argparse._SubParsersAction) -> None:
         "not). Needs the fields scored (`densecurate score`). Finished shards are skipped on a rerun.",
     )
     p.add_argument("root", type=_path, help="dataset root")
-    p.add_argument(
-        "--field", action="append", help="alt_text or a captioner name; repeat for several (default: alt_text)"
-    )
+    _add_fields_option(p)
     p.add_argument("--clip-model", required=True, help="open_clip model name (ViT-L-14), hf-hub:REPO or local-dir:DIR")
     p.add_argument("--clip-pretrained", help="open_clip weights tag (e.g. openai) or file; not for local-dir:")
     p.add_argument("--batch-size", type=int, default=64, help="images (and texts) per forward pass")
@@ -226,8 +228,9 @@ def _add_ground_parser(sub: argparse._SubParsersAction) -> None:
     rule.add_argument("--calibration-images", type=int, default=20_000, help="reference images for the calibration")
     rule.add_argument("--max-sentences", type=int, default=32, help="sentences of a caption scored")
     rule.add_argument(
-        "--noun-prompt", action="append", help='prompt template with {} for the noun, repeatable (default: "a photo '
-        'of a {}." and three more)'
+        "--noun-prompt",
+        action="append",
+        help='prompt template with {} for the noun, repeatable (default: "a photo of a {}." and three more)',
     )
     dup = p.add_argument_group("near-duplicates")
     dup.add_argument("--dup-threshold", type=float, default=0.95, help="cosine at or above which images are duplicates")

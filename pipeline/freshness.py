@@ -63,23 +63,24 @@ def stale_grounding(layout: DatasetLayout) -> dict[str, int]:
 
 def stale_warning(layout: DatasetLayout) -> str | None:
     """One sentence naming the stale fields (density, then grounding), or None when every field is current."""
-    stale = stale_fields(layout)
-    if stale:
-        named = ", ".join(f"{name!r} ({n} shards)" for name, n in stale.items())
-        fields = " ".join(f"--field {name}" for name in stale)
+    if stale := stale_fields(layout):
+        named, fields = _named(stale)
         return (
             f"stale density: {named} changed since they were scored, so their figures describe earlier texts; "
             f"rerun `densecurate score {layout.root} {fields}`"
         )
-    grounding = stale_grounding(layout)
-    if grounding:
-        named = ", ".join(f"{name!r} ({n} shards)" for name, n in grounding.items())
-        fields = " ".join(f"--field {name}" for name in grounding)
+    if stale := stale_grounding(layout):
+        named, fields = _named(stale)
         return (
             f"stale grounding: {named} were rescored since they were grounded, so their grounded figures describe "
             f"earlier nouns; rerun `densecurate ground {layout.root} {fields} --clip-model MODEL`"
         )
     return None
+
+
+def _named(stale: dict[str, int]) -> tuple[str, str]:
+    """The stale fields with their shard counts, and as ``--field`` options."""
+    return ", ".join(f"{name!r} ({n} shards)" for name, n in stale.items()), " ".join(f"--field {n}" for n in stale)
 
 
 def _caption_indices(layout: DatasetLayout, name: str) -> list[int]:
