@@ -7,7 +7,6 @@ the first rule it failed) and ``OUT/NNNNN_stats.json``. Resumable per shard like
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +23,16 @@ from pipeline.parquet_meta import read_meta
 from pipeline.runner import run_stage
 from pipeline.shard_reading import iter_shard_samples
 from pipeline.shard_writer import ShardWriter
-from pipeline.stage import ShardFilesJob, Stage, StageRun, StageSummary, Tasks, fingerprint, shards_table
+from pipeline.stage import (
+    ShardFilesJob,
+    Stage,
+    StageRun,
+    StageSummary,
+    Tasks,
+    file_digest,
+    fingerprint,
+    shards_table,
+)
 from pipeline.verify import DamagedInputError, image_digest_problem
 from schemas.errors import MissingInputError, StaleInputError
 from schemas.layout import DatasetLayout
@@ -172,10 +180,6 @@ def curate_shard(job: CurateJob) -> dict[str, Any]:
     return writer.stats
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @dataclass
 class CurateSummary(StageSummary):
     """Totals over every shard (reused ones included)."""
@@ -223,7 +227,7 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
         if not vocab.is_file():
             command = f"densecurate score {layout.root} --field {name}"
             raise MissingInputError(f"{name!r} is not scored under {layout.root}: run `{command}` first")
-        settings = name + self.config.rules.model_dump_json() + _file_digest(vocab)
+        settings = name + self.config.rules.model_dump_json() + file_digest(vocab)
         jobs = []
         for index in require_complete(layout.shards_dir).finished:
             density = read_meta(layout.density_file(name, index))

@@ -99,19 +99,15 @@ def write_duplicates(layout: DatasetLayout, model_name: str, jobs: list[EmbedJob
         return stats
     keys: list[str] = []
     vectors = []
+    sha: dict[str, str] = {}
     for job in jobs:
         job_keys, job_vectors = read_embeddings(job.out)
         keys += job_keys
         vectors.append(job_vectors)
-    sha: dict[str, str] = {}
-    for job in jobs:
-        for row in pq.read_table(
-            layout.shard_files(job.index).parquet, columns=["key", "status", "sha256"]
-        ).to_pylist():
-            if row["status"] == STATUS_OK:
-                sha[row["key"]] = row["sha256"]
+        samples = pq.read_table(layout.shard_files(job.index).parquet, columns=["key", "status", "sha256"])
+        sha.update((r["key"], r["sha256"]) for r in samples.to_pylist() if r["status"] == STATUS_OK)
     matrix = np.concatenate([v for v in vectors if v.size]) if any(v.size for v in vectors) else np.zeros((0, 1))
-    search = DuplicateSearch(config.duplicates.threshold, config.duplicates.exact_limit, config.duplicates.nprobe)
+    search = DuplicateSearch(**config.duplicates.model_dump())
     rows = [
         {**row, "model": model_name} for row in duplicate_clusters(keys, matrix, [sha.get(k) for k in keys], search)
     ]

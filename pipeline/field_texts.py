@@ -26,6 +26,13 @@ class TextSource:
     fingerprint: str
 
 
+def require_field(layout: DatasetLayout, field_name: str) -> None:
+    """Refuse a field that is neither alt_text nor a captioner of the root."""
+    if field_name != ALT_TEXT_FIELD and field_name not in layout.caption_names():
+        have = ", ".join([ALT_TEXT_FIELD, *layout.caption_names()])
+        raise MissingInputError(f"no caption field {field_name!r} under {layout.root} (have: {have})")
+
+
 def field_sources(layout: DatasetLayout, field_name: str) -> list[TextSource]:
     """The texts of ``field_name`` per shard that has them; raises when the field does not exist."""
     if field_name == ALT_TEXT_FIELD:
@@ -33,9 +40,7 @@ def field_sources(layout: DatasetLayout, field_name: str) -> list[TextSource]:
         return [
             TextSource(i, layout.shard_files(i).parquet, ALT_TEXT_FIELD, _shard_texts_id(layout, i)) for i in shards
         ]
-    if field_name not in layout.caption_names():
-        have = ", ".join([ALT_TEXT_FIELD, *layout.caption_names()])
-        raise MissingInputError(f"no caption field {field_name!r} under {layout.root} (have: {have})")
+    require_field(layout, field_name)
     sources = []
     for path in layout.caption_tables(field_name):
         meta = read_meta(path)

@@ -12,7 +12,6 @@ Two passes over the shards, each resumable per shard:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +24,7 @@ from rich.console import Group
 from rich.table import Table
 
 from pipeline.embed_stage import EmbedSummary, read_embeddings, run_embed_stage
-from pipeline.field_texts import TextSource, field_sources, read_texts
-from pipeline.freshness import density_is_current
+from pipeline.field_texts import TextSource, field_sources, read_texts, require_field
 from pipeline.grounding import (
     Calibration,
     calibrate,
@@ -38,7 +36,7 @@ from pipeline.grounding import (
 )
 from pipeline.parquet_meta import finished_output, read_meta, write_table_atomic
 from pipeline.runner import run_stage
-from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint
+from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, file_digest, fingerprint
 from schemas.errors import MissingInputError, StaleInputError
 from schemas.ground_config import GroundConfig, GroundingSettings
 from schemas.layout import DatasetLayout
@@ -71,10 +69,6 @@ class GroundJob(TableJob):
     calibration_fingerprint: str
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def reference_shards(counts: Sequence[tuple[int, int]], wanted: int) -> list[int]:
     """Whole shards, evenly spaced over ``counts`` (``(index, images)`` in order), holding about ``wanted`` images."""
     total = sum(n for _, n in counts)
@@ -92,13 +86,12 @@ def _nouns_by_key(density: Path) -> dict[str, tuple[bool, list[str]]]:
     }
 
 
-def require_scored(layout: DatasetLayout, name: str) -> list[TextSource]:
-    """The field's texts per shard; raises when the field does not exist or is not scored."""
-    sources = field_sources(layout, name)
+def require_scored(layout: DatasetLayout, name: str) -> None:
+    """Refuse a field that does not exist or is not scored (its vocabulary is missing)."""
+    require_field(layout, name)
     if not layout.vocab_file(name).is_file():
         command = f"densecurate score {layout.root} --field {name}"
         raise MissingInputError(f"{name!r} is not scored under {layout.root}: run `{command}` first")
-    return sources
 
 
 def load_calibration(path: Path) -> Calibration:
@@ -317,12 +310,12 @@ class GroundingStage(Stage[GroundJob, GroundingSummary]):
 
     def _field_jobs(self, name: str, identity: str) -> tuple[CalibrationPlan, list[GroundJob]]:
         layout = self.catalog
-        sources = require_scored(layout, name)
+        require_scored(layout, name)
         vocab = layout.vocab_file(name)
         parts = []
-        for source in sources:
+        for source in field_sources(layout, name):
             density = read_meta(layout.density_file(name, source.index))
-            if density is None or not density_is_current(layout, name, source.index, density):
+            if density is None or density.get("source_fingerprint") != source.fingerprint:
                 raise StaleInputError(
                     f"shard {source.index} has no current density for {name!r} (missing, or made from other texts): "
                     f"rerun `densecurate score {layout.root} --field {name}` first"
@@ -340,7 +333,7 @@ class GroundingStage(Stage[GroundJob, GroundingSummary]):
             for s, _, _ in parts
             if s.index in chosen
         )
-        upstream = _file_digest(vocab) + "".join(
+        upstream = file_digest(vocab) + "".join(
             d["fingerprint"] + e["fingerprint"] for s, d, e in parts if s.index in chosen
         )
         settings = identity + name + self.config.grounding.model_dump_json()

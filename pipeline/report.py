@@ -57,15 +57,16 @@ WHERE g.field = ? AND NOT g.missing
 """
 
 
-def _has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """Whether the catalog has the view (its tables exist)."""
     return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchone()[0])
 
 
 def grounding_figures(con: duckdb.DuckDBPyConnection, field_name: str) -> GroundingFigures | None:
     """The field's grounding figures, or None when it is not grounded."""
-    if not _has_view(con, "grounding"):
+    if not has_view(con, "grounding"):
         return None
-    duplicates = _has_view(con, "duplicates")
+    duplicates = has_view(con, "duplicates")
     sql = GROUNDING_FIGURES.format(
         duplicate_share="avg(CASE WHEN dup.kept = false THEN 1 ELSE 0 END)" if duplicates else "NULL",
         duplicates_join="LEFT JOIN duplicates dup ON dup.key = g.key AND dup.model = g.model" if duplicates else "",
@@ -90,7 +91,7 @@ def _field_report(con: duckdb.DuckDBPyConnection, row: Table1Row, density: str, 
     min_count = con.execute("SELECT coalesce(max(min_count), 10) FROM vocab WHERE field = ?", [f]).fetchone()[0]
     tail = sum(c for c in counts if c <= min_count)
     flags = {}
-    if _has_view(con, "captions"):
+    if has_view(con, "captions"):
         got = con.execute(
             "SELECT count(*), avg(truncated::INT), avg(repetitive::INT), avg(empty::INT) FROM captions "
             "WHERE captioner = ? AND status = 'ok'",

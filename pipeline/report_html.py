@@ -12,7 +12,7 @@ import duckdb
 
 from pipeline.catalog import connect
 from pipeline.nouns import NOUN_POS, load_spacy
-from pipeline.report import FieldReport, table1_lines
+from pipeline.report import FieldReport, has_view, table1_lines
 from pipeline.shard_reading import iter_shard_samples
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD
@@ -152,7 +152,7 @@ def _captions(con: duckdb.DuckDBPyConnection, keys: list[str], fields: list[str]
 
 def _ungrounded(con: duckdb.DuckDBPyConnection, keys: list[str]) -> dict[tuple[str, str], set[str]]:
     """Per (field, key) of the gallery, the nouns the ground stage judged not in the image."""
-    if not con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'grounding'").fetchone()[0]:
+    if not has_view(con, "grounding"):
         return {}
     rows = con.execute("SELECT field, key, ungrounded_nouns FROM grounding WHERE list_contains(?, key)", [keys])
     return {(f, key): set(nouns) for f, key, nouns in rows.fetchall()}

@@ -38,6 +38,11 @@ def fingerprint(settings: str, upstream: str) -> str:
     return hashlib.sha256((settings + upstream).encode()).hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 of a whole-output input file (e.g. a vocabulary), for a fingerprint."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @dataclass(frozen=True, kw_only=True)
 class ShardJob:
     """One unit of work: output shard ``index`` in ``out_dir``, reusable when it carries ``fingerprint``.
