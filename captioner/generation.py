@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -64,13 +65,34 @@ def chat_prompt(processor: Any, prompt: str) -> str:
     return processor.apply_chat_template(_messages(prompt), add_generation_prompt=True)
 
 
-def open_image(req: CaptionRequest) -> Image.Image | CaptionResult:
-    """The request's image in RGB, or an error result when it cannot be decoded."""
+# Pixel caps of the families with dynamic resolution: 576 image tokens of 28x28 pixels, as many as LLaVA-1.5's.
+FAMILY_MAX_IMAGE_PIXELS = {"qwen2_vl": 576 * 28 * 28, "qwen2_5_vl": 576 * 28 * 28}
+
+
+def image_pixel_cap(max_image_pixels: int | None, model_type: str) -> int | None:
+    """The cap images are downscaled to: the setting, else the model family's default (None: no cap)."""
+    return FAMILY_MAX_IMAGE_PIXELS.get(model_type) if max_image_pixels is None else max_image_pixels
+
+
+def open_image(req: CaptionRequest, max_pixels: int | None = None) -> Image.Image | CaptionResult:
+    """The request's image in RGB, downscaled (aspect kept) to at most ``max_pixels`` pixels, or an error result
+    when it cannot be decoded."""
     try:
         with Image.open(io.BytesIO(req.image_bytes)) as im:
-            return im.convert("RGB")
+            image = im.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:
         return CaptionResult(req.key, "error", error=f"image_error: {type(exc).__name__}")
+    width, height = image.size
+    if max_pixels is None or width * height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (width * height))
+    return image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.BICUBIC)
+
+
+def eos_token_ids(generation_eos: int | list[int] | None, tokenizer: Any) -> set[int]:
+    """Every EOS id of the model's generation config (Qwen has two), else the tokenizer's."""
+    eos = tokenizer.eos_token_id if generation_eos is None else generation_eos
+    return set(eos) if isinstance(eos, list) else {eos}
 
 
 def result_from_tokens(
@@ -118,9 +140,8 @@ class Captioner:
         self.prompt = Prompt.parse(settings.prompt)
         self.batch_size = settings.batch_size
         tokenizer = loaded.processor.tokenizer
-        eos = loaded.model.generation_config.eos_token_id
-        eos = tokenizer.eos_token_id if eos is None else eos
-        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        self.eos_ids = eos_token_ids(loaded.model.generation_config.eos_token_id, tokenizer)
+        self.max_pixels = image_pixel_cap(loaded.max_image_pixels, loaded.model.config.model_type)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     def prepare(self, requests: list[CaptionRequest]) -> PreparedBatch:
@@ -128,7 +149,7 @@ class Captioner:
         batch = PreparedBatch(requests=[])
         images = []
         for req in requests:
-            image = open_image(req)
+            image = open_image(req, self.max_pixels)
             if isinstance(image, CaptionResult):
                 batch.failed.append(image)
                 continue

@@ -1,4 +1,5 @@
-"""Load any LLaVA-family model that transformers serves as image-text-to-text, by hub id or directory."""
+"""Load any model transformers serves as image-text-to-text (LLaVA, Qwen2-VL, Idefics3, ...), by hub id or
+directory."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class LoadedModel:
     revision: str
     device: torch.device
     dtype: torch.dtype
+    max_image_pixels: int | None = None  # the setting; None: the family's default (``image_pixel_cap``)
 
 
 def _not_available(model_id: str, exc: Exception) -> ModelNotAvailableError:
@@ -78,4 +80,6 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     revision = getattr(model.config, "_commit_hash", None) or settings.revision
     if revision is None and Path(settings.model).is_dir():
         revision = "local"
-    return LoadedModel(model, processor, settings.model, revision or "unknown", device, dtype)
+    return LoadedModel(
+        model, processor, settings.model, revision or "unknown", device, dtype, settings.max_image_pixels
+    )

