@@ -133,7 +133,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "caption",
-        help="write dense captions for every shard with a LLaVA-family model (Ray actors, one per GPU)",
+        help="write dense captions for every shard with a vision-language model: LLaVA, Qwen2-VL, SmolVLM (Ray actors, one per GPU)",
         description="Reads ROOT/shards/*.tar, writes ROOT/captions/NAME/NNNNN.parquet (one row per key). "
         "Finished shards are skipped on a rerun.",
     )
@@ -150,7 +150,21 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--revision", help="model revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="downscale larger images (aspect kept) to N pixels before the processor (default: the model family's: "
+        "451584 for Qwen2-VL / Qwen2.5-VL, no cap for others)",
+    )
     p.add_argument("--gpus-per-worker", type=float, default=1.0)
+    p.add_argument(
+        "--sample",
+        type=float,
+        help="caption a reproducible sample of each shard: N keys, or a fraction below 1 (e.g. 0.01); the same keys "
+        "for every model, so captioners can be compared before a full run (which keeps the sampled rows)",
+    )
+    p.add_argument("--sample-seed", type=int, default=0, help="which keys --sample takes")
     engine = p.add_argument_group("engine")
     engine.add_argument(
         "--engine",
@@ -178,7 +192,8 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
         "make-tiny",
         help="write tiny random-weight models of the real architectures (tests, offline demo)",
         description="Writes OUT/llava: a tiny LLaVA (CLIP vision tower + Llama, locally trained tokenizer, "
-        "chat template), OUT/pixart: a tiny PixArtAlphaPipeline folder (T5 encoder, VAE, transformer, "
+        "chat template), OUT/qwen2_vl: a tiny Qwen2-VL, OUT/idefics3: a tiny Idefics3 (SmolVLM), "
+        "OUT/pixart: a tiny PixArtAlphaPipeline folder (T5 encoder, VAE, transformer, "
         "scheduler), and OUT/clip: a tiny open_clip model (local-dir:OUT/clip); all load like hub models.",
     )
     tiny.add_argument("out", type=_path)
@@ -252,6 +267,23 @@ def _add_density_parser(sub: argparse._SubParsersAction) -> None:
     _add_nouns_options(p)
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.set_defaults(handler=commands.cmd_density)
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="choose a captioner: density against GPU cost per caption field, on the keys every field has",
+        description="Per scored caption field, on identical keys: captions, words and tokens, nouns, valid and "
+        "grounded nouns per image, flagged shares, GPU-seconds per caption, valid and grounded nouns per "
+        "GPU-second, and the GPU-hours to caption 1M and 10M images. Caption a sample with each model "
+        "first (`densecurate caption ROOT --sample N`) and score it.",
+    )
+    p.add_argument("root", type=_path, help="dataset root")
+    p.add_argument(
+        "--field", action="append", help="alt_text or a captioner name; repeat for several (default: every scored one)"
+    )
+    p.add_argument("--format", default="table", choices=["table", "json"])
+    p.set_defaults(handler=commands.cmd_compare)
 
 
 def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
@@ -466,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats_parser(sub)
     _add_verify_parsers(sub)
     _add_report_parser(sub)
+    _add_compare_parser(sub)
     _add_curate_parser(sub)
     _add_features_parser(sub)
     _add_train_parser(sub)

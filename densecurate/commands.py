@@ -108,6 +108,7 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
                 "dtype": args.dtype,
                 "device": args.device,
                 "trust_remote_code": args.trust_remote_code,
+                "max_image_pixels": args.max_image_pixels,
             },
             "generation": {
                 "prompt": args.prompt,
@@ -118,6 +119,8 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
                 "seed": args.seed,
             },
             "gpus_per_worker": args.gpus_per_worker,
+            "sample": args.sample,
+            "sample_seed": args.sample_seed,
             "engine": args.engine,
             "vllm": {
                 "max_num_seqs": args.max_num_seqs,
@@ -344,16 +347,38 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.compare import comparison_or_none, comparison_table
     from pipeline.report import gather_report, print_report
 
     require_file_option(args.html, "--html")
     reports = gather_report(args.root)
-    print_report(args.root, reports)
+    compared = comparison_or_none(args.root)
+    print_report(args.root, reports, comparison_table(compared) if compared else None)
     if args.html:
         from pipeline.report_html import write_html_report
 
-        write_html_report(args.root, reports, args.html, gallery=args.gallery, spacy_model=args.spacy_model)
+        write_html_report(
+            args.root,
+            reports,
+            args.html,
+            gallery=args.gallery,
+            spacy_model=args.spacy_model,
+            comparison=compared,
+        )
         Console().print(f"HTML report written to {args.html}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import compare_fields, comparison_table
+    from pipeline.report import warn_if_stale
+
+    compared = compare_fields(args.root, args.field)
+    if args.format == "json":
+        print(json.dumps([c.as_json() for c in compared], indent=1))
+    else:
+        warn_if_stale(args.root)
+        Console().print(comparison_table(compared))
     return 0
 
 
@@ -366,13 +391,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from captioner.tiny import make_tiny_llava
+    from captioner.tiny_idefics3 import make_tiny_idefics3
+    from captioner.tiny_qwen2_vl import make_tiny_qwen2_vl
     from trainer.tiny import make_tiny_clip, make_tiny_pixart
 
     require_folder_option(args.out, "OUT")
     llava = make_tiny_llava(args.out / "llava")
+    qwen2_vl = make_tiny_qwen2_vl(args.out / "qwen2_vl")
+    idefics3 = make_tiny_idefics3(args.out / "idefics3")
     pixart = make_tiny_pixart(args.out / "pixart")
     clip = make_tiny_clip(args.out / "clip")
-    Console().print(f"tiny models (random weights, for tests): {llava}, {pixart}, {clip} (local-dir:{clip})")
+    Console().print(
+        f"tiny models (random weights, for tests): {llava}, {qwen2_vl}, {idefics3}, {pixart}, {clip} (local-dir:{clip})"
+    )
     return 0
 
 

@@ -3,6 +3,11 @@
 One Ray actor per GPU (or one CPU actor) holds the model and takes whole shards. Each output is
 written under a temporary name and renamed; a rerun skips finished shards; a worker that dies
 mid-shard is restarted by Ray and its shard redone, so every key appears exactly once.
+
+With ``sample`` only a reproducible sample of each shard's keys is captioned (``pipeline.key_sample``).
+Every file records the fingerprint its rows were made with (``rows_fingerprint``: model, generation
+and shard, not the sample), so a later run of the same settings, sample or full, keeps those rows
+and captions only the keys it lacks.
 """
 
 from __future__ import annotations
@@ -15,27 +20,58 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from rich.table import Table
 
 from pipeline.guards import require_complete
-from pipeline.parquet_meta import write_table_atomic
+from pipeline.key_sample import describe_sample, sample_keys
+from pipeline.parquet_meta import finished_output, read_meta, write_table_atomic
 from pipeline.runner import run_stage
 from pipeline.shard_reading import iter_shard_samples, read_shard_stats
-from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint, shards_table
+from pipeline.stage import Actors, Stage, StageRun, StageSummary, Stats, TableJob, fingerprint, shards_table
 from schemas.caption_config import CaptionConfig
-from schemas.errors import MissingInputError
+from schemas.errors import MissingInputError, OutputConflictError
 from schemas.layout import DatasetLayout
-from schemas.tables import CAPTIONS_SCHEMA
+from schemas.tables import CAPTIONS_SCHEMA, STATUS_OK
 
 
 @dataclass(frozen=True, kw_only=True)
 class CaptionJob(TableJob):
-    """One shard to caption: its tar; the captions go to ``captions/NAME/NNNNN.parquet``."""
+    """One shard to caption: its tar (and Parquet, for a sample's keys); the captions go to
+    ``captions/NAME/NNNNN.parquet``. ``rows_fingerprint`` is the full run's fingerprint: rows of a file
+    that carries it are reused."""
 
     tar: Path
+    samples_table: Path
+    rows_fingerprint: str
+    sample: float | None = None
+    sample_seed: int = 0
+    shard_rows: int = 0
+
+    def finished(self) -> Stats | None:
+        """A sample is also finished when a full run of the same settings captioned the whole shard."""
+        done = super().finished()
+        if done is None and self.sample is not None:
+            done = finished_output(self.out, self.rows_fingerprint, self.shard_rows)
+        return done
+
+    def wanted_keys(self) -> set[str] | None:
+        """The keys this job captions: the sample's, or None for every key of the shard."""
+        if self.sample is None:
+            return None
+        rows = pq.read_table(self.samples_table, columns=["key", "status"]).to_pylist()
+        return sample_keys([r["key"] for r in rows if r["status"] == STATUS_OK], self.sample, self.sample_seed)
+
+    def reusable_rows(self) -> list[dict[str, Any]]:
+        """The rows of an earlier output made with the same model, generation settings and shard."""
+        meta = read_meta(self.out)
+        if meta is None or rows_fingerprint_of(meta) != self.rows_fingerprint:
+            return []
+        table = pq.read_table(self.out)
+        return [{name: row.get(name) for name in CAPTIONS_SCHEMA.names} for row in table.to_pylist()]
 
 
-def _row(result, config: CaptionConfig, engine) -> dict[str, Any]:
+def _row(result, config: CaptionConfig, engine, device: str, gpus: float) -> dict[str, Any]:
     gen = config.generation
     checks = result.checks
     return {
@@ -62,11 +98,14 @@ def _row(result, config: CaptionConfig, engine) -> dict[str, Any]:
         "seed": gen.seed,
         "max_new_tokens": gen.max_new_tokens,
         "engine": config.engine,
+        "device": device,
+        "gpus": gpus,
     }
 
 
-def caption_stats(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """Counts a curator looks at first, for the summary and the file metadata."""
+def caption_stats(rows: list[dict[str, Any]], seconds: float, reused: int = 0) -> dict[str, Any]:
+    """Counts a curator looks at first, for the summary and the file metadata (``reused``: rows kept
+    from an earlier run)."""
     ok = [r for r in rows if r["status"] == "ok"]
     errors = Counter((r["error"] or "").split(":")[0] for r in rows if r["status"] != "ok")
     return {
@@ -78,6 +117,7 @@ def caption_stats(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         "empty": sum(bool(r["empty"]) for r in ok),
         "tokens": sum(r["num_tokens"] for r in ok),
         "seconds": seconds,
+        "reused": reused,
     }
 
 
@@ -88,25 +128,47 @@ class CaptionWorker:
         import torch
 
         from captioner.engine import make_engine
+        from captioner.loading import resolve_device
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.config = config
         self.engine = make_engine(config)
+        device = resolve_device(config.model.device)
+        on_gpu = device.type == "cuda"
+        # What each row's seconds cost: GPU-seconds per second on a GPU, none recorded on the CPU.
+        self.device = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+        self.gpus = config.gpus_per_worker if on_gpu else 0.0
 
     def caption_shard(self, job: CaptionJob) -> dict[str, Any]:
-        """Caption every sample of the job's shard and commit the Parquet file; returns its stats."""
+        """Caption the job's keys that no earlier run of the same settings captioned, keep the rows
+        that one did, and commit the Parquet file; returns its stats."""
         from captioner.generation import CaptionRequest
 
         started = time.perf_counter()
+        reused = job.reusable_rows()
+        done = {r["key"] for r in reused}
+        wanted = job.wanted_keys()
+
+        def to_caption(key: str) -> bool:
+            return key not in done and (wanted is None or key in wanted)
+
         requests = (
             CaptionRequest(key, members.get("jpg", b""), members.get("txt", b"").decode() or None)
-            for key, members in iter_shard_samples(job.tar)
+            for key, members in iter_shard_samples(job.tar, to_caption)
         )
-        rows = [_row(result, self.config, self.engine) for result in self.engine.caption(requests)]
+        rows = reused + [
+            _row(result, self.config, self.engine, self.device, self.gpus) for result in self.engine.caption(requests)
+        ]
         rows.sort(key=lambda r: r["key"])
-        stats = caption_stats(rows, time.perf_counter() - started)
-        meta = {"fingerprint": job.fingerprint, "stats": stats, "settings": json.loads(self.config.model_dump_json())}
+        stats = caption_stats(rows, time.perf_counter() - started, reused=len(reused))
+        meta = {
+            "fingerprint": job.fingerprint,
+            "rows_fingerprint": job.rows_fingerprint,
+            "sample": None if job.sample is None else {"size": job.sample, "seed": job.sample_seed},
+            "stats": stats,
+            "settings": json.loads(self.config.model_dump_json()),
+        }
         write_table_atomic(job.out, rows, CAPTIONS_SCHEMA, meta)
         return stats
 
@@ -131,17 +193,22 @@ class CaptionSummary(StageSummary):
     """Totals over every shard of the run (reused ones included)."""
 
     out_dir: Path
+    sample: str | None = None  # what a sample run captioned, e.g. "50 keys per shard (seed 0)"
     totals: Counter[str] = field(default_factory=Counter)
     errors_by_reason: Counter[str] = field(default_factory=Counter)
 
     @property
     def captions_this_run(self) -> int:
-        return self.run.items_processed
+        """Keys captioned by this run (not the rows an earlier run made)."""
+        return sum(r.stats["count"] - r.stats.get("reused", 0) for r in self.run.results if not r.reused)
 
     def render(self) -> Table:
         """Keys, captioned, errors by reason, flags, shards, speed."""
         t = self.totals
-        rows = [("keys", str(t["count"])), ("captioned", str(t["ok"]))]
+        rows = [("sample", self.sample)] if self.sample else []
+        rows += [("keys", str(t["count"])), ("captioned", str(t["ok"]))]
+        if t["reused"]:
+            rows.append(("  kept from an earlier run", str(t["reused"])))
         rows += [(f"  error: {reason}", str(n)) for reason, n in sorted(self.errors_by_reason.items())]
         rows += [(f"  flagged {flag}", str(t[flag])) for flag in ("truncated", "repetitive", "empty")]
         rows.append(self.shards_row())
@@ -172,14 +239,25 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
         jobs = []
         for index in require_complete(layout.shards_dir).finished:
             stats = read_shard_stats(layout, index)
+            rows_fingerprint = fingerprint(settings, stats["inputs_fingerprint"])
+            files = layout.shard_files(index)
+            out = layout.caption_file(config.name, index)
+            earlier = read_meta(out)
+            if config.sample is not None:
+                _refuse_to_sample_over_a_full_run(earlier, rows_fingerprint, out)
             jobs.append(
                 CaptionJob(
                     index=index,
                     out_dir=layout.captions_dir(config.name),
-                    fingerprint=fingerprint(settings, stats["inputs_fingerprint"]),
-                    items=stats["successes"],
-                    expected_rows=stats["successes"],
-                    tar=layout.shard_files(index).tar,
+                    fingerprint=fingerprint(settings + config.sample_settings(), stats["inputs_fingerprint"]),
+                    items=_keys_to_caption(config.sample, stats["successes"], earlier, rows_fingerprint),
+                    expected_rows=stats["successes"] if config.sample is None else None,
+                    tar=files.tar,
+                    samples_table=files.parquet,
+                    rows_fingerprint=rows_fingerprint,
+                    sample=config.sample,
+                    sample_seed=config.sample_seed,
+                    shard_rows=stats["successes"],
                 )
             )
         if not jobs:
@@ -209,11 +287,37 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
         )
 
     def summarize(self, run: StageRun[CaptionJob]) -> CaptionSummary:
-        summary = CaptionSummary(run, out_dir=self.outputs[0])
+        c = self.config
+        sample = None if c.sample is None else describe_sample(c.sample, c.sample_seed)
+        summary = CaptionSummary(run, out_dir=self.outputs[0], sample=sample)
         for stats in run.stats:
             summary.totals.update({k: stats[k] for k in ("count", "ok", "truncated", "repetitive", "empty", "tokens")})
+            summary.totals["reused"] += stats.get("reused", 0)
             summary.errors_by_reason.update(stats["errors_by_reason"])
         return summary
+
+
+def rows_fingerprint_of(meta: dict[str, Any]) -> str | None:
+    """The fingerprint a caption file's rows were made with (files of full runs before samples existed
+    carry it as their fingerprint)."""
+    return meta.get("rows_fingerprint", meta.get("fingerprint"))
+
+
+def _keys_to_caption(sample: float | None, keys: int, earlier: dict[str, Any] | None, rows_fingerprint: str) -> int:
+    """About how many of a shard's ``keys`` a job captions (for the progress bar): the sample's or every key,
+    less the rows an earlier run of the same settings left (``earlier``: its file's metadata)."""
+    wanted = keys if sample is None else min(keys, int(sample)) if sample >= 1 else round(sample * keys)
+    made = earlier["stats"]["count"] if earlier and rows_fingerprint_of(earlier) == rows_fingerprint else 0
+    return max(0, wanted - made)
+
+
+def _refuse_to_sample_over_a_full_run(earlier: dict[str, Any] | None, rows_fingerprint: str, out: Path) -> None:
+    """A sample with other settings than a full run's captions would replace them with a few keys' captions."""
+    if earlier is not None and earlier.get("sample") is None and rows_fingerprint_of(earlier) != rows_fingerprint:
+        raise OutputConflictError(
+            f"{out} holds the captions of every key of its shard, made with other settings; a sample would replace "
+            "them with its few keys: caption the sample under another --name"
+        )
 
 
 def run_caption_stage(root: Path, config: CaptionConfig) -> CaptionSummary:

@@ -95,6 +95,11 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """Whether the catalog has the view (its tables exist)."""
+    return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchone()[0])
+
+
 def _available_views(layout: DatasetLayout) -> dict[str, str]:
     """Each view whose table has files, with its glob relative to the root."""
     root = layout.root.resolve()

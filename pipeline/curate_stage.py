@@ -202,6 +202,18 @@ class CurateSummary(StageSummary):
         return shards_table(f"curate {self.field} -> {self.out_dir}", rows)
 
 
+def _require_every_key_captioned(layout: DatasetLayout, name: str, index: int) -> None:
+    """Refuse a captioner field that holds a sample (`caption --sample`): curating it would drop every
+    key left out of the sample."""
+    meta = read_meta(layout.caption_file(name, index))
+    if meta is not None and meta.get("sample") is not None:
+        raise MissingInputError(
+            f"{name!r} holds a sample ({meta['stats']['count']} keys of shard {index} captioned): caption every key "
+            f"(`densecurate caption {layout.root} --name {name} ...` without --sample; the sampled rows are kept), "
+            "then score it, before curating"
+        )
+
+
 class CurateStage(Stage[CurateJob, CurateSummary]):
     """Keep the samples whose chosen caption passes the rules, shard by shard, in Ray tasks."""
 
@@ -238,6 +250,8 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
                     f"the density of shard {index} was computed from other {name!r} texts than the current "
                     f"ones: rerun `densecurate score {layout.root} --field {name}` first"
                 )
+            if name != ALT_TEXT_FIELD:
+                _require_every_key_captioned(layout, name, index)
             grounding, duplicates, upstream = self._grounding_inputs(index, density["fingerprint"])
             jobs.append(
                 CurateJob(

@@ -9,7 +9,7 @@ import duckdb
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.catalog import connect, sql_string
+from pipeline.catalog import connect, has_view, sql_string
 from pipeline.density_stats import Table1Row, table1_rows
 from pipeline.freshness import stale_warning
 from schemas.errors import MissingInputError
@@ -55,11 +55,6 @@ SELECT any_value(g.model), avg(g.n_grounded_nouns), sum(g.n_grounded_nouns) / nu
 FROM grounding g {duplicates_join}
 WHERE g.field = ? AND NOT g.missing
 """
-
-
-def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    """Whether the catalog has the view (its tables exist)."""
-    return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchone()[0])
 
 
 def grounding_figures(con: duckdb.DuckDBPyConnection, field_name: str) -> GroundingFigures | None:
@@ -190,11 +185,14 @@ def print_table1(root: Path) -> None:
         Console().print(table1_table(rows, grounding=[grounding_figures(con, r.field) for r in rows]))
 
 
-def print_report(root: Path, reports: list[FieldReport]) -> None:
-    """The whole report on the console (first, which fields are stale)."""
+def print_report(root: Path, reports: list[FieldReport], comparison: Table | None = None) -> None:
+    """The whole report on the console (first, which fields are stale); ``comparison``: the captioner
+    comparison's table, shown after Table 1."""
     warn_if_stale(root)
     console = Console()
     console.print(table1_table([r.row for r in reports], grounding=[r.grounding for r in reports]))
+    if comparison is not None:
+        console.print(comparison)
     names = [r.row.field for r in reports]
     dist = Table("", *names, title="nouns per image, caption length, long tail")
     dist.add_row(

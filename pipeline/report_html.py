@@ -10,9 +10,10 @@ from pathlib import Path
 
 import duckdb
 
-from pipeline.catalog import connect
+from pipeline.catalog import connect, has_view
+from pipeline.compare import CPU_NOTE, FieldComparison, comparison_lines
 from pipeline.nouns import NOUN_POS, load_spacy
-from pipeline.report import FieldReport, has_view, table1_lines
+from pipeline.report import FieldReport, table1_lines
 from pipeline.shard_reading import iter_shard_samples
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD
@@ -72,6 +73,49 @@ def _plots(reports: list[FieldReport]) -> list[tuple[str, str]]:
     plt.close(hist)
     plt.close(rank)
     return out
+
+
+def _pareto_plot(compared: list[FieldComparison]) -> str:
+    """Base64 PNG: valid nouns per image against GPU-seconds per caption, one point per field, the front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in compared:
+        marker = "o" if c.on_pareto_front else "x"
+        ax.scatter(c.gpu_seconds_per_caption, c.valid_nouns_per_image, marker=marker, s=50)
+        ax.annotate(
+            c.field, (c.gpu_seconds_per_caption, c.valid_nouns_per_image), textcoords="offset points", xytext=(5, 5)
+        )
+    front = sorted((c.gpu_seconds_per_caption, c.valid_nouns_per_image) for c in compared if c.on_pareto_front)
+    ax.step(
+        [x for x, _ in front], [y for _, y in front], where="post", color="grey", linestyle="--", label="Pareto front"
+    )
+    unit = "CPU-seconds" if any(c.on_cpu for c in compared) else "GPU-seconds"
+    ax.set(
+        xlabel=f"{unit} per caption",
+        ylabel="valid nouns per image",
+        title=f"density against cost ({compared[0].keys:,} identical keys)",
+    )
+    ax.legend()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _comparison_section(compared: list[FieldComparison]) -> str:
+    """The captioner comparison: its table and the density-against-cost plot."""
+    rows = [[name, *values] for name, values in comparison_lines(compared)]
+    note = f"<p>{html.escape(CPU_NOTE)}</p>" if any(c.on_cpu for c in compared) else ""
+    plot = f'<img src="data:image/png;base64,{_pareto_plot(compared)}" alt="density against cost">'
+    return (
+        f'<h2 id="compare">Captioners compared on {compared[0].keys:,} identical keys</h2>'
+        + _table(["", *(c.field for c in compared)], rows)
+        + note
+        + f'<div class="plots">{plot}</div>'
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -207,8 +251,17 @@ def _gallery(root: Path, fields: list[str], n: int, spacy_model: str) -> str:
     return "<h2>Gallery</h2>" + legend + '<div class="gallery">' + "".join(cards) + "</div>"
 
 
-def write_html_report(root: Path, reports: list[FieldReport], out: Path, *, gallery: int, spacy_model: str) -> Path:
-    """Write the report page to ``out`` (images and plots embedded: one file, no network)."""
+def write_html_report(
+    root: Path,
+    reports: list[FieldReport],
+    out: Path,
+    *,
+    gallery: int,
+    spacy_model: str,
+    comparison: list[FieldComparison] | None = None,
+) -> Path:
+    """Write the report page to ``out`` (images and plots embedded: one file, no network); with
+    ``comparison``, the captioner comparison and its plot."""
     fields = [r.row.field for r in reports]
     plots = "".join(f'<img src="data:image/png;base64,{png}" alt="{html.escape(t)}">' for t, png in _plots(reports))
     page = (
@@ -216,6 +269,7 @@ def write_html_report(root: Path, reports: list[FieldReport], out: Path, *, gall
         f"<title>densecurate report: {html.escape(str(root))}</title><style>{STYLE}</style></head>"
         f'<body><h1>densecurate report</h1><p>{html.escape(str(root))}</p><p id="broken-images"></p>'
         + _summary_tables(reports)
+        + (_comparison_section(comparison) if comparison else "")
         + f'<h2>Plots</h2><div class="plots">{plots}</div>'
         + _gallery(root, fields, gallery, spacy_model)
         + f"<script>{IMAGE_CHECK}</script></body></html>"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,11 @@ def stats_of(files: ShardFiles) -> dict[str, Any]:
     return json.loads(files.stats.read_text())
 
 
-def iter_shard_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` per sample, streamed from one of our shard tars (never extracted)."""
+def iter_shard_samples(
+    tar_path: Path, wanted: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` per sample, streamed from one of our shard tars (never extracted); with
+    ``wanted``, only the samples whose key it accepts (the others' bytes are not read)."""
     key: str | None = None
     members: dict[str, bytes] = {}
     with tarfile.open(tar_path, mode="r:") as tf:
@@ -30,6 +33,8 @@ def iter_shard_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]
             if not member.isfile():
                 continue
             name_key, _, ext = member.name.partition(".")
+            if wanted is not None and not wanted(name_key):
+                continue
             if name_key != key and key is not None:
                 yield key, members
                 members = {}

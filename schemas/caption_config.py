@@ -43,6 +43,12 @@ class ModelSettings(BaseModel):
     dtype: DType = "auto"
     device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
     trust_remote_code: bool = False
+    max_image_pixels: int | None = Field(
+        None,
+        ge=28 * 28,
+        description="images larger than this many pixels are downscaled (aspect kept) before the processor sees "
+        "them; None: the family's default (451,584 = 576 tokens of 28x28 for qwen2_vl / qwen2_5_vl, no cap for others)",
+    )
 
 
 Engine = Literal["transformers", "vllm"]
@@ -82,6 +88,18 @@ class CaptionConfig(BaseModel):
     repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")
     engine: Engine = Field("transformers", description="transformers (static batches) or vllm (continuous batching)")
     vllm: VllmSettings = VllmSettings()
+    sample: float | None = Field(
+        None,
+        gt=0,
+        description="caption a sample of each shard: N keys (N >= 1, whole) or a fraction (below 1); None: every key",
+    )
+    sample_seed: int = Field(0, ge=0, description="which keys the sample takes (the same for every model)")
+
+    @model_validator(mode="after")
+    def _sample_is_a_count_or_a_fraction(self) -> CaptionConfig:
+        if self.sample is not None and self.sample >= 1 and not float(self.sample).is_integer():
+            raise ValueError(f"sample {self.sample} is neither a whole number of keys nor a fraction below 1")
+        return self
 
     @model_validator(mode="after")
     def _tensor_parallel_fits_the_worker(self) -> CaptionConfig:
@@ -92,7 +110,12 @@ class CaptionConfig(BaseModel):
 
     def fingerprint_settings(self) -> str:
         """The settings a caption file's fingerprint covers: model, generation, and a non-default engine's."""
-        settings = self.model.model_dump_json() + self.generation.model_dump_json()
+        unset = {"max_image_pixels"} if self.model.max_image_pixels is None else None  # older fingerprints stay valid
+        settings = self.model.model_dump_json(exclude=unset) + self.generation.model_dump_json()
         if self.engine != "transformers":
             settings += self.engine + self.vllm.engine_settings()
         return settings
+
+    def sample_settings(self) -> str:
+        """What a sample run adds to the fingerprint (empty for a full run)."""
+        return "" if self.sample is None else f"sample={self.sample:g};seed={self.sample_seed}"

@@ -57,6 +57,8 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),
         pa.field("max_new_tokens", pa.int32()),
         pa.field("engine", pa.string()),  # transformers | vllm
+        pa.field("device", pa.string()),  # the worker's GPU (its CUDA name) or cpu
+        pa.field("gpus", pa.float32()),  # GPUs the worker held (0 on the CPU): GPU-seconds = seconds * gpus
     ]
 )
 

@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     "ground",
     "density",
     "stats",
+    "compare",
     "report",
     "curate",
     "features",

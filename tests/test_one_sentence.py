@@ -391,7 +391,17 @@ BAD_ARGUMENTS: dict[str, list[list[str]]] = {
         ["{root}", "--model", ""],
         ["{root}", "--model", "m", "--batch-size", "0"],
         ["{root}", "--model", "m", "--temperature", "hot"],
+        ["{root}", "--model", "m", "--sample", "2.5"],
+        ["{root}", "--model", "m", "--sample", "0"],
+        ["{root}", "--model", "m", "--max-image-pixels", "10"],
         ["", "--model", "m"],
+    ],
+    "compare": [
+        ["{tmp}/nope"],
+        ["{root}"],
+        ["{root}", "--field", "nobody"],
+        ["{root}", "--format", "csv"],
+        [""],
     ],
     "score": [["{tmp}/nope"], ["{root}", "--spacy-model", "nosuch"], ["{root}", "--min-count", "-1"], [""]],
     "ground": [
