@@ -133,7 +133,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "caption",
-        help="write dense captions for every shard with a vision-language model: LLaVA, Qwen2-VL, SmolVLM (Ray actors, one per GPU)",
+        help="write dense captions for every shard with a vision-language model (LLaVA, Qwen2-VL, SmolVLM; Ray "
+        "actors, one per GPU)",
         description="Reads ROOT/shards/*.tar, writes ROOT/captions/NAME/NNNNN.parquet (one row per key). "
         "Finished shards are skipped on a rerun.",
     )
