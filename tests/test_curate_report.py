@@ -134,7 +134,7 @@ def test_html_report_renders_in_chromium(pipeline_root, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     dom = result.stdout
     assert 'data-broken-images="0"' in dom
-    assert dom.count("<img") == 6 + 2  # gallery thumbnails and two plots
+    assert dom.count("<img") == 6 + 3  # gallery thumbnails, two plots and the density-against-cost plot
     console_errors = [line for line in result.stderr.splitlines() if "CONSOLE" in line and "rror" in line]
     assert console_errors == []
     shot = tmp_path / "report.png"
