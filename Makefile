@@ -57,4 +57,5 @@ bench: setup
 	$(BIN)/python bench/caption_bench.py
 	$(BIN)/python bench/score_bench.py
 	$(BIN)/python bench/ground_bench.py
+	$(BIN)/python bench/compare_bench.py
 	$(BIN)/python bench/train_bench.py

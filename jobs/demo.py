@@ -12,10 +12,12 @@ from schemas.pipeline_spec import PipelineSpec, resolve_paths
 
 EXAMPLE = Path(__file__).resolve().parent / "examples" / "demo.yaml"
 TINY_MODEL_NOTE = (
-    "The captions come from a tiny random-weight LLaVA built offline: they are not meaningful; they show "
-    "the plumbing. For real dense captions run, on a GPU machine:\n"
-    "  densecurate caption ROOT --model llava-hf/llava-1.5-7b-hf --name llava15 --prompt pixart-alt "
-    "--batch-size 32 --max-new-tokens 512"
+    "The captions come from tiny random-weight LLaVA and Qwen2-VL models built offline: they are not meaningful; "
+    "they show the plumbing. For real dense captions, on a GPU machine, caption a sample with each candidate, "
+    "compare, then caption everything with the best:\n"
+    "  densecurate caption ROOT --model llava-hf/llava-1.5-7b-hf --name llava15 --sample 200\n"
+    "  densecurate caption ROOT --model Qwen/Qwen2-VL-7B-Instruct --name qwen2vl --sample 200\n"
+    "  densecurate score ROOT --field alt_text --field llava15 --field qwen2vl && densecurate compare ROOT"
 )
 
 

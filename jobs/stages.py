@@ -14,18 +14,14 @@ console = Console()
 
 
 def run_prepare(spec: PipelineSpec) -> None:
-    from captioner.tiny import make_tiny_llava
+    from jobs.tiny_models import make_tiny_models
     from pipeline.sample_data import write_sample_folder
-    from trainer.tiny import make_tiny_clip, make_tiny_pixart
 
     prep = spec.prepare
     if prep.sample_photos:
         write_sample_folder(Path(prep.sample_photos))
     if prep.tiny_models:
-        models = Path(prep.tiny_models)
-        for name, make in (("llava", make_tiny_llava), ("pixart", make_tiny_pixart), ("clip", make_tiny_clip)):
-            if not any((models / name).glob("*.json")):
-                make(models / name)
+        make_tiny_models(Path(prep.tiny_models), keep_existing=True)
 
 
 def run_shard(spec: PipelineSpec) -> None:
