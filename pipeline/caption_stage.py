@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.table import Table
 
@@ -63,11 +64,15 @@ class CaptionJob(TableJob):
         return sample_keys([r["key"] for r in rows if r["status"] == STATUS_OK], self.sample, self.sample_seed)
 
     def reusable_rows(self) -> list[dict[str, Any]]:
-        """The rows of an earlier output made with the same model, generation settings and shard."""
+        """The rows of an earlier output made with the same model, generation settings and shard (none when
+        that output does not read in full: it is redone)."""
         meta = read_meta(self.out)
         if meta is None or rows_fingerprint_of(meta) != self.rows_fingerprint:
             return []
-        table = pq.read_table(self.out)
+        try:
+            table = pq.read_table(self.out)
+        except (OSError, pa.ArrowException):
+            return []
         return [{name: row.get(name) for name in CAPTIONS_SCHEMA.names} for row in table.to_pylist()]
 
 
@@ -136,7 +141,7 @@ class CaptionWorker:
         self.engine = make_engine(config)
         device = resolve_device(config.model.device)
         on_gpu = device.type == "cuda"
-        # What each row's seconds cost: GPU-seconds per second on a GPU, none recorded on the CPU.
+        # Recorded in every row: a caption's GPU-seconds are its seconds times the GPUs held (none on the CPU).
         self.device = torch.cuda.get_device_name(device) if on_gpu else "cpu"
         self.gpus = config.gpus_per_worker if on_gpu else 0.0
 
