@@ -199,6 +199,26 @@ def _add_models_parser(sub: argparse._SubParsersAction) -> None:
     )
     tiny.add_argument("out", type=_path)
     tiny.set_defaults(handler=commands.cmd_make_tiny)
+    convert = models_sub.add_parser(
+        "convert-dit",
+        help="re-parameterise a class-conditional ImageNet DiT to a PixArt-α transformer (adaLN-single)",
+        description="Writes OUT: a PixArtTransformer2DModel folder (model.pretrained of a training config) whose "
+        "per-block adaLN-single embeddings reproduce the DiT's modulation at t = 500 for one class, with a "
+        "zero-initialised cross-attention output, so that it starts out computing what the DiT computed "
+        "(PixArt-α, arXiv 2310.00426, section 2.3).",
+    )
+    convert.add_argument("source", metavar="DIT_ID_OR_DIR", help="hub id or folder of a DiT (or a DiT pipeline)")
+    convert.add_argument("--out", type=_path, required=True, help="new folder for the PixArt transformer")
+    convert.add_argument(
+        "--class-label",
+        default="null",
+        metavar="null|N",
+        help="the class whose modulation is kept at t = 500 (default null: the classifier-free null class)",
+    )
+    convert.add_argument(
+        "--caption-channels", type=int, default=4096, help="text encoder hidden size (default 4096: T5 v1.1 XXL)"
+    )
+    convert.set_defaults(handler=commands.cmd_convert_dit)
 
 
 def _add_nouns_options(p: argparse.ArgumentParser) -> None:

@@ -390,19 +390,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from captioner.tiny import make_tiny_llava
-    from captioner.tiny_idefics3 import make_tiny_idefics3
-    from captioner.tiny_qwen2_vl import make_tiny_qwen2_vl
-    from trainer.tiny import make_tiny_clip, make_tiny_pixart
+    from jobs.tiny_models import make_tiny_models
 
     require_folder_option(args.out, "OUT")
-    llava = make_tiny_llava(args.out / "llava")
-    qwen2_vl = make_tiny_qwen2_vl(args.out / "qwen2_vl")
-    idefics3 = make_tiny_idefics3(args.out / "idefics3")
-    pixart = make_tiny_pixart(args.out / "pixart")
-    clip = make_tiny_clip(args.out / "clip")
+    made = make_tiny_models(args.out)
+    listed = ", ".join(f"local-dir:{path}" if name == "clip" else str(path) for name, path in made.items())
+    Console().print(f"tiny models (random weights, for tests): {listed}")
+    return 0
+
+
+def cmd_convert_dit(args: argparse.Namespace) -> int:
+    from trainer.convert_dit import convert_dit
+
+    raw = str(args.class_label).strip().lower()
+    if raw != "null" and not raw.isdigit():
+        raise UserError(f"--class-label {args.class_label!r} must be null or a class number")
+    label = None if raw == "null" else int(raw)
+    require_folder_option(args.out, "--out")
+    out = convert_dit(args.source, args.out, class_label=label, caption_channels=args.caption_channels)
     Console().print(
-        f"tiny models (random weights, for tests): {llava}, {qwen2_vl}, {idefics3}, {pixart}, {clip} (local-dir:{clip})"
+        f"wrote {out}: PixArt transformer from DiT {args.source} (adaLN-single at t = 500, class "
+        f"{'null' if label is None else label}, caption_channels {args.caption_channels}); "
+        f"set model.pretrained: {out}"
     )
     return 0
 

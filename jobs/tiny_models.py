@@ -10,7 +10,7 @@ def _builders() -> dict[str, Callable[[Path], Path]]:
     from captioner.tiny import make_tiny_llava
     from captioner.tiny_idefics3 import make_tiny_idefics3
     from captioner.tiny_qwen2_vl import make_tiny_qwen2_vl
-    from trainer.tiny import make_tiny_clip, make_tiny_pixart
+    from trainer.tiny import make_tiny_clip, make_tiny_dit, make_tiny_pixart
 
     return {
         "llava": make_tiny_llava,
@@ -18,6 +18,7 @@ def _builders() -> dict[str, Callable[[Path], Path]]:
         "idefics3": make_tiny_idefics3,
         "pixart": make_tiny_pixart,
         "clip": make_tiny_clip,
+        "dit": make_tiny_dit,
     }
 
 

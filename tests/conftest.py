@@ -64,6 +64,14 @@ def tiny_pixart_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory):
+    """A tiny random-weight DiT folder, the tiny PixArt transformer's sizes (``densecurate models make-tiny``)."""
+    from trainer.tiny import make_tiny_dit
+
+    return make_tiny_dit(tmp_path_factory.mktemp("models") / "dit")
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny random-weight open_clip model folder (``densecurate models make-tiny``: load as ``local-dir:``)."""
     from trainer.tiny import make_tiny_clip

@@ -133,6 +133,7 @@ def test_make_tiny_writes_a_loadable_model(tmp_path, capsys):
         (result,) = Captioner(other, generation).caption([request])
         assert (result.status, result.num_tokens) == ("ok", 5)
     printed = capsys.readouterr().out.replace("\n", "")
-    assert all(str(tmp_path / f) in printed for f in ("llava", "qwen2_vl", "idefics3", "pixart", "clip"))
+    assert all(str(tmp_path / f) in printed for f in ("llava", "qwen2_vl", "idefics3", "pixart", "clip", "dit"))
+    assert '"DiTTransformer2DModel"' in (tmp_path / "dit" / "config.json").read_text()
     with pytest.raises(ModelNotAvailableError, match="is not available here"):
         check_model_available(ModelSettings(model=str(tmp_path / "no-such-model")))

@@ -41,7 +41,11 @@ SUBCOMMANDS = [
 ]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["models", "make-tiny", "--help"]] + [[c, "--help"] for c in SUBCOMMANDS])
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["models", "make-tiny", "--help"], ["models", "convert-dit", "--help"]]
+    + [[c, "--help"] for c in SUBCOMMANDS],
+)
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)

@@ -30,3 +30,7 @@ class TrainingDivergedError(UserError):
 
 class UnusableCheckpointError(MissingInputError):
     """The run has checkpoints but none of them loads completely."""
+
+
+class IncompatibleModelError(UserError):
+    """A pretrained model whose type or sizes do not fit what it is converted to (the message names the field)."""

@@ -7,6 +7,7 @@ and the offline demo take exactly the code path of a hub checkpoint. It generate
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -94,6 +95,37 @@ def make_tiny_pixart(out: Path, *, seed: int = 0) -> Path:
         scheduler=DPMSolverMultistepScheduler(),
     )
     pipe.save_pretrained(out)
+    return out
+
+
+def make_tiny_dit(out: Path, *, seed: int = 0, **sizes: Any) -> Path:
+    """Write a tiny random-weight ``DiTTransformer2DModel`` folder (the tiny PixArt transformer's sizes) to ``out``.
+
+    Class-conditional (1000 classes and the null class), adaLN-Zero with random (not zero) modulation weights.
+    Every block shares block 0's timestep and class embedders, as in the hub DiT checkpoints. ``norm_eps`` is
+    1e-6, the original DiT's in every LayerNorm (diffusers' default is 1e-5). ``sizes`` override the config
+    (tests of sizes that do not fit). Returns ``out``.
+    """
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    config: dict[str, Any] = {
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "in_channels": 4,
+        "out_channels": 8,  # epsilon and the learned variance
+        "num_layers": 2,
+        "sample_size": TINY_RESOLUTION // 8,
+        "patch_size": 2,
+        "num_embeds_ada_norm": 1000,
+        "norm_eps": 1e-6,
+    }
+    dit = DiTTransformer2DModel(**{**config, **sizes})
+    with torch.no_grad():
+        first = dit.transformer_blocks[0].norm1.emb
+        for block in dit.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(first.state_dict())
+    dit.save_pretrained(out, safe_serialization=True)
     return out
 
 
