@@ -281,11 +281,20 @@ def _add_density_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "density",
         help="the Table-1 row of a caption table on its own (Parquet, CSV or JSONL; no images needed)",
-        description="Scores one text column and prints PixArt-alpha's Table-1 numbers for it.",
+        description="Scores one text column, streamed in batches over spaCy processes, and prints PixArt-alpha's "
+        "Table-1 numbers for it; with --sample, nouns per caption on a random sample with a 95%% interval.",
     )
-    p.add_argument("file", type=_path)
+    p.add_argument(
+        "file", type=_path, help="a .parquet, .csv, .tsv or .jsonl file, a quoted glob of them, or a folder of Parquet"
+    )
     p.add_argument("--column", required=True, help="the caption column")
     _add_nouns_options(p)
+    _add_ray_options(p, "spaCy processes (default: every CPU; 1 tags in this process, without Ray)")
+    p.add_argument("--sample", type=int, help="estimate nouns per caption on this many random rows")
+    p.add_argument("--seed", type=int, default=0, help="which rows --sample draws (the same on every run)")
+    p.add_argument(
+        "--batch-rows", type=int, default=8192, help="captions per batch read and sent to a process (memory)"
+    )
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.set_defaults(handler=commands.cmd_density)
 

@@ -200,16 +200,31 @@ def cmd_ground(args: argparse.Namespace) -> int:
 
 
 def cmd_density(args: argparse.Namespace) -> int:
-    from pipeline.density_file import score_file
+    from pipeline.density_file import DensityOptions, sample_file, score_file
 
-    settings = NounSettings.model_validate(_noun_settings(args))
-    row = score_file(args.file, args.column, settings, min_count=args.min_count)
+    keys = ("column", "min_count", "workers", "ray_address", "sample", "seed", "batch_rows")
+    nouns = NounSettings.model_validate(_noun_settings(args))
+    options = DensityOptions.model_validate({"nouns": nouns, **{k: getattr(args, k) for k in keys}})
+    title = f"{args.file} [{args.column}]"
+    if options.sample is not None:
+        estimate = sample_file(args.file, options)
+        if args.format == "json":
+            print(json.dumps(estimate.as_json(), indent=1))
+            return 0
+        from rich.table import Table
+
+        table = Table("", args.column, title=f"{title}, sampled", caption=estimate.NOT_REPORTED)
+        for name, value in estimate.lines():
+            table.add_row(name, value)
+        Console().print(table)
+        return 0
+    row = score_file(args.file, options)
     if args.format == "json":
         print(json.dumps(row.as_json(), indent=1))
     else:
         from pipeline.report import table1_table
 
-        Console().print(table1_table([row], title=f"{args.file} [{args.column}]"))
+        Console().print(table1_table([row], title=title))
     return 0
 
 

@@ -60,6 +60,13 @@ def table1_from_nouns(
     for nouns in noun_lists:
         n_captions += 1
         counts.update(nouns)
+    return table1_from_counts(field, n_captions, counts, min_count=min_count, missing=missing)
+
+
+def table1_from_counts(
+    field: str, n_captions: int, counts: Counter[str], *, min_count: int, missing: int = 0
+) -> Table1Row:
+    """Table-1 numbers from every noun's count over ``n_captions`` captions (valid: seen more than ``min_count``)."""
     return Table1Row(
         field=field,
         n_captions=n_captions,

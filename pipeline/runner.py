@@ -177,14 +177,14 @@ def _start_pool(pool: Actors, todo: Sequence[ShardJob], label: str = "stage") ->
     if pool.setup:
         try:
             ray.get(getattr(actors[0], pool.setup).remote(*pool.setup_args))
-        except _lost_worker_errors() as exc:
+        except lost_worker_errors() as exc:
             for actor in actors:
                 ray.kill(actor)
-            raise _lost_worker(label, None, exc) from exc
+            raise lost_worker(label, None, exc) from exc
     return actors, device
 
 
-def _lost_worker_errors() -> tuple[type[BaseException], ...]:
+def lost_worker_errors() -> tuple[type[BaseException], ...]:
     """Ray's errors for a worker (actor or task process) that died, or a node that was lost."""
     from ray import exceptions
 
@@ -205,7 +205,7 @@ def _raised_user_error(line: str) -> UserError | None:
         return UserError(match.group(3))
 
 
-def _lost_worker(label: str, job: ShardJob | None, exc: BaseException) -> Exception:
+def lost_worker(label: str, job: ShardJob | None, exc: BaseException) -> Exception:
     """The one-sentence error for a worker Ray lost: one that could not start (its constructor raised),
     or one that died more often than it may restart (``max_restarts``/``max_task_retries``)."""
     if getattr(exc, "actor_init_failed", False):
@@ -249,8 +249,8 @@ def _run_jobs(
             launcher.release(ready[0])
             try:
                 stats: Stats = ray.get(ready[0])
-            except _lost_worker_errors() as exc:
-                raise _lost_worker(stage.label, job, exc) from exc
+            except lost_worker_errors() as exc:
+                raise lost_worker(stage.label, job, exc) from exc
             run.results.append(JobResult(job, stats, reused=False))
             run.items_processed += job.items
             progress.advance(shard_bar)

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import random
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from densecurate.cli import main
 from pipeline.catalog import run_query
+from pipeline.density_file import (
+    DensityOptions,
+    DensityWorker,
+    open_table,
+    sample_file,
+    sample_positions,
+    sampled_batches,
+    score_file,
+)
 from pipeline.density_stats import table1_from_nouns
 from pipeline.nouns import NounExtractor, SpacyModelNotAvailableError
 from pipeline.score_stage import run_score_stage
@@ -166,3 +177,139 @@ def test_stats_command(scored_root, capsys):
     out = capsys.readouterr().out
     for title in ("samples by status", "samples by source", "nouns per image by field", "top nouns by field"):
         assert title in out
+
+
+# --- density FILE at scale: streamed batches, several processes, --sample --------------------------------
+
+SUBJECTS = ["dog", "cat", "woman", "man", "child", "car", "house", "tree", "bird", "boat", "horse", "bicycle"]
+COLOURS = ["red", "blue", "green", "white", "black", "yellow", "old", "small", "large", "wooden"]
+PLACES = ["beach", "street", "park", "kitchen", "forest", "garden", "city", "mountain", "river", "table"]
+STOCK = ["Stock photo", "image", "Free shipping on orders over $50", "Click to enlarge", "logo"]
+
+
+def varied_captions(n: int, seed: int = 7) -> list[str | None]:
+    """Short alt-text-like captions from word lists: 0 to 6 nouns each, stock phrases repeated, some missing."""
+    rng = random.Random(seed)
+    out: list[str | None] = []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.03:
+            out.append(rng.choice([None, "", "  "]))
+        elif kind < 0.15:
+            out.append(rng.choice(STOCK))
+        elif kind < 0.6:
+            out.append(f"a {rng.choice(COLOURS)} {rng.choice(SUBJECTS)} in the {rng.choice(PLACES)}")
+        else:
+            a, b = rng.sample(SUBJECTS, 2)
+            out.append(
+                f"The {rng.choice(COLOURS)} {a} and a {b} near the {rng.choice(PLACES)} with a {rng.choice(SUBJECTS)}"
+            )
+    return out
+
+
+def one_shot_row(path, column: str, settings: NounSettings, *, min_count: int = 10):
+    """The former implementation: every text of the column in one list, one NounExtractor over all of it."""
+    with duckdb.connect() as con:
+        texts = [v for (v,) in con.execute(f'SELECT "{column}"::VARCHAR FROM read_parquet(?)', [str(path)]).fetchall()]
+    found = NounExtractor(settings).extract(texts)
+    missing = sum(1 for t in texts if not (t and t.strip()))
+    return table1_from_nouns(column, (f.nouns for f in found), min_count=min_count, missing=missing)
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    """2,000 varied captions in a Parquet file (several row groups) and their one-shot Table-1 row."""
+    path = tmp_path_factory.mktemp("varied") / "captions.parquet"
+    pq.write_table(pa.table({"text": varied_captions(2000), "n": list(range(2000))}), path, row_group_size=700)
+    return path, one_shot_row(path, "text", NounSettings())
+
+
+def test_batches_never_exceed_the_batch_size_and_cover_every_row(varied):
+    path, _ = varied
+    table = open_table(path, "text")
+    sizes = [len(b) for b in table.batches(300)]
+    assert max(sizes) <= 300 and len(sizes) >= 7 and sum(sizes) == table.count_rows() == 2000
+    assert [t for b in table.batches(300) for t in b] == varied_captions(2000)
+
+
+def test_sampled_batches_take_the_positions_and_regroup():
+    rows = [[f"r{i}" for i in range(j, j + 4)] for j in range(0, 20, 4)]  # 20 rows in batches of 4
+    got = list(sampled_batches(rows, [0, 3, 4, 9, 10, 11, 19], batch_rows=3))
+    assert got == [["r0", "r3", "r4"], ["r9", "r10", "r11"], ["r19"]]
+    assert sample_positions(100, 10, seed=1) == sample_positions(100, 10, seed=1) != sample_positions(100, 10, 2)
+    assert sample_positions(5, 10, seed=1) == [0, 1, 2, 3, 4]
+
+
+def test_worker_cache_changes_nothing():
+    texts = varied_captions(300, seed=3)
+    small = DensityWorker(NounSettings(), cache_size=5)
+    counts = [small.count(texts[i : i + 50], keep_nouns=True) for i in range(0, 300, 50)]
+    once = DensityWorker(NounSettings()).count(texts, keep_nouns=True)
+    merged = counts[0]
+    for c in counts[1:]:
+        merged.merge(c)
+    assert merged == once and len(small.cache) == 5
+
+
+@pytest.mark.slow
+def test_streamed_row_equals_the_one_shot_row(varied):
+    path, reference = varied
+    row = score_file(path, DensityOptions(column="text", workers=1, batch_rows=300))
+    assert row == reference and reference.missing > 0 and reference.valid_distinct_nouns > 10
+
+
+@pytest.mark.slow
+def test_several_processes_equal_one(ray_local, varied):
+    path, reference = varied
+    assert score_file(path, DensityOptions(column="text", workers=2, batch_rows=250)) == reference
+
+
+@pytest.mark.slow
+def test_sample_is_reproducible_and_its_interval_holds_the_full_mean(varied, capsys):
+    path, reference = varied
+    options = DensityOptions(column="text", workers=1, sample=400, seed=11, batch_rows=128)
+    first, again = sample_file(path, options), sample_file(path, options)
+    assert first == again and first.n_sample == 400 and first.n_rows == 2000
+    low, high = first.ci95
+    assert low < reference.nouns_per_caption < high and high - low < 1.0
+    assert sample_file(path, options.model_copy(update={"seed": 12})) != first
+    argv = ["density", str(path), "--column", "text", "--sample", "400", "--seed", "11", "--workers", "1"]
+    assert main([*argv, "--batch-rows", "128", "--format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert {"n_rows", "n_sample", "nouns_per_caption", "ci95_low", "ci95_high", "missing"} <= got.keys()
+    assert "distinct_nouns" not in got and (got["ci95_low"], got["ci95_high"]) == (low, high)
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the table wraps on a narrow terminal
+    assert "95%" in out and "not estimated from a sample" in out
+
+
+def test_full_run_json_keys_and_globs_and_folders(tmp_path, capsys):
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i, chunk in enumerate((CORPUS[:10], CORPUS[10:])):
+        pq.write_table(pa.table({"text": chunk}), parts / f"{i:05d}.parquet")
+    for source in (parts, parts / "*.parquet"):
+        assert main(["density", str(source), "--column", "text", "--workers", "1", "--format", "json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert {k: got[k] for k in HAND} == HAND and {"valid_share", "missing", "field"} <= got.keys()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["{tmp}/none/*.parquet"], "no file matches"),
+        (["{tmp}"], "no file matches"),  # a folder without Parquet files
+        (["{tmp}/a.txt"], "use a .parquet, .csv, .tsv or .jsonl file"),
+        (["{tmp}/gone.csv"], "does not exist"),
+        (["{csv}", "--sample", "0"], "sample (--sample)"),
+        (["{csv}", "--workers", "0"], "workers (--workers)"),
+        (["{csv}", "--batch-rows", "0"], "batch_rows (--batch-rows)"),
+    ],
+)
+def test_density_bad_inputs_are_one_sentence(tmp_path, capsys, args, expected):
+    csv = tmp_path / "c.csv"
+    csv.write_text("text\na red car\n")
+    argv = ["density", *(a.format(tmp=tmp_path, csv=csv) for a in args), "--column", "text"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
