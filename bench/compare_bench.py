@@ -176,7 +176,7 @@ def main() -> None:
             table.add_row(
                 "", "densecurate compare", f"{ours['seconds']:.2f}", f"{ours['peak_mb']:.0f}", f"{ratio:.2f}x"
             )
-    Console().print(table)
+    Console(width=130).print(table)
 
 
 if __name__ == "__main__":

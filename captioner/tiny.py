@@ -128,15 +128,31 @@ def make_tiny_llava(out: Path, *, seed: int = 0) -> Path:
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], max_new_tokens=64
+    save_tiny_model(
+        out,
+        LlavaForConditionalGeneration,
+        config,
+        processor,
+        seed=seed,
+        bos=ids["<s>"],
+        eos=ids["</s>"],
+        pad=ids["<pad>"],
     )
+    use_hub_key_layout(out)
+    return out
+
+
+def save_tiny_model(
+    out: Path, model_class: Any, config: Any, processor: Any, *, seed: int, bos: int, eos: int | list[int], pad: int
+) -> Path:
+    """Build ``model_class(config)`` with random weights (seeded), give it a generation config with these token
+    ids, and save it with its processor to ``out`` like a hub model; returns ``out``."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, max_new_tokens=64)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    use_hub_key_layout(out)
     return out
 
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import (
-    GenerationConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessor,
     Idefics3Processor,
 )
 
-from captioner.tiny import train_bpe_tokenizer
+from captioner.tiny import save_tiny_model, train_bpe_tokenizer
 
 GRID_TOKENS = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 SPECIAL_TOKENS = [
@@ -92,15 +90,13 @@ def make_tiny_idefics3(out: Path, *, seed: int = 0) -> Path:
         scale_factor=SCALE_FACTOR,
         pad_token_id=ids["<|im_end|>"],
     )
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|im_start|>"],
-        eos_token_id=ids["<end_of_utterance>"],
-        pad_token_id=ids["<|im_end|>"],
-        max_new_tokens=64,
+    return save_tiny_model(
+        out,
+        Idefics3ForConditionalGeneration,
+        config,
+        processor,
+        seed=seed,
+        bos=ids["<|im_start|>"],
+        eos=ids["<end_of_utterance>"],
+        pad=ids["<|im_end|>"],
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import (
-    GenerationConfig,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -21,7 +19,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from captioner.tiny import train_bpe_tokenizer
+from captioner.tiny import save_tiny_model, train_bpe_tokenizer
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -87,15 +85,14 @@ def make_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        max_new_tokens=64,
+    end = ids["<|endoftext|>"]
+    return save_tiny_model(
+        out,
+        Qwen2VLForConditionalGeneration,
+        config,
+        processor,
+        seed=seed,
+        bos=end,
+        eos=[ids["<|im_end|>"], end],
+        pad=end,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from schemas.ground_config import GroundConfig
 from schemas.score_config import CurateConfig, ScoreConfig
 from schemas.shard_config import ShardConfig
 from schemas.tables import CAPTIONS_SCHEMA
-from tests.test_curate_report import _chromium
+from tests.chromium import rendered_dom
 
 FIELDS = ("alt_text", "llava", "qwen")
 MIN_COUNT = 1  # valid: seen more than once among the compared keys (a sample is small)
@@ -270,11 +269,7 @@ def test_the_report_shows_the_comparison_and_its_plot_in_chromium(sampled_root, 
     assert "captioners compared on" in capsys.readouterr().out
     page = tmp_path / "report.html"
     assert main(["report", str(root), "--html", str(page), "--gallery", "2"]) == 0
-    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
-    browser += ["--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}"]
-    result = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    dom = result.stdout
+    dom, _ = rendered_dom(page, tmp_path / "profile")
     assert 'data-broken-images="0"' in dom
     assert 'id="compare"' in dom and "valid nouns per GPU-second" in dom and "GPU-hours per 10M images" in dom
     assert 'alt="density against cost"' in dom

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import tarfile
 
@@ -22,6 +20,7 @@ from schemas.caption_config import CaptionConfig
 from schemas.errors import StaleInputError
 from schemas.score_config import CurateConfig, CurateRules, ScoreConfig
 from schemas.shard_config import ShardConfig
+from tests.chromium import browser_command, rendered_dom
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +111,6 @@ def test_report_on_the_console(pipeline_root, capsys):
         assert text in out
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs it")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    return found
-
-
 @pytest.mark.slow
 def test_html_report_renders_in_chromium(pipeline_root, tmp_path):
     page = tmp_path / "report.html"
@@ -128,16 +118,13 @@ def test_html_report_renders_in_chromium(pipeline_root, tmp_path):
     text = page.read_text()
     assert "http://" not in text and "https://" not in text, "the page must be self-contained"
     assert text.count('<mark class="valid"') + text.count('<mark class="rare"') > 0
-    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
-    browser += ["--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}"]
-    result = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    dom = result.stdout
+    dom, log = rendered_dom(page, tmp_path / "profile")
     assert 'data-broken-images="0"' in dom
     assert dom.count("<img") == 6 + 3  # gallery thumbnails, two plots and the density-against-cost plot
-    console_errors = [line for line in result.stderr.splitlines() if "CONSOLE" in line and "rror" in line]
+    console_errors = [line for line in log.splitlines() if "CONSOLE" in line and "rror" in line]
     assert console_errors == []
     shot = tmp_path / "report.png"
+    browser = browser_command(tmp_path / "profile")
     subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()], timeout=120)
     assert shot.stat().st_size > 10_000
 
