@@ -239,7 +239,7 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure[0], Path(args.measure[1]), args.workers, args.batch_rows)))
         return
-    console = Console()
+    console = Console(width=130)
     table = Table(
         "captions", "method", "seconds", "captions/s", "driver peak RSS", "worker peak RSS", "same row",
         title=f"densecurate density: streamed vs one-shot ({os.cpu_count()} CPUs, batch {args.batch_rows:,})",
