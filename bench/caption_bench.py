@@ -36,7 +36,7 @@ from skimage import data as skdata
 
 from captioner.generation import Captioner, CaptionRequest
 from captioner.loading import LoadedModel, load_model, resolve_device, resolve_dtype
-from captioner.tiny import CHAT_TEMPLATE, make_tiny_llava, train_tokenizer
+from captioner.tiny import CHAT_TEMPLATE, make_tiny_llava, train_bpe_tokenizer, train_tokenizer
 from schemas.caption_config import GenerationSettings, ModelSettings
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field", "retina")
@@ -96,22 +96,128 @@ def llava_15_7b_folder(out: Path, layers: int | None = None) -> Path:
     return out
 
 
+def qwen2_vl_7b_folder(out: Path, layers: int | None = None) -> Path:
+    """Qwen2-VL-7B-Instruct's architecture (675M ViT with 2x2 patch merger + Qwen2-7B): config and processor.
+
+    The vision defaults of ``Qwen2VLConfig`` are the 7B's; its text defaults are the 72B's, so the text tower
+    is spelt out. The processor keeps the real pixel limits: a 768x512 image is 486 image tokens.
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from captioner import tiny_qwen2_vl as qwen
+
+    tokenizer = train_bpe_tokenizer(qwen.SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in qwen.SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        vision_config={"depth": layers or 32},  # embed_dim 1280, 16 heads, patch 14, merge 2, out 3584: defaults
+        text_config={
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": layers or 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    pixels = {"patch_size": 14, "merge_size": 2}  # default min/max pixels: the real processor's
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=qwen.CHAT_TEMPLATE,
+    )
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def smolvlm_256m_folder(out: Path, layers: int | None = None) -> Path:
+    """SmolVLM-256M-Instruct's architecture (Idefics3: SigLIP-B/16-512 + pixel shuffle x4 + SmolLM2-135M-sized
+    Llama): config and processor. Images are not split: one 512-px image is 64 image tokens."""
+    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+
+    from captioner import tiny_idefics3 as idefics3
+
+    tokenizer = train_bpe_tokenizer(
+        idefics3.SPECIAL_TOKENS,
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|im_end|>",
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in idefics3.SPECIAL_TOKENS}
+    image_size, patch_size, scale_factor = 512, 16, 4
+    config = Idefics3Config(
+        vision_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": layers or 12,
+            "num_attention_heads": 12,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": 49280,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": layers or 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "max_position_embeddings": 8192,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 100_000.0},
+            "bos_token_id": ids["<|im_start|>"],
+            "eos_token_id": ids["<end_of_utterance>"],
+            "pad_token_id": ids["<|im_end|>"],
+        },
+        image_token_id=ids["<image>"],
+        scale_factor=scale_factor,
+        pad_token_id=ids["<|im_end|>"],
+    )
+    config.architectures = ["Idefics3ForConditionalGeneration"]
+    edge = {"longest_edge": image_size}
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(do_image_splitting=False, size=edge, max_image_size=edge),
+        tokenizer=tokenizer,
+        image_seq_len=(image_size // patch_size) ** 2 // scale_factor**2,
+        chat_template=idefics3.CHAT_TEMPLATE,
+    )
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+ARCHS = {"llava-1.5-7b": llava_15_7b_folder, "qwen2-vl-7b": qwen2_vl_7b_folder, "smolvlm-256m": smolvlm_256m_folder}
+PROMPT_RESERVE = 700  # tokens kept for the prompt under --max-model-len: LLaVA's 576 image tokens (the most) + text
+
+
 def random_weight_model(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """The folder's architecture with random weights, built on the device (no checkpoint needed)."""
-    from transformers import AutoProcessor, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-    config = LlavaConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)
     config._attn_implementation = "sdpa"
     processor = AutoProcessor.from_pretrained(folder)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     with device:
-        model = LlavaForConditionalGeneration(config).eval()
+        model = AutoModelForImageTextToText.from_config(config).eval()
     torch.set_default_dtype(previous)
     tokenizer = processor.tokenizer
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     processor.tokenizer.padding_side = "left"
-    return LoadedModel(model, processor, "llava-1.5-7b (random weights)", "none", device, dtype)
+    return LoadedModel(model, processor, f"{folder.name} (random weights)", "none", device, dtype)
 
 
 def natural_lengths(n: int, cap: int, seed: int = 0) -> tuple[list[int], str]:
@@ -201,7 +307,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm", "both"])
     parser.add_argument("--model", help="model id or directory (default: a tiny LLaVA built here)")
-    parser.add_argument("--arch", choices=["llava-1.5-7b"], help="random-weight full-size architecture")
+    parser.add_argument("--arch", choices=sorted(ARCHS), help="random-weight full-size architecture")
     parser.add_argument("--layers", type=int, help="with --arch: cut both towers to this depth (smoke test)")
     parser.add_argument("--batch-sizes", help="transformers, comma-separated (default: 1,4,16 CPU; 8,32,64 GPU)")
     parser.add_argument("--captions", type=int, help="captions per measurement (default 32 CPU, 256 GPU)")
@@ -222,10 +328,10 @@ def main() -> None:
     sizes = [int(b) for b in (args.batch_sizes or ("8,32,64" if gpu else "1,4,16")).split(",")]
     work = Path(tempfile.mkdtemp(prefix="caption-bench-"))
     if args.arch:
-        model = llava_15_7b_folder(work / "llava-1.5-7b", args.layers)
+        model = ARCHS[args.arch](work / args.arch, args.layers)
     else:
         model = Path(args.model) if args.model else make_tiny_llava(work / "llava")
-    natural, natural_source = natural_lengths(n, cap=args.max_model_len - 700 if args.arch else 256)
+    natural, natural_source = natural_lengths(n, cap=args.max_model_len - PROMPT_RESERVE if args.arch else 256)
     workloads = {f"fixed {new_tokens}": [new_tokens] * n, "natural": natural}
     paths = write_images(work / "images", n)
 
@@ -257,7 +363,10 @@ def main() -> None:
     for engine, name, _, result in rows:
         if engine == "transformers":
             best[name] = max(best.get(name, 0.0), result["captions"] / result["seconds"])
-    table = Table(title=f"{model.name} on {where}, {args.dtype}; {n} captions per row")
+    name = (
+        f"{args.arch} (random weights{f', {args.layers} layers' if args.layers else ''})" if args.arch else model.name
+    )
+    table = Table(title=f"{label} on {where}, {args.dtype}; {n} captions per row")
     for col in (
         "engine",
         "workload",

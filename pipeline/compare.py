@@ -9,7 +9,7 @@ costs nothing.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,17 @@ class NoCommonKeysError(MissingInputError):
     """The compared fields scored disjoint keys (e.g. samples of different seeds)."""
 
 
-# Keys every compared field scored, then per field: keys, captions, words, nouns, valid nouns. A noun is
-# valid when the field's captions of these keys hold it more than the field's min-count (as `score` set
-# it) times: counted over the whole field instead, a field scored on every key would win against a sample.
-DENSITY_SQL = """
+# The keys every compared field scored.
+COMMON_KEYS = """
 WITH common AS (
     SELECT key FROM density WHERE list_contains($fields, field) GROUP BY key HAVING count(DISTINCT field) = $n
-),
+)"""
+# Per field on those keys: keys, captions, words, nouns, valid nouns. A noun is valid when the field's
+# captions of these keys hold it more than the field's min-count (as `score` set it) times: counted over
+# the whole field instead, a field scored on every key would win against a sample.
+DENSITY_SQL = (
+    COMMON_KEYS
+    + """,
 d AS (SELECT field, key, missing, n_tokens, n_nouns, nouns FROM density JOIN common USING (key)
       WHERE list_contains($fields, field)),
 occurrences AS (SELECT field, key, unnest(nouns) AS noun FROM d),
@@ -51,11 +55,11 @@ SELECT d.field, count(*), count(*) FILTER (WHERE NOT d.missing), avg(d.n_tokens)
        avg(coalesce(valid.n_valid, 0))
 FROM d LEFT JOIN valid USING (field, key) GROUP BY d.field
 """
-# Per captioner on the same keys: generated tokens and flags of its captions, and what they cost.
-CAPTIONS_SQL = """
-WITH common AS (
-    SELECT key FROM density WHERE list_contains($fields, field) GROUP BY key HAVING count(DISTINCT field) = $n
 )
+# Per captioner on the same keys: generated tokens and flags of its captions, and what they cost.
+CAPTIONS_SQL = (
+    COMMON_KEYS
+    + """
 SELECT captioner,
        avg(num_tokens) FILTER (WHERE status = 'ok'),
        avg(truncated::INT) FILTER (WHERE status = 'ok'),
@@ -67,13 +71,14 @@ SELECT captioner,
        bool_or(coalesce({gpus}, 0) = 0)
 FROM captions JOIN common USING (key) WHERE list_contains($fields, captioner) GROUP BY captioner
 """
-GROUNDING_SQL = """
-WITH common AS (
-    SELECT key FROM density WHERE list_contains($fields, field) GROUP BY key HAVING count(DISTINCT field) = $n
 )
+GROUNDING_SQL = (
+    COMMON_KEYS
+    + """
 SELECT field, count(*), avg(n_grounded_nouns)
 FROM grounding JOIN common USING (key) WHERE list_contains($fields, field) GROUP BY field
 """
+)
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ def compare_fields(root: Path, fields: list[str] | None = None) -> list[FieldCom
             grounding = {row[0]: row[1:] for row in con.execute(GROUNDING_SQL, params).fetchall()}
     compared = [_comparison(f, density[f], captions.get(f), grounding.get(f)) for f in fields]
     front = pareto_front([(c.gpu_seconds_per_caption, c.valid_nouns_per_image) for c in compared])
-    return [FieldComparison(**{**asdict(c), "on_pareto_front": on}) for c, on in zip(compared, front, strict=True)]
+    return [replace(c, on_pareto_front=on) for c, on in zip(compared, front, strict=True)]
 
 
 def comparison_or_none(root: Path) -> list[FieldComparison] | None:
