@@ -3,16 +3,29 @@
     python bench/caption_bench.py                                  # CPU: tiny LLaVA, transformers only
     python bench/caption_bench.py --engine both                    # + vLLM (needs `make setup-vllm`)
     python bench/caption_bench.py --engine both --arch llava-1.5-7b   # GPU: full-size LLaVA-1.5-7B
-    python bench/caption_bench.py --model DIR_OR_ID                # any LLaVA-family model that loads here
+    python bench/caption_bench.py --arch qwen2-vl-7b --layers 1    # CPU smoke test of a full-width arch
+    python bench/caption_bench.py --model DIR_OR_ID                # any model that loads here
 
 Two workloads, both with EOS ignored so that runs compare: **fixed** (every caption ``--new-tokens``
 long) and **natural** (each caption as long as a real dense caption: lengths drawn from the LLaVA
 ``detail`` captions of the benchmark data's ``dense_captions/llava`` (docs/BENCHMARK_DATA.md) when present, at 1.33
 tokens per word, else uniformly from 64 to 256 tokens). Static batches pay for their longest caption;
-continuous batching does not. The full-size architecture is built from its published
-hyperparameters with random weights (no download; weights do not change speed) at 336 px (576 image
-tokens); vLLM gets the same config with ``load_format=dummy``. transformers' best batch size is the
-baseline, measured in the same run on the same device.
+continuous batching does not. transformers' best batch size is the baseline, measured in the same run on
+the same device.
+
+``--arch`` builds a captioner family's full-size architecture from its published hyperparameters with
+random weights (no download; weights do not change speed), with the tiny builders' locally trained
+tokenizer, chat template and processor (the text tower keeps the real vocabulary size); vLLM gets the same
+folder with ``load_format=dummy``. On 768x512 photos:
+
+- ``llava-1.5-7b``: LLaVA-1.5-7B (CLIP ViT-L/14 at 336 px + Vicuna-7B); 576 image tokens.
+- ``qwen2-vl-7b``: Qwen2-VL-7B-Instruct (675M ViT, patch 14, 2x2 merger + Qwen2-7B, M-RoPE) at the
+  real processor's native resolution; 486 image tokens.
+- ``smolvlm-256m``: SmolVLM-256M-Instruct (Idefics3: SigLIP-B/16 at 512 px, pixel shuffle x4, 135M-sized
+  Llama), the image not split into tiles; 64 image tokens.
+
+Every arch's natural captions are capped at the same ``--max-model-len`` minus 700 tokens, so their
+workloads match. ``--layers`` cuts both towers to that depth at full width: a smoke test, not a measurement.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ from skimage import data as skdata
 
 from captioner.generation import Captioner, CaptionRequest
 from captioner.loading import LoadedModel, load_model, resolve_device, resolve_dtype
-from captioner.tiny import CHAT_TEMPLATE, make_tiny_llava, train_bpe_tokenizer, train_tokenizer
+from captioner.tiny import CHAT_TEMPLATE, make_tiny_llava, train_tokenizer
 from schemas.caption_config import GenerationSettings, ModelSettings
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field", "retina")
@@ -106,7 +119,7 @@ def qwen2_vl_7b_folder(out: Path, layers: int | None = None) -> Path:
 
     from captioner import tiny_qwen2_vl as qwen
 
-    tokenizer = train_bpe_tokenizer(qwen.SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = qwen.train_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in qwen.SPECIAL_TOKENS}
     config = Qwen2VLConfig(
         vision_config={"depth": layers or 32},  # embed_dim 1280, 16 heads, patch 14, merge 2, out 3584: defaults
@@ -149,13 +162,7 @@ def smolvlm_256m_folder(out: Path, layers: int | None = None) -> Path:
 
     from captioner import tiny_idefics3 as idefics3
 
-    tokenizer = train_bpe_tokenizer(
-        idefics3.SPECIAL_TOKENS,
-        unk_token="<|endoftext|>",
-        bos_token="<|im_start|>",
-        eos_token="<end_of_utterance>",
-        pad_token="<|im_end|>",
-    )
+    tokenizer = idefics3.train_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in idefics3.SPECIAL_TOKENS}
     image_size, patch_size, scale_factor = 512, 16, 4
     config = Idefics3Config(
@@ -363,9 +370,9 @@ def main() -> None:
     for engine, name, _, result in rows:
         if engine == "transformers":
             best[name] = max(best.get(name, 0.0), result["captions"] / result["seconds"])
-    name = (
-        f"{args.arch} (random weights{f', {args.layers} layers' if args.layers else ''})" if args.arch else model.name
-    )
+    label = model.name
+    if args.arch:
+        label = f"{args.arch} (random weights{f', {args.layers}-layer towers' if args.layers else ''})"
     table = Table(title=f"{label} on {where}, {args.dtype}; {n} captions per row")
     for col in (
         "engine",

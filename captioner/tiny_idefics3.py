@@ -16,6 +16,7 @@ from transformers import (
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessor,
     Idefics3Processor,
+    PreTrainedTokenizerFast,
 )
 
 from captioner.tiny import save_tiny_model, train_bpe_tokenizer
@@ -44,15 +45,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_idefics3(out: Path, *, seed: int = 0) -> Path:
-    """Write a tiny Idefics3 (model, processor, tokenizer, chat template) to ``out``; returns ``out``."""
-    tokenizer = train_bpe_tokenizer(
+def train_tokenizer() -> PreTrainedTokenizerFast:
+    """A small BPE tokenizer with SmolVLM's special tokens and their roles."""
+    return train_bpe_tokenizer(
         SPECIAL_TOKENS,
         unk_token="<|endoftext|>",
         bos_token="<|im_start|>",
         eos_token="<end_of_utterance>",
         pad_token="<|im_end|>",
     )
+
+
+def make_tiny_idefics3(out: Path, *, seed: int = 0) -> Path:
+    """Write a tiny Idefics3 (model, processor, tokenizer, chat template) to ``out``; returns ``out``."""
+    tokenizer = train_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     processor = Idefics3Processor(
         image_processor=Idefics3ImageProcessor(

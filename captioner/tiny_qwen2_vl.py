@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformers import (
+    PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -45,9 +46,14 @@ CHAT_TEMPLATE = (
 )
 
 
+def train_tokenizer() -> PreTrainedTokenizerFast:
+    """A small BPE tokenizer with Qwen2-VL's special tokens and their roles."""
+    return train_bpe_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
 def make_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
     """Write a tiny Qwen2-VL (model, processor, tokenizer, chat template) to ``out``; returns ``out``."""
-    tokenizer = train_bpe_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = train_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     pixels = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": PATCH_SIZE, "merge_size": MERGE_SIZE}
     processor = Qwen2VLProcessor(
