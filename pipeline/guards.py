@@ -117,14 +117,17 @@ def index_of(path: Path) -> int:
     return int(path.name.split(".")[0].removesuffix("_stats"))
 
 
-def outputs_outside(folder: Path, keep: set[int]) -> list[Path]:
-    """The finished output files in ``folder`` whose shard index is not in ``keep`` (in-progress ones excluded)."""
+def outputs_outside(folder: Path, keep: set[int], span: int = 1) -> list[Path]:
+    """The finished output files in ``folder`` whose shard's owner (index // ``span``) is not in ``keep``
+    (in-progress ones excluded)."""
     if not folder.is_dir():
         return []
     return [
         path
         for path in sorted(folder.glob("[0-9]*"))
-        if not is_temp(path) and path.name.split(".")[0].removesuffix("_stats").isdigit() and index_of(path) not in keep
+        if not is_temp(path)
+        and path.name.split(".")[0].removesuffix("_stats").isdigit()
+        and index_of(path) // span not in keep
     ]
 
 

@@ -65,11 +65,21 @@ class _ActorLauncher:
         self._idle.append(self._busy.pop(ref))
 
 
-def _planned_indices(jobs: Sequence[ShardJob]) -> dict[Path, set[int]]:
-    planned: dict[Path, set[int]] = {}
+def _owners(jobs: Sequence[ShardJob]) -> dict[Path, set[int]]:
+    """Per output folder, the owners (``index // span``) of the shards the plan may write."""
+    owners: dict[Path, set[int]] = {}
     for job in jobs:
-        planned.setdefault(job.out_dir, set()).add(job.index)
-    return planned
+        owners.setdefault(job.out_dir, set()).add(job.index // job.span)
+    return owners
+
+
+def _write_plans(label: str, jobs: Sequence[ShardJob], stats: Sequence[Stats | None]) -> None:
+    """Record per output folder the shards the jobs make (those known: given their stats)."""
+    indices: dict[Path, list[int]] = {}
+    for job, done in zip(jobs, stats, strict=True):
+        indices.setdefault(job.out_dir, []).extend(job.shard_indices(done))
+    for folder, planned in indices.items():
+        write_plan(folder, label, sorted(planned))
 
 
 def _guard_earlier_outputs(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], finished: list[Stats | None]) -> None:
@@ -79,8 +89,9 @@ def _guard_earlier_outputs(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], f
     Stages without --replace never remove anything: outputs outside their plan are reported, for
     ``densecurate prune``.
     """
-    planned = _planned_indices(jobs)
-    outside = [path for folder, keep in planned.items() for path in outputs_outside(folder, keep)]
+    planned = _owners(jobs)
+    span = jobs[0].span if jobs else 1
+    outside = [path for folder, keep in planned.items() for path in outputs_outside(folder, keep, span)]
     folders = ", ".join(map(str, planned))
     if not stage.takes_replace:
         if outside:
@@ -90,9 +101,10 @@ def _guard_earlier_outputs(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], f
             )
         return
     replaced = [
-        job.index
+        index
         for job, done in zip(jobs, finished, strict=True)
         if stage.guards_finished and done is None and job.made_elsewise()
+        for index in job.existing_indices()
     ]
     removed = {index_of(path) for path in outside}
     if (removed or replaced) and not stage.replace:
@@ -133,9 +145,10 @@ def run_stage(stage: Stage[JobT, SummaryT]) -> SummaryT:
             locks.enter_context(OutputLock(folder, stage.label))
         finished = [job.finished() for job in jobs]  # each output is read once, under the lock
         _guard_earlier_outputs(stage, jobs, finished)
-        for folder, indices in _planned_indices(jobs).items():
-            write_plan(folder, stage.label, sorted(indices))
+        stage.commit_plan()
+        _write_plans(stage.label, jobs, finished)
         run = _run(stage, jobs, finished)
+        _write_plans(stage.label, [r.job for r in run.results], run.stats)
         stage.finish(run)
         if stage.catalog is not None:
             refresh_catalog(stage.catalog)

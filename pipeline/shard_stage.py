@@ -1,4 +1,12 @@
-"""The shard stage: sources -> ``ROOT/shards/NNNNN.{tar,parquet}`` + ``NNNNN_stats.json``."""
+"""The shard stage: sources -> ``ROOT/shards/NNNNN.{tar,parquet}`` + ``NNNNN_stats.json``.
+
+The driver plans one job per input unit (a tar, a folder's own files, rows of a Parquet row group;
+see ``pipeline.sources.units``) from the input files alone; each job lists its unit and writes
+its shards ``N * PARTS_PER_INPUT + part``, N being the unit's number in ``ROOT/shards/_inputs.json``
+(numbers are never reused, so adding an input never renames another's shards). Part 0 is written
+last and records the unit's parts: it marks the unit finished. Keys repeated across units are
+marked after every unit is done (``pipeline.duplicate_keys``).
+"""
 
 from __future__ import annotations
 
@@ -11,28 +19,95 @@ from typing import Any
 
 from rich.table import Table
 
+from pipeline.duplicate_keys import mark_duplicate_keys
 from pipeline.imaging import process_image
 from pipeline.records import InputRecord, SkipRecord, clean_text
 from pipeline.runner import run_stage
-from pipeline.shard_writer import ShardWriter
-from pipeline.sources import list_inputs
+from pipeline.shard_writer import ShardWriter, finished_stats, read_stats
+from pipeline.sources import InputUnit, list_unit, plan_units
 from pipeline.sources.reading import SampleReader
-from pipeline.stage import ShardFilesJob, Stage, StageRun, StageSummary, Tasks, fingerprint, shards_table
-from schemas.layout import DatasetLayout, shard_stem
+from pipeline.stage import ShardJob, Stage, StageRun, StageSummary, Stats, Tasks, fingerprint, shards_table
+from pipeline.verify import shard_damage
+from schemas.atomic import write_atomic
+from schemas.errors import OutputConflictError, UserError
+from schemas.layout import PARTS_PER_INPUT, DatasetLayout, ShardFiles, shard_files_in, shard_indices_in, shard_stem
 from schemas.shard_config import ImageSettings, ShardConfig
-
-
-@dataclass(frozen=True, kw_only=True)
-class ShardJob(ShardFilesJob):
-    """One output shard: its input records and how to process them."""
-
-    records: tuple[InputRecord, ...]
-    image: ImageSettings
 
 
 def _inputs_digest(records: Sequence[InputRecord]) -> str:
     """What the shard is made from: each record's key, location and listing-time skip."""
     return "".join(json.dumps([rec.key, rec.location, rec.preset_skip]) for rec in records)
+
+
+def unit_totals(parts: Sequence[Stats], written: Sequence[int] = ()) -> Stats:
+    """A unit's stats: its number of shards and the sums of theirs; ``written``: the parts this run wrote
+    (counted in ``written`` and, by their records, ``processed``)."""
+    skipped: Counter[str] = Counter()
+    for part in parts:
+        skipped.update(part["skipped_by_reason"])
+    return {
+        "parts": len(parts),
+        "count": sum(p["count"] for p in parts),
+        "successes": sum(p["successes"] for p in parts),
+        "skipped_by_reason": dict(sorted(skipped.items())),
+        "written": len(written),
+        "processed": sum(parts[i]["count"] for i in written),
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitJob(ShardJob):
+    """One input unit: its shards ``index + part``; ``fingerprint`` is the unit's (settings, identity, stamp).
+
+    ``settings`` is the settings half of each shard's own fingerprint (the other half: its records).
+    """
+
+    unit: InputUnit
+    shard_size: int
+    settings: str
+    image: ImageSettings
+    replace: bool = False
+    repair: bool = False
+    span: int = PARTS_PER_INPUT
+
+    def part_files(self, part: int) -> ShardFiles:
+        return shard_files_in(self.out_dir, self.index + part)
+
+    def _unit_record(self) -> dict[str, Any] | None:
+        """What part 0 (complete) says of the unit, or None."""
+        first = read_stats(self.part_files(0))
+        return first.get("unit") if first is not None else None
+
+    def finished(self) -> Stats | None:
+        first = read_stats(self.part_files(0))
+        unit = first.get("unit") if first is not None else None
+        if first is None or not unit or unit.get("fingerprint") != self.fingerprint:
+            return None
+        parts = [first]
+        for part, part_fingerprint in enumerate(unit["part_fingerprints"][1:], start=1):
+            stats = finished_stats(self.part_files(part), part_fingerprint)
+            if stats is None:
+                return None
+            parts.append(stats)
+        return unit_totals(parts)
+
+    def made_elsewise(self) -> bool:
+        unit = self._unit_record()
+        return unit is not None and unit.get("fingerprint") != self.fingerprint
+
+    def damage(self) -> str | None:
+        unit = self._unit_record() or {"parts": 1}
+        for part in range(unit["parts"]):
+            problem = shard_damage(self.part_files(part), deep=True)
+            if problem:
+                return f"shard {shard_stem(self.index + part)}: {problem}"
+        return None
+
+    def shard_indices(self, stats: Stats | None) -> list[int]:
+        return [self.index + part for part in range(stats["parts"] if stats else 1)]
+
+    def existing_indices(self) -> list[int]:
+        return self.shard_indices(self._unit_record())
 
 
 def _sample_json(rec: InputRecord, img, meta: dict[str, Any]) -> str:
@@ -53,11 +128,10 @@ def _sample_json(rec: InputRecord, img, meta: dict[str, Any]) -> str:
     )
 
 
-def write_shard(job: ShardJob) -> dict[str, Any]:
+def write_records(records: Sequence[InputRecord], files: ShardFiles, extra: Stats, image: ImageSettings) -> Stats:
     """Process every record of one shard and commit its three files; returns the shard's stats."""
-    extra = {"shard": shard_stem(job.index), "inputs_fingerprint": job.fingerprint, "settings": job.image.model_dump()}
-    with ShardWriter(job.files, extra) as writer, SampleReader() as reader:
-        for rec in job.records:
+    with ShardWriter(files, extra) as writer, SampleReader() as reader:
+        for rec in records:
             where = {
                 "source": rec.source,
                 "original_id": clean_text(rec.original_id),
@@ -65,7 +139,7 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
             }
             try:
                 sample = reader.load(rec)
-                img = process_image(sample.image, job.image)
+                img = process_image(sample.image, image)
             except SkipRecord as skip:
                 writer.add_skipped(rec.key, skip.code, skip.detail, where)
                 continue
@@ -90,6 +164,71 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
     return writer.stats
 
 
+def _stale_parts(job: UnitJob, first_unused: int) -> list[ShardFiles]:
+    """The unit's shards from ``first_unused`` on that an earlier, larger listing of it left."""
+    stale = []
+    for part in range(first_unused, job.span):
+        files = job.part_files(part)
+        if not any(path.exists() for path in files.all()):
+            break
+        stale.append(files)
+    return stale
+
+
+def write_unit(job: UnitJob) -> Stats:
+    """List the job's unit, write each of its shards not already finished (part 0 last), return the unit's stats.
+
+    A finished shard made from other records is replaced only with ``--replace``.
+    """
+    records = list_unit(job.unit)
+    size = job.shard_size
+    chunks = [records[start : start + size] for start in range(0, len(records), size)] or [[]]
+    if len(chunks) > job.span:
+        raise UserError(
+            f"{job.unit.path} holds {len(records)} inputs, more than {job.span} shards of --shard-size {size}: "
+            "raise --shard-size or split the input"
+        )
+    part_fingerprints = [fingerprint(job.settings, _inputs_digest(chunk)) for chunk in chunks]
+    unit = {"input": job.unit.uid, "fingerprint": job.fingerprint, "parts": len(chunks)}
+    unit["part_fingerprints"] = part_fingerprints
+    stale = _stale_parts(job, len(chunks))
+    if stale and not job.replace and any(read_stats(files) is not None for files in stale):
+        raise OutputConflictError(
+            f"{job.unit.path} now makes {len(chunks)} shards, fewer than an earlier run wrote from it; "
+            "pass --replace to remove the others"
+        )
+    for files in stale:
+        for path in files.all():
+            path.unlink(missing_ok=True)
+    stats: list[Stats] = [{}] * len(chunks)
+    written: list[int] = []
+    for part in [*range(1, len(chunks)), 0]:
+        files = job.part_files(part)
+        extra: Stats = {
+            "shard": shard_stem(job.index + part),
+            "inputs_fingerprint": part_fingerprints[part],
+            "settings": job.image.model_dump(),
+            **({"unit": unit} if part == 0 else {}),
+        }
+        done = finished_stats(files, part_fingerprints[part])
+        if done is not None and job.repair and shard_damage(files, deep=True):
+            done = None
+        elif done is None and not job.replace and read_stats(files) is not None:
+            raise OutputConflictError(
+                f"shard {files.tar} was made from other records of {job.unit.path} than it now lists; "
+                "check the input, or pass --replace to replace it"
+            )
+        if done is None:
+            stats[part] = write_records(chunks[part], files, extra, job.image)
+            written.append(part)
+        elif part == 0 and done.get("unit") != unit:  # its records are unchanged: record the unit anew
+            stats[part] = {**done, "unit": unit}
+            write_atomic(files.stats, json.dumps(stats[part], indent=2, sort_keys=True))
+        else:
+            stats[part] = done
+    return unit_totals(stats, written)
+
+
 @dataclass
 class ShardSummary(StageSummary):
     """Totals over every shard of the run (reused ones included)."""
@@ -100,12 +239,20 @@ class ShardSummary(StageSummary):
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
 
     @property
+    def shards(self) -> int:
+        return sum(r.stats["parts"] for r in self.run.results)
+
+    @property
+    def shards_reused(self) -> int:
+        return sum(r.stats["parts"] - r.stats["written"] for r in self.run.results)
+
+    @property
     def skipped(self) -> int:
         return sum(self.skipped_by_reason.values())
 
     @property
     def images_processed(self) -> int:
-        return self.run.items_processed
+        return sum(r.stats["processed"] for r in self.run.results)
 
     @property
     def images_per_second(self) -> float:
@@ -121,16 +268,29 @@ class ShardSummary(StageSummary):
             ("skipped", str(self.skipped)),
             *skipped,
             self.shards_row(),
+            ("input units", str(len(self.run.results))),
             ("speed", speed),
         ]
         return shards_table(f"shard stage -> {self.root}/shards", rows)
 
 
-class ShardStage(Stage[ShardJob, ShardSummary]):
-    """List the sources, chunk the records into shards, write each shard in a Ray task."""
+def _read_numbers(path: Path) -> list[str]:
+    """The inputs ``_inputs.json`` numbers (position = number); empty when there is none yet."""
+    try:
+        return list(json.loads(path.read_text())["inputs"])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutputConflictError(
+            f"{path} (which numbers the inputs of the shards) is unreadable ({exc}); "
+            "restore it, or shard into a new root"
+        ) from None
+
+
+class ShardStage(Stage[UnitJob, ShardSummary]):
+    """Plan one job per input unit from the input files; each Ray task lists its unit and writes its shards."""
 
     label = "shards"
-    item_label = "images"
     guards_finished = True
     takes_replace = True
 
@@ -142,47 +302,85 @@ class ShardStage(Stage[ShardJob, ShardSummary]):
         self.inputs = tuple(srcs)
         self.outputs = (self.catalog.shards_dir,)
         self.replace, self.repair = config.replace, config.repair
-        self.records = 0
+        self.numbered: list[str] = []
+        self.numbers: list[str] = []
+        self.duplicates = 0
 
-    def plan(self) -> list[ShardJob]:
-        """Chunk the (sorted) records into shards of ``shard_size``."""
-        records = list_inputs(self.srcs, self.config.sources)
-        self.records = len(records)
-        size, image = self.config.shard_size, self.config.image
+    def _settings(self) -> str:
+        """The settings half of each shard's fingerprint."""
+        image = self.config.image
         # The read limits count only when changed, so shards made before they existed stay valid.
         limits = self.config.sources.model_dump_json(
             include={"max_file_bytes", "max_sidecar_bytes"}, exclude_defaults=True
         )
-        settings = image.model_dump_json() + (limits if limits != "{}" else "")
-        jobs = []
-        for index, start in enumerate(range(0, len(records), size)):
-            chunk = tuple(records[start : start + size])
+        return image.model_dump_json() + (limits if limits != "{}" else "")
+
+    def plan(self) -> list[UnitJob]:
+        """One job per input unit, numbered by ``_inputs.json`` (new units take the next numbers)."""
+        size = self.config.shard_size
+        units = plan_units(list(self.srcs), self.config.sources, rows_per_unit=PARTS_PER_INPUT * size)
+        self.numbered = _read_numbers(self.catalog.inputs_file)
+        number = {uid: n for n, uid in enumerate(self.numbered)}
+        settings = self._settings()
+        unit_settings = f"{settings}|{self.config.sources.model_dump_json()}|shard_size={size}"
+        jobs: list[UnitJob] = []
+        planned: set[str] = set()
+        for unit in units:
+            if unit.uid in planned:  # one file named twice (a folder of tars and one of its tars)
+                continue
+            planned.add(unit.uid)
+            n = number.setdefault(unit.uid, len(number))
             jobs.append(
-                ShardJob(
-                    index=index,
+                UnitJob(
+                    index=n * PARTS_PER_INPUT,
                     out_dir=self.catalog.shards_dir,
-                    fingerprint=fingerprint(settings, _inputs_digest(chunk)),
-                    items=len(chunk),
-                    records=chunk,
-                    image=image,
+                    fingerprint=fingerprint(unit_settings, f"{unit.uid}|{unit.stamp}"),
+                    unit=unit,
+                    shard_size=size,
+                    settings=settings,
+                    image=self.config.image,
+                    replace=self.replace,
+                    repair=self.repair,
                 )
             )
+        self.numbers = list(number)
         return jobs
 
+    def commit_plan(self) -> None:
+        """Write the numbers of new inputs, unless another run numbered inputs since this plan read them."""
+        if self.numbers == self.numbered:
+            return
+        if _read_numbers(self.catalog.inputs_file) != self.numbered:
+            raise OutputConflictError(
+                f"another shard run numbered new inputs in {self.catalog.inputs_file} while this one planned; "
+                "rerun the same command"
+            )
+        write_atomic(self.catalog.inputs_file, json.dumps({"inputs": self.numbers}, indent=0))
+
     def work(self) -> Tasks:
-        return Tasks(write_shard, workers=self.config.workers)
+        return Tasks(write_unit, workers=self.config.workers)
 
     def dependents(self, indices: set[int]) -> list[Path]:
-        return self.catalog.tables_of_shards(indices)
+        units = {i // PARTS_PER_INPUT for i in indices}
+        shards = {i for i in shard_indices_in(self.catalog.shards_dir) if i // PARTS_PER_INPUT in units}
+        return self.catalog.tables_of_shards(shards | indices)
 
-    def summarize(self, run: StageRun[ShardJob]) -> ShardSummary:
-        summary = ShardSummary(run, root=self.catalog.root, inputs=self.records)
+    def finish(self, run: StageRun[UnitJob]) -> None:
+        """Mark keys that an earlier shard (in shard order) already holds."""
+        self.duplicates = mark_duplicate_keys(self.catalog.shards_dir)
+
+    def summarize(self, run: StageRun[UnitJob]) -> ShardSummary:
+        summary = ShardSummary(run, root=self.catalog.root)
         for stats in run.stats:
+            summary.inputs += stats["count"]
             summary.written += stats["successes"]
             summary.skipped_by_reason.update(stats["skipped_by_reason"])
+        summary.written -= self.duplicates
+        if self.duplicates:
+            summary.skipped_by_reason["duplicate_key"] += self.duplicates
         return summary
 
 
 def run_shard_stage(srcs: Sequence[Path], root: Path, config: ShardConfig) -> ShardSummary:
-    """List the sources, write every unfinished shard under ``root`` on Ray, and summarise."""
+    """Plan the sources' units, write every unfinished shard under ``root`` on Ray, and summarise."""
     return run_stage(ShardStage(srcs, root, config))

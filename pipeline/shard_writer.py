@@ -22,6 +22,11 @@ from schemas.atomic import atomic_output, write_atomic
 from schemas.layout import ShardFiles
 from schemas.tables import SAMPLES_SCHEMA, STATUS_OK, STATUS_SKIPPED
 
+# The stats a writer computes; the others are the caller's ``extra_stats``.
+WRITER_STATS = frozenset(
+    {"count", "successes", "skipped", "skipped_by_reason", "status_dict", "start_time", "end_time", "duration"}
+)
+
 
 def finished_stats(files: ShardFiles, fingerprint: str) -> dict[str, Any] | None:
     """The shard's stats if it is complete, consistent and was made with ``fingerprint``, else None."""

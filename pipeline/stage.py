@@ -48,12 +48,22 @@ class ShardJob:
     """One unit of work: output shard ``index`` in ``out_dir``, reusable when it carries ``fingerprint``.
 
     ``items`` counts the records the job processes (for the progress bar; 0 when not counted).
+    A job may own the ``span`` shards from ``index`` on (every job of a stage has the same span).
     """
 
     index: int
     out_dir: Path
     fingerprint: str
     items: int = 0
+    span: int = 1
+
+    def shard_indices(self, stats: Stats | None) -> list[int]:
+        """The shards the job makes, given its stats (None: not finished, so the ones known in advance)."""
+        return [self.index]
+
+    def existing_indices(self) -> list[int]:
+        """The shards of the job that an earlier run finished (what replacing its output replaces)."""
+        return [self.index]
 
     def finished(self) -> Stats | None:
         """The stats of the job's output if it is complete and carries the job's fingerprint, else None."""
@@ -239,6 +249,9 @@ class Stage(ABC, Generic[JobT, SummaryT]):
 
     def check(self) -> None:
         """Checks of the settings, before planning and before any worker starts (e.g. that a model exists)."""
+
+    def commit_plan(self) -> None:
+        """Record what the plan assigned, for later runs (under the output lock, before any job runs)."""
 
     def finish(self, run: StageRun[JobT]) -> None:
         """Work on the whole stage's output after every shard is done (e.g. a vocabulary)."""

@@ -8,6 +8,10 @@ from pathlib import Path
 SHARD_STEM_DIGITS = 5
 STATS_SUFFIX = "_stats.json"
 PLAN_FILE = "_plan.json"  # in a folder of shards: the indices the last plan made
+INPUTS_FILE = "_inputs.json"  # in ROOT/shards: the number of each input (tar, folder, row group) ever planned
+# Input number N writes the shards N * PARTS_PER_INPUT + part (part 0, 1, ...): adding an input never
+# renames the shards of another.
+PARTS_PER_INPUT = 10_000
 CATALOG_FILE = "catalog.duckdb"
 # The Parquet tables of a root, relative to it: what the catalog's views read.
 TABLE_GLOBS = {
@@ -68,7 +72,7 @@ def shard_files_in(directory: Path, index: int) -> ShardFiles:
 class DatasetLayout:
     """Every path and glob under one dataset root::
 
-    ROOT/shards/NNNNN.{tar,parquet} + NNNNN_stats.json    the shard stage
+    ROOT/shards/NNNNN.{tar,parquet} + NNNNN_stats.json    the shard stage (NNNNN = input x 10,000 + part)
     ROOT/captions/NAME/NNNNN.parquet                      one folder per captioner
     ROOT/density/FIELD/NNNNN.parquet                      one folder per caption field
     ROOT/vocab/FIELD.parquet                              noun counts per field
@@ -103,6 +107,10 @@ class DatasetLayout:
 
     def shard_files(self, index: int) -> ShardFiles:
         return shard_files_in(self.shards_dir, index)
+
+    @property
+    def inputs_file(self) -> Path:
+        return self.shards_dir / INPUTS_FILE
 
     def shard_indices(self) -> list[int]:
         """Indices of the finished shards (those with a stats file)."""

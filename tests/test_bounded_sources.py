@@ -44,21 +44,20 @@ def cap_memory():
     resource.setrlimit(resource.RLIMIT_AS, (size_kb * 1024 + {EXTRA_ADDRESS_SPACE}, hard))
 """
 
-# The shard stage's per-shard work without Ray (whose object store would not fit the cap): list and
-# plan as the stage does, then write every shard in this process.
+# The shard stage's per-shard work without Ray (whose object store would not fit the cap): plan as the
+# stage does, then list and write every input unit in this process.
 _STAGE_SCRIPT = (
     _CAP_MEMORY
     + """
 import json, sys
 from pathlib import Path
-from pipeline.shard_stage import ShardStage, write_shard
+from pipeline.shard_stage import ShardStage, write_unit
 from schemas.shard_config import ShardConfig
 srcs, root, config = json.loads(sys.argv[1])
-cap_memory()
 stage = ShardStage([Path(s) for s in srcs], Path(root), ShardConfig.model_validate(config))
-for job in stage.plan():
-    write_shard(job)
-print(stage.records)
+jobs = stage.plan()
+cap_memory()
+print(sum(write_unit(job)["count"] for job in jobs))
 """
 )
 

@@ -9,8 +9,6 @@ import re
 import tarfile
 from collections.abc import Iterable
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import webdataset as wds
 
 from pipeline.records import make_key
@@ -95,21 +93,6 @@ def test_folder_with_a_slash_id_and_an_underscore_id_lists_both(tmp_path):
     assert {i: grown[i].key for i in ("a/b", "a_b")} == {"a/b": "folder-a_b-3ec69c85", "a_b": "folder-a_b"}
     assert len({r.key for r in grown.values()}) == 4
     assert all(r.preset_skip is None for r in grown.values())
-
-
-def test_parquet_paths_differing_in_separator_are_distinct_and_repeats_are_duplicates(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "b.jpg").write_bytes(_photo(1))
-    (tmp_path / "a_b.jpg").write_bytes(_photo(2))
-    table = tmp_path / "t.parquet"
-    rows = [{"image_path": p} for p in ("a/b.jpg", "a_b.jpg", "a/b.jpg")]
-    pq.write_table(pa.Table.from_pylist(rows), table)
-    records = list_inputs([table], SourceSettings())
-    skips = sorted((r.original_id, r.preset_skip[0] if r.preset_skip else "") for r in records)
-    assert skips == [("a/b", ""), ("a/b", "duplicate_key"), ("a_b", "")]
-    assert len({r.key for r in records}) == 2
-    dup = next(r for r in records if r.preset_skip)
-    assert "hash collision" not in dup.preset_skip[1]
 
 
 def test_keys_survive_a_webdataset_round_trip(tmp_path):

@@ -100,8 +100,8 @@ def test_nothing_is_written_outside_root_and_no_temp_files(hostile_run):
     stems = [f"{i:05d}" for i in range(4)]
     suffixes = (".parquet", ".tar", "_stats.json")
     expected = ["catalog.duckdb", "shards"] + [f"shards/{s}{ext}" for s in stems for ext in suffixes]
-    # The plan of the last run, and the lock file of the output folder (free: no holder recorded).
-    expected += ["shards/_plan.json", "shards/.densecurate.lock"]
+    # The plan of the last run, the numbers of its inputs, and the lock file of the output folder (free).
+    expected += ["shards/_plan.json", "shards/_inputs.json", "shards/.densecurate.lock"]
     assert names == sorted(expected)
     assert sorted(p.name for p in root.parent.iterdir()) == ["root"]
 
@@ -276,7 +276,7 @@ def test_a_smaller_plan_replaces_the_shards_of_a_larger_one_only_when_asked(ray_
     photos = write_sample_folder(tmp_path / "photos", with_bad_files=False)
     root = tmp_path / "root"
     assert run_shard_stage([photos], root, ShardConfig(shard_size=3)).shards == 4
-    with pytest.raises(OutputConflictError, match=r"replace 1 and remove 3 finished shards"):
+    with pytest.raises(OutputConflictError, match=r"replace 4 and remove 0 finished shards"):
         run_shard_stage([photos], root, ShardConfig(shard_size=100))
     assert len(list((root / "shards").glob("*_stats.json"))) == 4
     again = run_shard_stage([photos], root, ShardConfig(shard_size=100, replace=True))

@@ -48,14 +48,6 @@ def test_folder_listing_reads_sidecars_and_is_sorted(tmp_path):
         assert reader.load(records[2]).alt_text is None
 
 
-def test_same_id_twice_is_marked_duplicate(tmp_path):
-    for name in ["x.jpg", "x.png"]:
-        (tmp_path / name).write_bytes(mk.png_bytes(mk.photo_image((100, 100))))
-    first, second = list_inputs([tmp_path], SourceSettings())
-    assert first.preset_skip is None
-    assert second.preset_skip[0] == "duplicate_key"
-
-
 def test_hostile_sa1b_tar_is_listed_without_extracting(tmp_path):
     tar = tk.write_hostile_sa1b_tar(tmp_path / "sa_000000.tar")
     assert detect_format(tar) == "sa1b"
@@ -152,15 +144,6 @@ def test_tar_cut_short_keeps_the_members_before_the_cut(tmp_path):
         assert reader.load(records["a"]).image == photo
         with pytest.raises(SkipRecord, match="read_error"):
             reader.load(records["b"])
-
-
-def test_the_same_input_twice_is_one_record_and_one_duplicate(tmp_path):
-    (tmp_path / "one.jpg").write_bytes(mk.jpeg_bytes(mk.photo_image((100, 100))))
-    table = tmp_path / "table.parquet"
-    pq.write_table(pa.Table.from_pylist([{"image_path": "one.jpg"}, {"image_path": "one.jpg"}]), table)
-    first, second = list_inputs([table], SourceSettings())
-    assert first.key == second.key and first.preset_skip is None
-    assert second.preset_skip[0] == "duplicate_key"
 
 
 def test_undecodable_names_and_captions_are_cleaned(tmp_path):

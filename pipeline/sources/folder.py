@@ -23,8 +23,11 @@ def _sidecar(path: Path, root: Path, limit: int) -> tuple[Path | None, tuple[str
     return real, None
 
 
-def list_folder(root: Path, *, source: str, kind: str, limits: ReadLimits = DEFAULT_LIMITS) -> list[InputRecord]:
-    """Every image file under ``root``; the original id is its relative path without suffix.
+def list_folder_dir(
+    root: Path, folder: Path, *, source: str, kind: str, limits: ReadLimits = DEFAULT_LIMITS
+) -> list[InputRecord]:
+    """Every image file directly in ``folder`` (inside the source ``root``); the original id is its
+    path relative to ``root`` without suffix.
 
     Only regular files are read: a link is followed only to a regular file inside ``root``; a FIFO,
     a device or a link elsewhere is skipped as ``not_regular_file``, a file over
@@ -33,7 +36,7 @@ def list_folder(root: Path, *, source: str, kind: str, limits: ReadLimits = DEFA
     """
     real_root = root.resolve()
     records = []
-    for path in root.rglob("*"):
+    for path in folder.iterdir():
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.is_dir():
             continue
         original_id = path.relative_to(root).with_suffix("").as_posix()

@@ -17,23 +17,34 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def list_parquet(src: Path, *, source: str, settings: SourceSettings) -> list[InputRecord]:
-    """One record per row; relative paths are taken from the table's folder.
+def check_columns(src: Path, columns: list[str], settings: SourceSettings) -> None:
+    """Refuse a table that lacks the image (or id) column."""
+    wanted = [settings.image_column, settings.id_column]
+    missing = [c for c in wanted if c is not None and c not in columns]
+    if missing:
+        raise SourceError(f"{src} has no column {missing[0]!r} (columns: {', '.join(columns)})")
+
+
+def list_parquet_rows(
+    src: Path, rows: tuple[int, int, int], *, source: str, settings: SourceSettings
+) -> list[InputRecord]:
+    """One record per row of ``rows`` (row group, first and stop row in it); relative paths are
+    taken from the table's folder.
 
     The image paths are not examined here (the table may name millions, maybe on storage only the
     workers see): the shard task refuses a path that is not a regular file (links followed: a table
     names paths anywhere) or is over ``--max-file-bytes`` before reading it.
     """
+    group, start, stop = rows
     limits = ReadLimits(settings.max_file_bytes, settings.max_sidecar_bytes)
-    table = pq.read_table(src)
+    table_file = pq.ParquetFile(src)
+    first_row = sum(table_file.metadata.row_group(g).num_rows for g in range(group)) + start
+    table = table_file.read_row_group(group).slice(start, stop - start)
     columns = table.column_names
-    wanted = [settings.image_column, settings.id_column]
-    missing = [c for c in wanted if c is not None and c not in columns]
-    if missing:
-        raise SourceError(f"{src} has no column {missing[0]!r} (columns: {', '.join(columns)})")
+    check_columns(src, columns, settings)
     caption_col = settings.caption_column if settings.caption_column in columns else None
     records = []
-    for row_index, row in enumerate(table.to_pylist()):
+    for row_index, row in enumerate(table.to_pylist(), start=first_row):
         raw_path = row.get(settings.image_column)
         path = Path(raw_path) if raw_path else None
         if path is not None and not path.is_absolute():

@@ -6,7 +6,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline.records import DEFAULT_LIMITS, InputRecord, MemberRef, ReadLimits, make_key
-from pipeline.sources.files import listed_file, over_limit
+from pipeline.sources.files import over_limit
 from pipeline.sources.tar_members import TarSample, list_tar_samples
 
 
@@ -34,7 +34,7 @@ def list_tar_records(
     try:
         samples, stopped = list_tar_samples(real)
     except (tarfile.TarError, OSError) as exc:
-        return [_tar_problem(tar_path, source, kind, "", f"{tar_path} is not a readable uncompressed tar ({exc})")]
+        return [tar_problem(tar_path, source, kind, "", f"{tar_path} is not a readable uncompressed tar ({exc})")]
     records = []
     for sample in samples:
         image = sample.image()
@@ -63,13 +63,11 @@ def list_tar_records(
         )
     if stopped is not None:
         detail = f"{tar_path} ends early after {len(samples)} samples ({stopped}); later members are lost"
-        records.append(_tar_problem(tar_path, source, kind, "-unreadable-rest", detail))
+        records.append(tar_problem(tar_path, source, kind, "-unreadable-rest", detail))
     return records
 
 
-def _tar_problem(
-    tar_path: Path, source: str, kind: str, suffix: str, detail: str, code: str = "bad_tar"
-) -> InputRecord:
+def tar_problem(tar_path: Path, source: str, kind: str, suffix: str, detail: str, code: str = "bad_tar") -> InputRecord:
     """A record standing for the part of a tar that cannot be listed, so the loss is on record."""
     original_id = f"{tar_path.stem}{suffix}"
     return InputRecord(
@@ -80,26 +78,3 @@ def _tar_problem(
         kind=kind,
         preset_skip=(code, detail),
     )
-
-
-def list_tar_dir(src: Path, *, source: str, kind: str, limits: ReadLimits = DEFAULT_LIMITS) -> list[InputRecord]:
-    """Records of one tar file, or of every ``*.tar`` directly in a directory.
-
-    A ``*.tar`` in the directory that is not a regular file (a FIFO, a device, a link out of the
-    directory) is one ``not_regular_file`` record and is never opened.
-    """
-    if not src.is_dir():
-        return list_tar_records(src, source=source, kind=kind, limits=limits, read_path=src.resolve())
-    root = src.resolve()
-    records: list[InputRecord] = []
-    for tar_path in sorted(src.glob("*.tar")):
-        try:
-            real, found = listed_file(tar_path, root)
-        except OSError as exc:
-            real, found = None, ("bad_tar", f"cannot examine {tar_path}: {exc}")
-        if real is None:
-            code, detail = found
-            records.append(_tar_problem(tar_path, source, kind, "", detail, code=code))
-            continue
-        records.extend(list_tar_records(tar_path, source=source, kind=kind, limits=limits, read_path=real))
-    return records
