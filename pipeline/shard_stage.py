@@ -24,7 +24,7 @@ from pipeline.imaging import process_image
 from pipeline.records import InputRecord, SkipRecord, clean_text
 from pipeline.runner import run_stage
 from pipeline.shard_writer import ShardWriter, finished_stats, read_stats
-from pipeline.sources import InputUnit, list_unit, plan_units
+from pipeline.sources import InputUnit, folder_buckets, list_unit, plan_units
 from pipeline.sources.reading import SampleReader
 from pipeline.stage import ShardJob, Stage, StageRun, StageSummary, Stats, Tasks, fingerprint, shards_table
 from pipeline.verify import shard_damage
@@ -34,7 +34,7 @@ from schemas.layout import PARTS_PER_INPUT, DatasetLayout, ShardFiles, shard_fil
 from schemas.shard_config import ImageSettings, ShardConfig
 
 
-def _inputs_digest(records: Sequence[InputRecord]) -> str:
+def inputs_digest(records: Sequence[InputRecord]) -> str:
     """What the shard is made from: each record's key, location and listing-time skip."""
     return "".join(json.dumps([rec.key, rec.location, rec.preset_skip]) for rec in records)
 
@@ -188,7 +188,7 @@ def write_unit(job: UnitJob) -> Stats:
             f"{job.unit.path} holds {len(records)} inputs, more than {job.span} shards of --shard-size {size}: "
             "raise --shard-size or split the input"
         )
-    part_fingerprints = [fingerprint(job.settings, _inputs_digest(chunk)) for chunk in chunks]
+    part_fingerprints = [fingerprint(job.settings, inputs_digest(chunk)) for chunk in chunks]
     unit = {"input": job.unit.uid, "fingerprint": job.fingerprint, "parts": len(chunks)}
     unit["part_fingerprints"] = part_fingerprints
     stale = _stale_parts(job, len(chunks))
@@ -318,8 +318,8 @@ class ShardStage(Stage[UnitJob, ShardSummary]):
     def plan(self) -> list[UnitJob]:
         """One job per input unit, numbered by ``_inputs.json`` (new units take the next numbers)."""
         size = self.config.shard_size
-        units = plan_units(list(self.srcs), self.config.sources, rows_per_unit=PARTS_PER_INPUT * size)
         self.numbered = _read_numbers(self.catalog.inputs_file)
+        units = plan_units(list(self.srcs), self.config.sources, size, folder_buckets(self.numbered))
         number = {uid: n for n, uid in enumerate(self.numbered)}
         settings = self._settings()
         unit_settings = f"{settings}|{self.config.sources.model_dump_json()}|shard_size={size}"

@@ -6,6 +6,7 @@ shard whose stats file exists and agrees with the other two is finished.
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 import time
@@ -16,7 +17,6 @@ from typing import Any, Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from schemas.atomic import atomic_output, write_atomic
 from schemas.layout import ShardFiles
@@ -71,8 +71,7 @@ class ShardWriter:
         with ExitStack() as stack:
             tar_tmp = stack.enter_context(atomic_output(self.files.tar))
             tar_file = stack.enter_context(tar_tmp.open("wb"))
-            # Fixed mtime and owner make the tar bytes reproducible run to run.
-            self._tar = wds.TarWriter(tar_file, user="", group="", mtime=0, encoder=False)
+            self._tar = stack.enter_context(tarfile.open(fileobj=tar_file, mode="w|"))
             self._stack = stack.pop_all()
         return self
 
@@ -82,14 +81,20 @@ class ShardWriter:
         if exc_type is not None:
             self._stack.__exit__(exc_type, exc, tb)  # closes and deletes the temporary tar
             return
-        self._tar.close()
-        self._stack.close()  # renames the tar into place
+        self._stack.close()  # ends the tar, renames it into place
         self._commit_tables()
 
     def add_sample(self, key: str, files: dict[str, bytes | str], row: dict[str, Any]) -> None:
-        """Store ``KEY.ext`` members for an ok record and its Parquet row."""
-        encoded = {ext: v.encode() if isinstance(v, str) else v for ext, v in files.items()}
-        self._tar.write({"__key__": key, **encoded})
+        """Store ``KEY.ext`` members (webdataset's layout, extensions sorted) for an ok record and its Parquet row.
+
+        Fixed mtime, mode and owner make the tar bytes reproducible run to run.
+        """
+        for ext in sorted(files):
+            value = files[ext]
+            data = value.encode() if isinstance(value, str) else value
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+            self._tar.addfile(info, io.BytesIO(data))
         self.rows.append({**row, "key": key, "status": STATUS_OK, "reason": None, "error": None})
 
     def add_skipped(self, key: str, code: str, detail: str, row: dict[str, Any]) -> None:

@@ -7,16 +7,16 @@ from pathlib import Path
 
 from pipeline.records import InputRecord
 from pipeline.sources.errors import SourceError
-from pipeline.sources.units import InputUnit, list_unit, plan_units
+from pipeline.sources.units import InputUnit, folder_buckets, list_unit, plan_units
 from schemas.shard_config import SourceSettings
 
-__all__ = ["InputUnit", "SourceError", "list_inputs", "list_unit", "plan_units"]
+__all__ = ["InputUnit", "SourceError", "folder_buckets", "list_inputs", "list_unit", "plan_units"]
 
 
-def list_inputs(srcs: Sequence[Path], settings: SourceSettings, rows_per_unit: int = 1 << 62) -> list[InputRecord]:
+def list_inputs(srcs: Sequence[Path], settings: SourceSettings, shard_size: int = 1000) -> list[InputRecord]:
     """Every record of every source listed in this process, unit after unit.
 
     What the shard stage's workers list between them; for inspecting a small source, and the
     in-driver baseline of ``bench/scale_bench.py``.
     """
-    return [rec for unit in plan_units(list(srcs), settings, rows_per_unit) for rec in list_unit(unit)]
+    return [rec for unit in plan_units(list(srcs), settings, shard_size) for rec in list_unit(unit)]

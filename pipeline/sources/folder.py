@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 from pipeline.records import DEFAULT_LIMITS, InputRecord, ReadLimits, make_key
@@ -23,11 +25,23 @@ def _sidecar(path: Path, root: Path, limit: int) -> tuple[Path | None, tuple[str
     return real, None
 
 
+def name_bucket(name: str, buckets: int) -> int:
+    """The bucket of a file name among ``buckets``: a hash of the name alone."""
+    digest = hashlib.sha1(os.fsencode(name)).digest()
+    return int.from_bytes(digest[:8], "big") % buckets
+
+
 def list_folder_dir(
-    root: Path, folder: Path, *, source: str, kind: str, limits: ReadLimits = DEFAULT_LIMITS
+    root: Path,
+    folder: Path,
+    *,
+    source: str,
+    kind: str,
+    limits: ReadLimits = DEFAULT_LIMITS,
+    bucket: tuple[int, int] | None = None,
 ) -> list[InputRecord]:
-    """Every image file directly in ``folder`` (inside the source ``root``); the original id is its
-    path relative to ``root`` without suffix.
+    """Every image file directly in ``folder`` (inside the source ``root``; with ``bucket`` (b, of),
+    those whose name is in bucket b); the original id is its path relative to ``root`` without suffix.
 
     Only regular files are read: a link is followed only to a regular file inside ``root``; a FIFO,
     a device or a link elsewhere is skipped as ``not_regular_file``, a file over
@@ -37,7 +51,9 @@ def list_folder_dir(
     real_root = root.resolve()
     records = []
     for path in folder.iterdir():
-        if path.suffix.lower() not in IMAGE_SUFFIXES or path.is_dir():
+        if path.suffix.lower() not in IMAGE_SUFFIXES or (bucket and name_bucket(path.name, bucket[1]) != bucket[0]):
+            continue
+        if path.is_dir():
             continue
         original_id = path.relative_to(root).with_suffix("").as_posix()
         skip = None
