@@ -12,6 +12,7 @@ import tarfile
 import time
 from collections import Counter
 from contextlib import ExitStack
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -24,7 +25,17 @@ from schemas.tables import SAMPLES_SCHEMA, STATUS_OK, STATUS_SKIPPED
 
 # The stats a writer computes; the others are the caller's ``extra_stats``.
 WRITER_STATS = frozenset(
-    {"count", "successes", "skipped", "skipped_by_reason", "status_dict", "start_time", "end_time", "duration"}
+    {
+        "count",
+        "successes",
+        "skipped",
+        "skipped_by_reason",
+        "status_dict",
+        "start_time",
+        "end_time",
+        "duration",
+        "tar_bytes",
+    }
 )
 
 
@@ -34,20 +45,26 @@ def finished_stats(files: ShardFiles, fingerprint: str) -> dict[str, Any] | None
     return stats if stats is not None and stats.get("inputs_fingerprint") == fingerprint else None
 
 
+def _tar_agrees(tar: Path, stats: dict[str, Any]) -> bool:
+    """Whether the tar is the one the stats were written with: its size as recorded (``tar_bytes``),
+    or, for shards written before sizes were recorded, as many samples as written."""
+    if "tar_bytes" in stats:
+        return tar.stat().st_size == stats["tar_bytes"]
+    with tarfile.open(tar, mode="r:") as tf:
+        return stats.get("successes") == sum(1 for m in tf if m.name.endswith(".json"))
+
+
 def read_stats(files: ShardFiles) -> dict[str, Any] | None:
-    """The shard's stats if it is complete and consistent, else None."""
+    """The shard's stats if it is complete and consistent (row count, tar size), else None."""
     if not all(p.is_file() for p in files.all()):
         return None
     try:
         stats = json.loads(files.stats.read_text())
         rows = pq.ParquetFile(files.parquet).metadata.num_rows
-        with tarfile.open(files.tar, mode="r:") as tf:
-            stored = sum(1 for m in tf if m.name.endswith(".json"))
+        agrees = stats.get("count") == rows and _tar_agrees(files.tar, stats)
     except (OSError, ValueError, tarfile.TarError, pa.ArrowException):
         return None
-    if stats.get("count") != rows or stats.get("successes") != stored:
-        return None
-    return stats
+    return stats if agrees else None
 
 
 class ShardWriter:
@@ -118,6 +135,7 @@ class ShardWriter:
             "start_time": self.started,
             "end_time": ended,
             "duration": ended - self.started,
+            "tar_bytes": self.files.tar.stat().st_size,
             **self.extra_stats,
         }
         write_atomic(self.files.stats, json.dumps(self.stats, indent=2, sort_keys=True))

@@ -116,3 +116,18 @@ def test_the_same_tar_named_twice_is_one_input(ray_local, tmp_path):
     assert (summary.inputs, summary.written, len(summary.run.results)) == (2, 2, 1)
     with tarfile.open(tmp_path / "root" / "shards" / "00000.tar") as tf:
         assert len(tf.getnames()) == 6  # jpg, json, txt of each
+
+
+def test_a_cut_short_tar_of_a_finished_input_is_written_again(ray_local, tmp_path):
+    photos = _photos(tmp_path / "photos", [f"p{i}.jpg" for i in range(5)])
+    root = tmp_path / "root"
+    config = ShardConfig(shard_size=2, image={"min_size": 8})
+    run_shard_stage([photos], root, config)
+    reference = {p.name: p.read_bytes() for p in (root / "shards").glob("*[0-9].*")}
+    tar = root / "shards" / "00001.tar"
+    tar.write_bytes(tar.read_bytes()[:1000])  # its stats record the tar's size: no tar is read to see it
+    again = run_shard_stage([photos], root, config)
+    assert (again.shards, again.shards_reused) == (3, 2)
+    assert {p.name: p.read_bytes() for p in (root / "shards").glob("*[0-9].*") if p.suffix != ".json"} == {
+        name: data for name, data in reference.items() if not name.endswith(".json")
+    }
