@@ -174,7 +174,7 @@ class CaptionWorker:
             "stats": stats,
             "settings": json.loads(self.config.model_dump_json()),
         }
-        write_table_atomic(job.out, rows, CAPTIONS_SCHEMA, meta)
+        write_table_atomic(job.out, rows, CAPTIONS_SCHEMA, meta, per_shard=True)
         return stats
 
 

@@ -85,7 +85,9 @@ class EmbedWorker:
         embeddings = np.concatenate(vectors) if vectors else np.zeros((0, self.clip.embed_dim), np.float16)
         rows = [{"key": k, "model": self.model_name, "embedding": e} for k, e in zip(keys, embeddings, strict=True)]
         stats = {"count": len(rows), "dim": int(embeddings.shape[1])}
-        write_table_atomic(job.out, rows, EMBEDDINGS_SCHEMA, {"fingerprint": job.fingerprint, "stats": stats})
+        write_table_atomic(
+            job.out, rows, EMBEDDINGS_SCHEMA, {"fingerprint": job.fingerprint, "stats": stats}, per_shard=True
+        )
         return stats
 
 

@@ -239,7 +239,7 @@ class GroundWorker:
             "model": self.model_name,
             "stats": stats,
         }
-        write_table_atomic(job.out, rows, GROUNDING_SCHEMA, meta)
+        write_table_atomic(job.out, rows, GROUNDING_SCHEMA, meta, per_shard=True)
         return stats
 
 

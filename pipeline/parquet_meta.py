@@ -33,10 +33,13 @@ def finished_output(path: Path, fingerprint: str, expected_rows: int | None = No
     return meta["stats"]
 
 
-def write_table_atomic(path: Path, rows: list[dict[str, Any]], schema: pa.Schema, meta: dict[str, Any]) -> None:
-    """Write ``rows`` with ``meta`` in the file metadata, atomically."""
+def write_table_atomic(
+    path: Path, rows: list[dict[str, Any]], schema: pa.Schema, meta: dict[str, Any], *, per_shard: bool = False
+) -> None:
+    """Write ``rows`` with ``meta`` in the file metadata, atomically; ``per_shard``: a stage job's output,
+    in a folder the runner has cleaned of stale temporary files (so the folder is not listed again)."""
     table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
         {PARQUET_META_KEY: json.dumps(meta).encode()}
     )
-    with atomic_output(path) as tmp:
+    with atomic_output(path, clean_stale=not per_shard) as tmp:
         pq.write_table(table, tmp)

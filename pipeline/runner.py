@@ -24,6 +24,7 @@ from pipeline.catalog import refresh_catalog
 from pipeline.guards import OutputLock, check_paths, index_of, outputs_outside, write_plan
 from pipeline.ray_cluster import cluster_cpus, init_ray, start_actors
 from pipeline.stage import Actors, JobResult, JobT, ShardJob, Stage, StageRun, Stats, SummaryT, Tasks
+from schemas.atomic import remove_stale_temps_in
 from schemas.errors import EnvironmentFailure, OutputConflictError, UserError
 
 console = Console(stderr=True)
@@ -143,6 +144,7 @@ def run_stage(stage: Stage[JobT, SummaryT]) -> SummaryT:
     with ExitStack() as locks:
         for folder in stage.outputs:
             locks.enter_context(OutputLock(folder, stage.label))
+            remove_stale_temps_in(folder)  # what killed runs left; jobs' writes need not look again
         finished = [job.finished() for job in jobs]  # each output is read once, under the lock
         _guard_earlier_outputs(stage, jobs, finished)
         stage.commit_plan()

@@ -89,7 +89,7 @@ class ScoreWorker:
             "stats": stats,
             "spacy": self.extractor.model_version,
         }
-        write_table_atomic(job.out, rows, DENSITY_SCHEMA, meta)
+        write_table_atomic(job.out, rows, DENSITY_SCHEMA, meta, per_shard=True)
         return stats
 
 

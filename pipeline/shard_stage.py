@@ -185,7 +185,7 @@ def write_unit(job: UnitJob) -> Stats:
     chunks = [records[start : start + size] for start in range(0, len(records), size)] or [[]]
     if len(chunks) > job.span:
         raise UserError(
-            f"{job.unit.path} holds {len(records)} inputs, more than {job.span} shards of --shard-size {size}: "
+            f"{job.unit.path} holds {len(records)} records, more than {job.span} shards of --shard-size {size}: "
             "raise --shard-size or split the input"
         )
     part_fingerprints = [fingerprint(job.settings, inputs_digest(chunk)) for chunk in chunks]
@@ -223,7 +223,7 @@ def write_unit(job: UnitJob) -> Stats:
             written.append(part)
         elif part == 0 and done.get("unit") != unit:  # its records are unchanged: record the unit anew
             stats[part] = {**done, "unit": unit}
-            write_atomic(files.stats, json.dumps(stats[part], indent=2, sort_keys=True))
+            write_atomic(files.stats, json.dumps(stats[part], indent=2, sort_keys=True), clean_stale=False)
         else:
             stats[part] = done
     return unit_totals(stats, written)

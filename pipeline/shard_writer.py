@@ -69,7 +69,8 @@ def read_stats(files: ShardFiles) -> dict[str, Any] | None:
 
 class ShardWriter:
     """Collects a shard's rows and tar samples; a context manager that commits all three files when
-    its block succeeds and leaves nothing behind when it raises.
+    its block succeeds and leaves nothing behind when it raises. It runs inside a stage's jobs, whose
+    output folder the runner has cleaned of stale temporary files.
 
     ``extra_stats`` (the fingerprint and what the shard came from) go into the stats file; after the
     block, ``stats`` holds what was written.
@@ -86,7 +87,7 @@ class ShardWriter:
     def __enter__(self) -> Self:
         self.started = time.time()
         with ExitStack() as stack:
-            tar_tmp = stack.enter_context(atomic_output(self.files.tar))
+            tar_tmp = stack.enter_context(atomic_output(self.files.tar, clean_stale=False))
             tar_file = stack.enter_context(tar_tmp.open("wb"))
             self._tar = stack.enter_context(tarfile.open(fileobj=tar_file, mode="w|"))
             self._stack = stack.pop_all()
@@ -120,7 +121,7 @@ class ShardWriter:
 
     def _commit_tables(self) -> None:
         """Write the Parquet file, then the stats file (which marks the shard complete)."""
-        with atomic_output(self.files.parquet) as tmp:
+        with atomic_output(self.files.parquet, clean_stale=False) as tmp:
             pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), tmp)
         skipped = Counter(r["reason"] for r in self.rows if r["status"] == STATUS_SKIPPED)
         ok = len(self.rows) - sum(skipped.values())
@@ -138,4 +139,4 @@ class ShardWriter:
             "tar_bytes": self.files.tar.stat().st_size,
             **self.extra_stats,
         }
-        write_atomic(self.files.stats, json.dumps(self.stats, indent=2, sort_keys=True))
+        write_atomic(self.files.stats, json.dumps(self.stats, indent=2, sort_keys=True), clean_stale=False)

@@ -48,22 +48,37 @@ def _writer_alive(temp: Path) -> bool:
 
 def remove_stale_temps(*finals: Path) -> None:
     """Delete the in-progress files or folders that killed runs left for these outputs (a live
-    writer's are left alone)."""
+    writer's are left alone). Lists each output's folder: see ``remove_stale_temps_in``."""
     for final in finals:
         for stale in final.parent.glob(f"{final.name}{TMP_MARK}*"):
             if not _writer_alive(stale):
                 _remove(stale)
 
 
+def remove_stale_temps_in(folder: Path) -> None:
+    """Delete every in-progress output that killed runs left in ``folder``, in one listing. The runner
+    calls it for each output folder under its lock, so per-shard writes need not list the folder
+    (a folder of a million shards would cost a million listings)."""
+    if not folder.is_dir():
+        return
+    with os.scandir(folder) as entries:
+        stale = [Path(e.path) for e in entries if TMP_MARK in e.name]
+    for path in stale:
+        if not _writer_alive(path):
+            _remove(path)
+
+
 @contextmanager
-def atomic_output(final: Path) -> Iterator[Path]:
+def atomic_output(final: Path, *, clean_stale: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``final`` to write a file or folder to.
 
     When the block ends normally the temporary path replaces ``final``; when it raises, the
-    temporary path is deleted and ``final`` is left as it was.
+    temporary path is deleted and ``final`` is left as it was. ``clean_stale`` False: the caller's
+    folder was cleaned already (``remove_stale_temps_in``).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(final)
+    if clean_stale:
+        remove_stale_temps(final)
     tmp = temp_path(final)
     try:
         yield tmp
@@ -79,7 +94,7 @@ def atomic_output(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
 
 
-def write_atomic(final: Path, data: bytes | str) -> None:
+def write_atomic(final: Path, data: bytes | str, *, clean_stale: bool = True) -> None:
     """Write ``data`` (text as UTF-8) to ``final`` atomically."""
-    with atomic_output(final) as tmp:
+    with atomic_output(final, clean_stale=clean_stale) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)

@@ -177,8 +177,13 @@ def test_stale_temp_files_are_removed(ray_local, tmp_path):
     (root / "shards").mkdir(parents=True)
     stale = root / "shards" / "00000.tar.tmp-99999"
     stale.write_bytes(b"half a tar")
+    elsewhere = root / "shards" / "00007.parquet.tmp-99998"  # a shard this plan does not write
+    elsewhere.write_bytes(b"half a table")
+    live = root / "shards" / "00008.tar.tmp-1"  # a writer that still runs (pid 1) keeps its file
+    live.write_bytes(b"in progress")
     run_shard_stage([photos], root, ShardConfig(shard_size=100))
-    assert not stale.exists()
+    assert not stale.exists() and not elsewhere.exists()
+    assert live.exists()
 
 
 def test_hostile_sa1b_tar_end_to_end(ray_local, tmp_path):
