@@ -7,10 +7,20 @@ refuses such inputs; ``report`` and ``stats`` name the stale fields.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
 from pipeline.parquet_meta import read_meta
 from pipeline.shard_reading import read_shard_stats
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD
+from schemas.tables import PARQUET_META_KEY
+
+GLOB_CHARS = frozenset("*?[")
 
 
 def texts_fingerprint(layout: DatasetLayout, field_name: str, index: int) -> str | None:
@@ -36,15 +46,65 @@ def scored_fields(layout: DatasetLayout) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
+def read_metas(paths: list[Path]) -> list[dict[str, Any] | None]:
+    """``read_meta`` of each path, the footers read by DuckDB in one pass (at 10,000 files about twice as fast
+    as pyarrow one file at a time); paths DuckDB would take for globs, or a file it cannot read, send the whole
+    list back to ``read_meta``, one file at a time."""
+    names = {folder: set(os.listdir(folder)) for folder in {p.parent for p in paths} if folder.is_dir()}
+    present = [str(p) for p in paths if p.name in names.get(p.parent, ())]
+    if not present:
+        return [None] * len(paths)
+    if any(GLOB_CHARS & set(path) for path in present):
+        return [read_meta(p) for p in paths]
+    try:
+        with duckdb.connect() as con:
+            found = dict(
+                con.execute(
+                    "SELECT file_name, value FROM parquet_kv_metadata(?) WHERE key = ?", [present, PARQUET_META_KEY]
+                ).fetchall()
+            )
+    except duckdb.Error:
+        return [read_meta(p) for p in paths]
+    if not found.keys() <= set(present):
+        return [read_meta(p) for p in paths]
+    return [_json_or_none(found.get(str(p))) for p in paths]
+
+
+def _json_or_none(value: bytes | None) -> dict[str, Any] | None:
+    try:
+        return json.loads(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def stale_fields(layout: DatasetLayout) -> dict[str, int]:
     """Per scored field whose density is out of date: how many shards are missing or stale."""
     stale = {}
     for name in scored_fields(layout):
         indices = layout.shard_indices() if name == ALT_TEXT_FIELD else _caption_indices(layout, name)
-        behind = sum(not density_is_current(layout, name, i) for i in indices)
-        if behind:
+        if behind := _behind(layout, name, indices):
             stale[name] = behind
     return stale
+
+
+def _behind(layout: DatasetLayout, field_name: str, indices: list[int]) -> int:
+    """How many of the shards ``indices`` have no density for the field made from its current texts (what
+    ``density_is_current`` says of each, with the footers read in one pass per table)."""
+    densities = read_metas([layout.density_file(field_name, i) for i in indices])
+    captions = (
+        None if field_name == ALT_TEXT_FIELD else read_metas([layout.caption_file(field_name, i) for i in indices])
+    )
+
+    def texts(at: int) -> str | None:
+        if captions is None:
+            return texts_fingerprint(layout, field_name, indices[at])
+        meta = captions[at]
+        return meta["fingerprint"] if meta else None
+
+    return sum(
+        not (density is not None and density.get("source_fingerprint") == texts(at))
+        for at, density in enumerate(densities)
+    )
 
 
 def stale_grounding(layout: DatasetLayout) -> dict[str, int]:
@@ -52,9 +112,10 @@ def stale_grounding(layout: DatasetLayout) -> dict[str, int]:
     root = layout.root / "grounding"
     stale = {}
     for name in sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        paths = sorted(layout.grounding_dir(name).glob("*.parquet"))
+        densities = read_metas([layout.density_file(name, int(path.stem)) for path in paths])
         behind = 0
-        for path in sorted(layout.grounding_dir(name).glob("*.parquet")):
-            grounding, density = read_meta(path), read_meta(layout.density_file(name, int(path.stem)))
+        for grounding, density in zip(read_metas(paths), densities, strict=True):
             behind += not (grounding and density and grounding.get("density_fingerprint") == density["fingerprint"])
         if behind:
             stale[name] = behind

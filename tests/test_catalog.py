@@ -1,4 +1,5 @@
-"""The DuckDB catalog: `densecurate query` only reads, and a copied or moved root keeps working views."""
+"""The DuckDB catalog: `densecurate query` only reads, a copied or moved root keeps working views, and views stay
+right when files are added or rewritten after the catalog was made."""
 
 from __future__ import annotations
 
@@ -196,3 +197,50 @@ def test_moved_read_only_root_still_has_working_views(root, tmp_path, monkeypatc
     with pytest.raises(QueryError, match="may not write files"):
         run_query(moved, f"COPY (SELECT 1 AS x) TO {sql_string(str(moved / 'shards' / '00000.parquet'))}")
     assert snapshot(moved) == before
+
+
+# --- C: files added or rewritten after the catalog was made ---
+
+
+def write_table(root: Path, index: int, columns: dict[str, list]) -> None:
+    path = root / "shards" / f"{index:05d}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+
+
+def test_views_read_files_of_another_schema_by_name(root):
+    """Shards of other columns, added after the catalog was made, are read by column name (missing ones null)."""
+    write_table(root, 1, {"key": ["a"], "status": ["ok"], "source": ["web"]})
+    write_table(root, 2, {"status": ["skipped"], "key": ["b"]})
+    rows = run_query(root, "SELECT key, status, source FROM samples ORDER BY key")[1]
+    assert rows == [
+        ("a", "ok", "web"),
+        ("b", "skipped", None),
+        ("k0", "ok", None),
+        ("k1", "ok", None),
+        ("k2", "ok", None),
+    ]
+    (root / "shards" / "00001.parquet").unlink()
+    assert [r[0] for r in run_query(root, "DESCRIBE samples")[1]] == ["key", "status"]
+    assert count(root) == 4
+
+
+def test_view_columns_follow_a_rewritten_file(root):
+    write_table(root, 0, {"key": ["a", "b"], "status": ["ok", "ok"], "width": [1, 2]})
+    assert run_query(root, "SELECT key, width FROM samples ORDER BY key")[1] == [("a", 1), ("b", 2)]
+
+
+def test_refresh_reads_the_schema_of_new_or_changed_files_only(root, monkeypatch):
+    read: list[list[str]] = []
+    one_schema = catalog._one_schema
+
+    def counted(paths: list[Path]) -> bool:
+        read.append([p.name for p in paths])
+        return one_schema(paths)
+
+    monkeypatch.setattr(catalog, "_one_schema", counted)
+    refresh_catalog(DatasetLayout(root))
+    assert count(root) == 3 and read == []  # nothing changed: no file opened to check
+    write_table(root, 1, {"key": ["a"], "status": ["ok"]})
+    assert count(root) == 4
+    assert read == [["00000.parquet", "00001.parquet"]]  # one known file as the reference, and the new one
