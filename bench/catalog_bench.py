@@ -9,9 +9,7 @@ caption field ``captions/bench/NNNNN.parquet`` (``CAPTIONS_SCHEMA`` with the cap
 its ``density/bench/NNNNN.parquet`` (``DENSITY_SCHEMA`` with the score stage's metadata, scored from the current
 captions, so nothing is stale), then ``vocab/bench.parquet`` by ``pipeline.score_stage.write_vocab``. ``--rows``
 rows per samples file (default 10; one in ten skipped). The per-shard files are written with ``pq.write_table``
-and the metadata ``write_table_atomic`` stores, in a process pool, but not through ``atomic_output``: its
-clean-up of stale temporaries lists the folder on every write, which makes building 10,000 files in one folder
-quadratic.
+and the metadata ``write_table_atomic`` stores, in a process pool.
 
 Timed in this process (interpreter start and imports not counted), best and median of ``--repeat`` runs, in
 wall seconds (``--clock cpu``: this process's CPU seconds, all threads, steadier on a shared machine):
