@@ -9,6 +9,7 @@ members leave the tar. Only the shards holding a later occurrence are rewritten.
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -19,23 +20,32 @@ import pyarrow.parquet as pq
 
 from pipeline.catalog import sql_string
 from pipeline.shard_writer import WRITER_STATS, ShardWriter, read_stats
+from schemas.atomic import temp_path
 from schemas.layout import shard_files_in
 from schemas.tables import STATUS_OK
 
+# DuckDB's memory for the search; beyond it DuckDB spills to ``shards/`` (at 400M keys the count per key
+# does not fit a head node), so the driver's memory does not grow with the dataset.
+MEMORY_LIMIT = "128MB"
+# Keys whose 64-bit hash occurs more than once: 8 bytes per key to count, not the key itself.
+REPEATED_HASHES = """
+SELECT h FROM (SELECT hash(key) AS h FROM read_parquet({files})) GROUP BY h HAVING count(*) > 1
+"""
+# The rows of those keys, each after the first occurrence of its key (shard order, then row order).
 LATER_OCCURRENCES = """
 WITH rows AS (
     SELECT key, status, original_id, location,
            CAST(regexp_extract(filename, '(\\d+)\\.parquet$', 1) AS BIGINT) AS shard,
            file_row_number AS row
     FROM read_parquet({files}, filename = true, file_row_number = true)
+    WHERE hash(key) IN (SELECT h FROM repeated)
 ),
-repeated AS (SELECT key FROM rows GROUP BY key HAVING count(*) > 1),
 ranked AS (
-    SELECT r.*,
+    SELECT *,
            row_number() OVER w AS nth,
            first_value(original_id) OVER w AS first_id,
            first_value(location) OVER w AS first_location
-    FROM rows r SEMI JOIN repeated USING (key)
+    FROM rows
     WINDOW w AS (PARTITION BY key ORDER BY shard, row)
 )
 SELECT shard, row, key, original_id, first_id, first_location FROM ranked
@@ -55,9 +65,15 @@ def later_occurrences(shards_dir: Path) -> dict[int, dict[int, str]]:
     """Per shard index, the rows (by number) whose written key an earlier row already holds, with the skip detail."""
     if not any(shards_dir.glob("*.parquet")):
         return {}
-    query = LATER_OCCURRENCES.format(files=sql_string(str(shards_dir / "*.parquet")), ok=STATUS_OK)
-    with duckdb.connect() as con:
-        rows = con.sql(query).fetchall()
+    files = sql_string(str(shards_dir / "*.parquet"))
+    spill = temp_path(shards_dir / ".duplicate-keys")  # removed by the next run if this one is killed
+    try:
+        with duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": str(spill)}) as con:
+            con.execute(f"CREATE TEMP TABLE repeated AS {REPEATED_HASHES.format(files=files)}").fetchall()
+            ((repeats,),) = con.execute("SELECT count(*) FROM repeated").fetchall()
+            rows = con.sql(LATER_OCCURRENCES.format(files=files, ok=STATUS_OK)).fetchall() if repeats else []
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
     found: dict[int, dict[int, str]] = defaultdict(dict)
     for shard, row, key, original_id, first_id, first_location in rows:
         found[shard][row] = _detail(key, original_id, first_id, first_location)
