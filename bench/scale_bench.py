@@ -1,7 +1,8 @@
 """Internet scale: the shard stage planned from input files against every record listed in the driver.
 
     python bench/scale_bench.py [--sizes 10000 100000 1000000] [--run-sizes 10000 100000]
-                                [--density-sizes 100000 1000000] [--per-tar 5000] [--workers N] [--dir DIR]
+                                [--density-sizes 100000 1000000] [--planners old new] [--per-tar 5000]
+                                [--workers N] [--dir DIR]
 
 Data, written once under ``--dir`` (default bench/data/scale) and reused: SA-1B-style tars of ``--per-tar``
 samples each (``sa_N.jpg``, one of 16 tiny 64x64 JPEGs; ``sa_N.json``, an SA-1B annotation with two masks);
@@ -176,8 +177,8 @@ def shard_rows(args: argparse.Namespace, console: Console) -> Table:
     )  # fmt: skip
     for n in sorted(set(args.sizes) | set(args.run_sizes)):
         tars = tars_for(args.dir / "tars", n, args.per_tar, console)
-        whats = [w for w in ("plan old", "plan new") if n in args.sizes]
-        whats += [w for w in ("run old", "run new") if n in args.run_sizes]
+        whats = [f"plan {p}" for p in args.planners if n in args.sizes]
+        whats += [f"run {p}" for p in args.planners if n in args.run_sizes]
         for what in whats:
             root = args.dir / "roots" / what.replace(" ", "_")
             shutil.rmtree(root, ignore_errors=True)
@@ -227,6 +228,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="planning sizes")
     p.add_argument("--run-sizes", type=int, nargs="*", default=[10_000, 100_000], help="whole-stage sizes")
     p.add_argument("--density-sizes", type=int, nargs="*", default=[100_000, 1_000_000])
+    p.add_argument("--planners", nargs="+", choices=["old", "new"], default=["old", "new"])
     p.add_argument("--per-tar", type=int, default=5000)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR)

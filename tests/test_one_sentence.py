@@ -335,7 +335,7 @@ def _photo_folder(folder: Path, count: int) -> Path:
 def test_a_stopped_command_shuts_its_local_ray_down(tmp_path, signum, code, said):
     import psutil
 
-    photos = _photo_folder(tmp_path / "photos", 160)
+    photos = _photo_folder(tmp_path / "photos", 800)  # 100 inputs of 8: still running when stopped
     out = tmp_path / "root"
     command = [sys.executable, "-m", "densecurate", "shard", str(photos), "--out", str(out)]
     command += ["--shard-size", "1", "--workers", "1", "--min-size", "8"]
