@@ -1,8 +1,8 @@
 """Internet scale: the shard stage planned from input files against every record listed in the driver.
 
     python bench/scale_bench.py [--sizes 10000 100000 1000000] [--run-sizes 10000 100000]
-                                [--density-sizes 100000 1000000] [--planners old new] [--per-tar 5000]
-                                [--workers N] [--dir DIR]
+                                [--density-sizes 100000 1000000] [--plan-inputs 40000] [--planners old new]
+                                [--per-tar 5000] [--workers N] [--dir DIR]
 
 Data, written once under ``--dir`` (default bench/data/scale) and reused: SA-1B-style tars of ``--per-tar``
 samples each (``sa_N.jpg``, one of 16 tiny 64x64 JPEGs; ``sa_N.json``, an SA-1B annotation with two masks);
@@ -13,7 +13,8 @@ Rows, each measured in a fresh subprocess (peak RSS is that process's ``ru_maxrs
 Ray workers are other processes):
   * plan (old): every record listed in the driver (``pipeline.sources.list_inputs``) and chunked into
     record-carrying shard jobs with their fingerprints, as the shard stage planned before (the baseline);
-  * plan (new): ``ShardStage.plan()``, one job per input file;
+  * plan (new): ``ShardStage.plan()``, one job per input file; also over ``--plan-inputs`` input files (hard
+    links to one tar in a folder: LAION-400M downloaded by img2dataset is about 40,000 tars);
   * run (old | new): the whole shard stage on a local Ray of ``--workers`` CPUs into a fresh root, through the
     same runner and shard writer; old runs the record-carrying plan. Images/s per worker is the throughput
     per core;
@@ -200,6 +201,30 @@ def shard_rows(args: argparse.Namespace, console: Console) -> Table:
     return table
 
 
+def linked_inputs(folder: Path, count: int, tar: Path) -> Path:
+    """A folder of ``count`` hard links to one tar: as many input files as a LAION-400M download, for planning."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        link = folder / f"{index:06d}.tar"
+        if not link.exists():
+            os.link(tar, link)
+    return folder
+
+
+def plan_inputs_rows(args: argparse.Namespace, console: Console) -> Table:
+    table = Table(
+        "input tars", "jobs", "seconds", "driver peak RSS",
+        title="planning from input files alone (hard links to one tar, each planned from its stat)",
+    )  # fmt: skip
+    tar = tars_for(args.dir / "tars", args.per_tar, args.per_tar, console)[0]
+    for count in args.plan_inputs:
+        folder = linked_inputs(args.dir / f"linked_{count}", count, tar)
+        console.print(f"{count:,} input tars: plan new")
+        r = run_fresh("plan new", [folder], args.dir / "roots" / "linked", args.workers)
+        table.add_row(f"{count:,}", f"{r['jobs']:,}", f"{r['seconds']:.2f}", f"{r['driver_rss_mib']:.0f} MiB")
+    return table
+
+
 def density_rows(args: argparse.Namespace, console: Console) -> Table:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from density_bench import make_corpus
@@ -228,6 +253,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="planning sizes")
     p.add_argument("--run-sizes", type=int, nargs="*", default=[10_000, 100_000], help="whole-stage sizes")
     p.add_argument("--density-sizes", type=int, nargs="*", default=[100_000, 1_000_000])
+    p.add_argument("--plan-inputs", type=int, nargs="*", default=[40_000], help="input files to plan, new planner")
     p.add_argument("--planners", nargs="+", choices=["old", "new"], default=["old", "new"])
     p.add_argument("--per-tar", type=int, default=5000)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -243,6 +269,8 @@ def main() -> None:
     tables = []
     if args.sizes or args.run_sizes:
         tables.append(shard_rows(args, console))
+    if args.plan_inputs:
+        tables.append(plan_inputs_rows(args, console))
     if args.density_sizes:
         tables.append(density_rows(args, console))
     for table in tables:
