@@ -131,3 +131,21 @@ def test_a_cut_short_tar_of_a_finished_input_is_written_again(ray_local, tmp_pat
     assert {p.name: p.read_bytes() for p in (root / "shards").glob("*[0-9].*") if p.suffix != ".json"} == {
         name: data for name, data in reference.items() if not name.endswith(".json")
     }
+
+
+def test_a_folder_that_cannot_be_listed_is_refused_not_skipped(tmp_path, monkeypatch):
+    import pipeline.sources.units as units
+    from pipeline.sources.errors import SourceError
+
+    photos = _photos(tmp_path / "photos", ["a.jpg"])
+    _photos(photos / "locked", ["b.jpg"])
+    listing = units.os.scandir
+
+    def refused(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return listing(path)
+
+    monkeypatch.setattr(units.os, "scandir", refused)
+    with pytest.raises(SourceError, match=r"cannot list the folder .*locked \(Permission denied\)"):
+        plan_units([photos], SourceSettings(), shard_size=10)

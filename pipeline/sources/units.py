@@ -95,12 +95,17 @@ def _image_folders(root: Path) -> list[tuple[str, os.stat_result, int]]:
     while pending:
         folder = pending.pop()
         images = 0
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(Path(entry.path))
-                elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                    images += 1
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(Path(entry.path))
+                    elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                        images += 1
+        except OSError as exc:  # its images would be lost without a record: refuse instead
+            raise SourceError(
+                f"cannot list the folder {folder} ({exc.strerror}): fix its permissions, or move it out of the source"
+            ) from None
         if images:
             found.append((folder.relative_to(root).as_posix(), folder.stat(), images))
     return sorted(found, key=lambda item: item[0])
