@@ -341,9 +341,21 @@ def test_a_stopped_command_shuts_its_local_ray_down(tmp_path, signum, code, said
     command += ["--shard-size", "1", "--workers", "1", "--min-size", "8"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    # A child inherits an ignored SIGINT (and Python then installs no KeyboardInterrupt): start it as a
+    # shell would, whatever an earlier test left this process with.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     started: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
