@@ -100,9 +100,10 @@ def load_calibration(path: Path) -> Calibration:
     meta = read_meta(path) or {}
     embeddings = table.column("text_embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     nouns = table.column("noun").to_pylist()
+    width = embeddings.size // max(len(nouns), 1)  # a field without nouns has an empty (0 x 0) table
     return Calibration(
         nouns,
-        embeddings.astype(np.float32).reshape(len(nouns), -1),
+        embeddings.astype(np.float32).reshape(len(nouns), width),
         table.column("mean").to_numpy().astype(np.float64),
         table.column("std").to_numpy().astype(np.float64),
         float(meta["stats"]["pooled_mean"]),
@@ -230,7 +231,7 @@ class GroundWorker:
             "total_nouns": sum(r["n_nouns"] for r in rows),
             "grounded_nouns": sum(r["n_grounded_nouns"] for r in rows),
             "sentences": sum(r["n_sentences"] for r in rows),
-            "clip_score_sum": sum(r["clip_score"] or 0.0 for r in rows),
+            "clip_score_sum": sum(r.get("clip_score") or 0.0 for r in rows),
         }
         meta = {
             "fingerprint": job.fingerprint,
@@ -258,7 +259,7 @@ def _empty_scores() -> dict[str, Any]:
 
 @dataclass
 class GroundingSummary(StageSummary):
-    """Per field: captions, nouns, grounded nouns, mean image-caption score."""
+    """Per field: captions, keys without one, nouns, grounded nouns, mean image-caption score (over captions)."""
 
     fields: list[str]
 
@@ -266,6 +267,7 @@ class GroundingSummary(StageSummary):
         table = Table(
             "field",
             "captions",
+            "missing",
             "nouns",
             "grounded nouns",
             "grounded share",
@@ -277,15 +279,16 @@ class GroundingSummary(StageSummary):
             results = [r for r in self.run.results if r.job.field == name]
             t = {k: sum(r.stats[k] for r in results) for k in ("count", "missing", "total_nouns", "grounded_nouns")}
             scored = t["count"] - t["missing"]
-            score = sum(r.stats["clip_score_sum"] for r in results) / scored if scored else 0.0
+            score = f"{sum(r.stats['clip_score_sum'] for r in results) / scored:.2f}" if scored else "-"
             share = t["grounded_nouns"] / t["total_nouns"] if t["total_nouns"] else 0.0
             table.add_row(
                 name,
-                f"{t['count']:,}",
+                f"{scored:,}",
+                f"{t['missing']:,}",
                 f"{t['total_nouns']:,}",
                 f"{t['grounded_nouns']:,}",
                 f"{100 * share:.1f}%",
-                f"{score:.2f}",
+                score,
                 f"{len(results)} ({sum(r.reused for r in results)} already done)",
             )
         return table
