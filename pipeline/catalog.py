@@ -1,14 +1,19 @@
-"""The DuckDB catalog: views over the dataset root's Parquet, stored in ``ROOT/catalog.duckdb``."""
+"""The DuckDB catalog: views over the dataset root's Parquet, stored in ``ROOT/catalog.duckdb``.
+
+The views name their files relative to the root, so the catalog of a moved or copied root reads that root's files,
+in densecurate and in plain DuckDB (1.2 or later: the file is written in storage version ``STORAGE_VERSION``). A file
+whose Parquet footer does not read is left out of the views, with a warning that names it.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +24,32 @@ import pyarrow.parquet as pq
 
 from schemas.atomic import atomic_output
 from schemas.errors import MissingInputError, UserError
-from schemas.layout import TABLE_GLOBS, DatasetLayout
+from schemas.layout import CATALOG_FILE, TABLE_GLOBS, DatasetLayout
 
 log = logging.getLogger(__name__)
 
+# The DuckDB storage version the catalog is written in: DuckDB 1.2 and every later release open it.
+STORAGE_VERSION = "v1.2.0"
+WRITE_CONFIG = {"storage_compatibility_version": STORAGE_VERSION}
+# What the catalog records (``catalog_info``); a catalog of another format is rebuilt.
+CATALOG_FORMAT = 2
+# The variable that names the dataset root to the views (densecurate sets it on its connections).
+ROOT_VARIABLE = "densecurate_root"
+# ``densecurate_files(paths)``: paths relative to the root, under the root that ``ROOT_VARIABLE`` names; when it is
+# unset, under the folder of the catalog.duckdb the session opened (DuckDB's default temp_directory is that file's
+# path plus ".tmp"); else an error that says what to set.
+CATALOG_TEMP = re.escape(f"{CATALOG_FILE}.tmp")
+FILES_MACRO = f"""
+CREATE MACRO densecurate_files(paths) AS [coalesce(
+    getvariable('{ROOT_VARIABLE}') || '/',
+    CASE WHEN regexp_matches(current_setting('temp_directory'), '(^|[/\\\\]){CATALOG_TEMP}$')
+        THEN regexp_replace(current_setting('temp_directory'), '{CATALOG_TEMP}$', '') END,
+    error('cannot tell which dataset root this catalog belongs to: SET VARIABLE {ROOT_VARIABLE} = ''ROOT''')
+) || p FOR p IN paths]
+"""
 # A view reads its files with ``{source}``: plain ``read_parquet`` when they share one schema, else by name.
-READ_PARQUET = "read_parquet({files})"
-READ_BY_NAME = "read_parquet({files}, union_by_name = true)"
+READ_PARQUET = "read_parquet(densecurate_files({files}))"
+READ_BY_NAME = "read_parquet(densecurate_files({files}), union_by_name = true)"
 READ_ALL = "SELECT * FROM {source}"
 # Tables whose vectors are left out of the default view (a second view has them).
 WITHOUT_VECTORS = "SELECT * EXCLUDE ({column}) FROM {{source}}"
@@ -42,6 +66,7 @@ SELECT d.*, coalesce(valid.n_valid_nouns, 0) AS n_valid_nouns,
        CASE WHEN d.n_nouns > 0 THEN coalesce(valid.n_valid_nouns, 0) / d.n_nouns END AS valid_share
 FROM d LEFT JOIN valid USING (field, key)
 """
+SHOWN_DAMAGED = 5  # damaged files a warning names before "and N more"
 
 
 class QueryError(UserError):
@@ -50,25 +75,30 @@ class QueryError(UserError):
 
 @dataclass(frozen=True)
 class View:
-    """A catalog view over the Parquet files matching ``glob`` (relative to the root)."""
+    """A catalog view over the Parquet files matching ``glob`` (relative to the root), which ``stage`` writes."""
 
     name: str
     glob: str
+    stage: str
     select: str = READ_ALL
     requires: tuple[str, ...] = ()
 
 
 VIEWS: tuple[View, ...] = (
-    View("samples", TABLE_GLOBS["samples"]),
-    View("captions", TABLE_GLOBS["captions"]),
-    View("vocab", TABLE_GLOBS["vocab"]),
-    View("density", TABLE_GLOBS["density"], DENSITY_WITH_VALID, requires=("vocab",)),
-    View("embeddings", TABLE_GLOBS["embeddings"], WITHOUT_VECTORS.format(column="embedding")),
-    View("embedding_vectors", TABLE_GLOBS["embeddings"]),
-    View("grounding", TABLE_GLOBS["grounding"]),
-    View("noun_calibration", TABLE_GLOBS["noun_calibration"], WITHOUT_VECTORS.format(column="text_embedding")),
-    View("duplicates", TABLE_GLOBS["duplicates"]),
+    View("samples", TABLE_GLOBS["samples"], "shard"),
+    View("captions", TABLE_GLOBS["captions"], "caption"),
+    View("vocab", TABLE_GLOBS["vocab"], "score"),
+    View("density", TABLE_GLOBS["density"], "score", DENSITY_WITH_VALID, requires=("vocab",)),
+    View("embeddings", TABLE_GLOBS["embeddings"], "ground", WITHOUT_VECTORS.format(column="embedding")),
+    View("embedding_vectors", TABLE_GLOBS["embeddings"], "ground"),
+    View("grounding", TABLE_GLOBS["grounding"], "ground"),
+    View(
+        "noun_calibration", TABLE_GLOBS["noun_calibration"], "ground", WITHOUT_VECTORS.format(column="text_embedding")
+    ),
+    View("duplicates", TABLE_GLOBS["duplicates"], "ground"),
 )
+GLOBS = sorted({view.glob for view in VIEWS})
+STAGE_OF_GLOB = {view.glob: view.stage for view in VIEWS}
 
 # Settings fixed when a connection opens: no extension is installed or loaded behind a query's back.
 CONNECT_CONFIG: dict[str, str | bool] = {
@@ -109,21 +139,6 @@ def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchone()[0])
 
 
-def _available_views(layout: DatasetLayout) -> dict[str, str]:
-    """Each view whose table has files, with its glob relative to the root."""
-    root = layout.root.resolve()
-    found: dict[str, str] = {}
-    for view in VIEWS:
-        if any(root.glob(view.glob)) and all(r in found for r in view.requires):
-            found[view.name] = view.glob
-    return found
-
-
-def _catalog_info(layout: DatasetLayout) -> dict[str, Any]:
-    """What a current catalog records: the root it was built for and its views."""
-    return {"root": str(layout.root.resolve()), "views": _available_views(layout)}
-
-
 def _entries(folder: str) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(folder) as entries:
@@ -156,64 +171,142 @@ def _digest(listing: dict[str, list[int]]) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
-def _one_schema(paths: list[Path]) -> bool:
-    """Whether the files all have one Parquet schema (and pyarrow reads them). Then ``read_parquet`` without
-    ``union_by_name`` reads them as with it, and binding a query reads the first file's schema instead of every
-    file's footer (which the scan then reads again): about half of a query's time at 10,000 files."""
+def _footer(path: Path) -> pq.ParquetSchema | None:
+    """The file's Parquet schema, from its footer; None when the footer does not read (an empty or cut file)."""
     try:
-        first = pq.read_metadata(paths[0]).schema
-        return all(pq.read_metadata(path).schema.equals(first) for path in paths[1:])
-    except (IndexError, OSError, pa.ArrowException):
-        return False
+        return pq.read_metadata(path).schema
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def _one_schema(root: Path, schemas: list[pq.ParquetSchema], others: list[str]) -> bool:
+    """Whether ``schemas`` and those of the files ``others`` (read one at a time, until one differs) are one. Then
+    ``read_parquet`` without ``union_by_name`` reads the files as with it, and binding a query reads the first file's
+    schema instead of every file's footer (which the scan then reads again): about half of a query's time at 10,000
+    files."""
+    every = itertools.chain(schemas, (_footer(root / f) for f in others))
+    first = next(every, None)
+    return first is not None and all(schema is not None and schema.equals(first) for schema in every)
+
+
+def _table_state(root: Path, listing: dict[str, list[int]], old: Any, old_files: Any) -> dict[str, Any]:
+    """A glob's digest, whether its files that read share one schema, and which files do not read (``damaged``).
+    Kept from ``old`` (the replaced catalog's record, made for ``old_files``) for the files that did not change; new
+    or changed files have their footer read (with one unchanged file as the schema's reference, or all of them when
+    they did not share one)."""
+    old = old if isinstance(old, dict) else {}
+    old_files = old_files if isinstance(old_files, dict) else {}
+    digest = _digest(listing)
+    if old.get("digest") == digest and isinstance(old.get("one_schema"), bool) and isinstance(old.get("damaged"), list):
+        return old
+    was_damaged = set(old.get("damaged") or ())
+    unchanged = [f for f, stat in listing.items() if old_files.get(f) == stat]
+    footers = {f: _footer(root / f) for f, stat in listing.items() if old_files.get(f) != stat}
+    readable = [f for f in unchanged if f not in was_damaged]
+    schemas = [schema for schema in footers.values() if schema is not None]
+    one_schema = _one_schema(root, schemas, readable[:1] if old.get("one_schema") else readable)
+    damaged = sorted({f for f in unchanged if f in was_damaged} | {f for f, s in footers.items() if s is None})
+    return {"digest": digest, "one_schema": one_schema, "damaged": damaged}
 
 
 @dataclass
 class TablesState:
-    """Per glob of the views: a digest of its files and whether they share one schema (``tables``), and the
-    listing of the globs whose files do (``files``), so that a later refresh reads only new or changed files."""
+    """Per glob of the views: a digest of its files, whether those that read share one schema and which do not read
+    (``tables``), and its listing (``files``), so that a later refresh reads only new or changed files' footers."""
 
     tables: dict[str, dict[str, Any]]
     files: dict[str, dict[str, list[int]]]
 
     @classmethod
-    def of(cls, root: Path, globs: Iterable[str], known: TablesState | None = None) -> TablesState:
-        """The state of the files ``globs`` match now; files that ``known`` (the same root's catalog being
-        replaced) lists unchanged are not read again."""
+    def of(cls, root: Path, known: TablesState | None = None) -> TablesState:
+        """The state of the views' files now; files that ``known`` (the catalog being replaced) lists unchanged are
+        not read again."""
         known = known or cls({}, {})
         state = cls({}, {})
-        for glob in sorted(set(globs)):
+        for glob in GLOBS:
             listing = _listing(root, glob)
-            digest = _digest(listing)
-            old, old_files = known.tables.get(glob), known.files.get(glob)
-            old, old_files = old if isinstance(old, dict) else {}, old_files if isinstance(old_files, dict) else {}
-            unchanged = [f for f, stat in listing.items() if old_files.get(f) == stat] if old.get("one_schema") else []
-            if old.get("digest") == digest and isinstance(old.get("one_schema"), bool):
-                one_schema = old["one_schema"]
-            elif unchanged:  # they share one schema: compare the new or changed files with one of them
-                changed = [f for f, stat in listing.items() if old_files.get(f) != stat]
-                one_schema = _one_schema([root / f for f in [unchanged[0], *changed]])
-            else:
-                one_schema = _one_schema([root / f for f in listing])
-            state.tables[glob] = {"digest": digest, "one_schema": one_schema}
-            if one_schema:
-                state.files[glob] = listing
+            state.tables[glob] = _table_state(root, listing, known.tables.get(glob), known.files.get(glob))
+            state.files[glob] = listing
         return state
 
+    def readable(self, glob: str) -> list[str]:
+        """The files of ``glob`` whose footer reads."""
+        damaged = set(self.tables[glob]["damaged"])
+        return [f for f in self.files[glob] if f not in damaged]
 
-def _create_views(con: duckdb.DuckDBPyConnection, info: dict[str, Any], state: TablesState) -> None:
-    """Create the views of ``info`` on ``con``, reading the Parquet files by absolute path under the root: with
-    ``union_by_name`` unless they share one schema."""
-    root = Path(info["root"])
+
+def _damaged(tables: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The files left out of the views, each with the stage whose rerun with --repair rewrites it."""
+    return {f: STAGE_OF_GLOB[glob] for glob, table in sorted(tables.items()) for f in table["damaged"]}
+
+
+def damaged_files(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """The files (relative to the root) that the catalog open on ``con`` leaves out of its views because their
+    footer does not read, each with the stage whose rerun with --repair rewrites it."""
+    (tables,) = con.execute("SELECT tables FROM catalog_info").fetchone()
+    return _damaged(json.loads(tables))
+
+
+def damage_warning(root: Path, damaged: dict[str, str]) -> str | None:
+    """One sentence naming the files left out of the views and what mends them; None when there are none."""
+    if not damaged:
+        return None
+    named = ", ".join(list(damaged)[:SHOWN_DAMAGED])
+    if len(damaged) > SHOWN_DAMAGED:
+        named += f" and {len(damaged) - SHOWN_DAMAGED} more"
+    stages = " and ".join(f"`densecurate {stage}`" for stage in sorted(set(damaged.values())))
+    return (
+        f"{len(damaged)} damaged Parquet file(s) under {root} left out of the catalog's views, so queries and stats "
+        f"leave out their rows: {named} (the footer does not read). `densecurate verify {root}` lists the damaged "
+        f"outputs; rerunning {stages} with --repair rewrites them"
+    )
+
+
+def _warn_damaged(root: Path, damaged: dict[str, str]) -> None:
+    if warning := damage_warning(root, damaged):
+        log.warning("%s", warning)
+
+
+def _views(state: TablesState) -> list[View]:
+    """The views with a file that reads (and whose required views are there)."""
+    found: dict[str, View] = {}
     for view in VIEWS:
-        if view.name in info["views"]:
-            read = READ_PARQUET if state.tables.get(view.glob, {}).get("one_schema") else READ_BY_NAME
-            source = read.format(files=sql_string(str(root / view.glob)))
-            con.execute(f"CREATE VIEW {view.name} AS {view.select.format(source=source)}")
+        if state.readable(view.glob) and all(r in found for r in view.requires):
+            found[view.name] = view
+    return list(found.values())
 
 
-def _stored(layout: DatasetLayout, files: bool = False) -> tuple[dict[str, Any], TablesState] | None:
-    """What the catalog records of its root and views, and of its tables' files (their listing only with
-    ``files``); None without a readable catalog of this version."""
+def _create_views(con: duckdb.DuckDBPyConnection, state: TablesState) -> None:
+    """Create the views on ``con``, reading the files by path relative to the root: by glob when every file of it
+    reads, else the files that read by name; with ``union_by_name`` unless they share one schema."""
+    con.execute(FILES_MACRO)
+    for view in _views(state):
+        table = state.tables[view.glob]
+        files = state.readable(view.glob) if table["damaged"] else [view.glob]
+        read = READ_PARQUET if table["one_schema"] else READ_BY_NAME
+        source = read.format(files="[" + ", ".join(sql_string(f) for f in files) + "]")
+        con.execute(f"CREATE VIEW {view.name} AS {view.select.format(source=source)}")
+
+
+def _set_root(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    """Point the views on ``con`` at ``root``, whatever the working directory or DuckDB's temp_directory."""
+    con.execute(f"SET VARIABLE {ROOT_VARIABLE} = ?", [str(root.resolve())])
+
+
+def _write_catalog(con: duckdb.DuckDBPyConnection, root: Path, state: TablesState) -> None:
+    """Create the views over ``root``'s files on ``con``, and the record of those files (``catalog_info``)."""
+    _set_root(con, root)  # creating a view binds its query, which reads the files
+    _create_views(con, state)
+    con.execute("CREATE TABLE catalog_info (info VARCHAR, tables VARCHAR, files VARCHAR)")
+    con.execute(
+        "INSERT INTO catalog_info VALUES (?, ?, ?)",
+        [json.dumps({"format": CATALOG_FORMAT}), json.dumps(state.tables), json.dumps(state.files)],
+    )
+
+
+def _stored(layout: DatasetLayout, files: bool = False) -> TablesState | None:
+    """What the catalog records of its tables' files (their listing only with ``files``); None without a readable
+    catalog of this format."""
     if not layout.catalog_path.is_file():
         return None
     try:
@@ -225,53 +318,55 @@ def _stored(layout: DatasetLayout, files: bool = False) -> tuple[dict[str, Any],
         return None
     if not (isinstance(info, dict) and isinstance(tables, dict) and isinstance(listing, dict)):
         return None
-    return info, TablesState(tables, listing)
+    return TablesState(tables, listing) if info.get("format") == CATALOG_FORMAT else None
 
 
 def refresh_catalog(layout: DatasetLayout) -> Path:
-    """Rewrite the catalog with one view per table that has files; swapped in atomically."""
-    info = _catalog_info(layout)
-    stored = _stored(layout, files=True)
-    known = stored[1] if stored is not None and stored[0].get("root") == info["root"] else None
-    state = TablesState.of(Path(info["root"]), info["views"].values(), known)
-    with atomic_output(layout.catalog_path) as tmp, duckdb.connect(str(tmp)) as con:
-        _create_views(con, info, state)
-        con.execute("CREATE TABLE catalog_info (info VARCHAR, tables VARCHAR, files VARCHAR)")
-        con.execute(
-            "INSERT INTO catalog_info VALUES (?, ?, ?)",
-            [json.dumps(info, sort_keys=True), json.dumps(state.tables), json.dumps(state.files)],
-        )
+    """Rewrite the catalog with one view per table that has a file that reads; swapped in atomically. Files whose
+    footer does not read are left out, with a warning."""
+    root = layout.root.resolve()
+    state = TablesState.of(root, _stored(layout, files=True))
+    with atomic_output(layout.catalog_path) as tmp, duckdb.connect(str(tmp), config=WRITE_CONFIG) as con:
+        _write_catalog(con, root, state)
+    _warn_damaged(layout.root, _damaged(state.tables))
     return layout.catalog_path
 
 
 def _catalog_is_current(layout: DatasetLayout) -> bool:
-    """Whether the catalog was built for this root (not a copy's old place), these tables and these files (a
-    view made without ``union_by_name`` must not meet a file of another schema)."""
+    """Whether the catalog records the files the views' globs match now (a view made without ``union_by_name`` must
+    not meet a file of another schema, nor a view a file that does not read)."""
     stored = _stored(layout)
-    if stored is None:
+    if stored is None or set(stored.tables) != set(GLOBS):
         return False
-    info, state = stored
-    if info != _catalog_info(layout) or set(state.tables) != set(info["views"].values()):
-        return False
-    root = Path(info["root"])
+    root = layout.root.resolve()
     return all(
         isinstance(table, dict) and table.get("digest") == _digest(_listing(root, glob))
-        for glob, table in state.tables.items()
+        for glob, table in stored.tables.items()
     )
 
 
+def _catalog_in_memory(layout: DatasetLayout) -> duckdb.DuckDBPyConnection:
+    """The root's catalog, made in memory."""
+    root = layout.root.resolve()
+    state = TablesState.of(root)
+    con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
+    _write_catalog(con, root, state)
+    _warn_damaged(layout.root, _damaged(state.tables))
+    return con
+
+
 def _open_catalog(layout: DatasetLayout) -> duckdb.DuckDBPyConnection:
-    """The root's catalog, rebuilt first when stale; in memory when a stale one cannot be rewritten."""
+    """The root's catalog, rebuilt first when stale; in memory when a stale one cannot be rewritten. Warns of the
+    files its views leave out."""
     if _catalog_is_current(layout):
-        return duckdb.connect(str(layout.catalog_path), read_only=True, config=CONNECT_CONFIG)
+        con = duckdb.connect(str(layout.catalog_path), read_only=True, config=CONNECT_CONFIG)
+        _warn_damaged(layout.root, damaged_files(con))
+        return con
     try:
         refresh_catalog(layout)
-    except (OSError, duckdb.Error) as exc:  # a read-only root, e.g. a moved copy on a read-only mount
+    except (OSError, duckdb.Error) as exc:  # a read-only root, e.g. a copy on a read-only mount
         log.warning("cannot rewrite %s (%s): using a catalog in memory", layout.catalog_path, exc)
-        con = duckdb.connect(":memory:", config=CONNECT_CONFIG)
-        info = _catalog_info(layout)
-        _create_views(con, info, TablesState.of(Path(info["root"]), info["views"].values()))
-        return con
+        return _catalog_in_memory(layout)
     return duckdb.connect(str(layout.catalog_path), read_only=True, config=CONNECT_CONFIG)
 
 
@@ -284,7 +379,7 @@ def _confine_to_root(con: duckdb.DuckDBPyConnection, root: Path) -> None:
 
 
 def connect(root: Path) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the root's catalog, refreshed first when tables appeared or the root moved.
+    """A read-only connection to the root's catalog, refreshed first when its tables' files changed.
 
     The connection reads files under the root only: no other file, no network, no extension
     installed or loaded, and its settings are locked.
@@ -294,6 +389,7 @@ def connect(root: Path) -> duckdb.DuckDBPyConnection:
         raise MissingInputError(f"dataset root {root} does not exist")
     con = _open_catalog(layout)
     try:
+        _set_root(con, layout.root)
         _confine_to_root(con, layout.root)
     except BaseException:
         con.close()

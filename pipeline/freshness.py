@@ -2,7 +2,8 @@
 
 Re-captioning without re-scoring leaves density (and every figure made from it) describing the
 earlier captions; rescoring without grounding again does the same to the grounded figures. ``curate``
-refuses such inputs; ``report`` and ``stats`` name the stale fields.
+refuses such inputs; ``report`` and ``stats`` name the stale fields. A caption or grounding file that does not
+read is not counted as stale: the catalog names it as damaged.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def stale_fields(layout: DatasetLayout) -> dict[str, int]:
 
 def _behind(layout: DatasetLayout, field_name: str, indices: list[int]) -> int:
     """How many of the shards ``indices`` have no density for the field made from its current texts (what
-    ``density_is_current`` says of each, with the footers read in one pass per table)."""
+    ``density_is_current`` says of each, with the footers read in one pass per table); shards whose caption file
+    does not read are not counted."""
     densities = read_metas([layout.density_file(field_name, i) for i in indices])
     captions = (
         None if field_name == ALT_TEXT_FIELD else read_metas([layout.caption_file(field_name, i) for i in indices])
@@ -99,11 +101,12 @@ def _behind(layout: DatasetLayout, field_name: str, indices: list[int]) -> int:
         if captions is None:
             return texts_fingerprint(layout, field_name, indices[at])
         meta = captions[at]
-        return meta["fingerprint"] if meta else None
+        return meta.get("fingerprint") if meta else None
 
     return sum(
         not (density is not None and density.get("source_fingerprint") == texts(at))
         for at, density in enumerate(densities)
+        if captions is None or captions[at] is not None
     )
 
 
@@ -116,7 +119,9 @@ def stale_grounding(layout: DatasetLayout) -> dict[str, int]:
         densities = read_metas([layout.density_file(name, int(path.stem)) for path in paths])
         behind = 0
         for grounding, density in zip(read_metas(paths), densities, strict=True):
-            behind += not (grounding and density and grounding.get("density_fingerprint") == density["fingerprint"])
+            if grounding is None:  # the file does not read
+                continue
+            behind += not (density and grounding.get("density_fingerprint") == density["fingerprint"])
         if behind:
             stale[name] = behind
     return stale

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.catalog import connect
+from pipeline.catalog import connect, damaged_files
 from pipeline.report import warn_if_stale
 from pipeline.table_output import print_rows
 
@@ -68,10 +68,16 @@ STATS_QUERIES: tuple[tuple[str, str, str], ...] = (
 
 
 def print_stats(root: Path) -> None:
-    """Run every query whose view exists and print its table."""
+    """List the files the views leave out (their footer does not read), then run every query whose view exists and
+    print its table."""
     console = Console()
     warn_if_stale(root)
     with connect(root) as con:
+        if damaged := damaged_files(con):
+            console.rule("damaged files (left out of the figures below)")
+            print_rows(
+                ["file", "rewritten by"], [(path, f"densecurate {stage} --repair") for path, stage in damaged.items()]
+            )
         views = {name for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
         for title, needed, sql in STATS_QUERIES:
             if not set(needed.split()) <= views:

@@ -1,5 +1,6 @@
-"""The DuckDB catalog: `densecurate query` only reads, a copied or moved root keeps working views, and views stay
-right when files are added or rewritten after the catalog was made."""
+"""The DuckDB catalog: `densecurate query` only reads, a copied or moved root keeps working views (in plain DuckDB
+too), views stay right when files are added or rewritten after the catalog was made, and a file that does not read
+is left out and named."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from densecurate.cli import main
 from pipeline import catalog
-from pipeline.catalog import QueryError, connect, refresh_catalog, run_query, sql_string
+from pipeline.catalog import QueryError, connect, damaged_files, has_view, refresh_catalog, run_query, sql_string
 from schemas.errors import UserError
 from schemas.layout import DatasetLayout
+from schemas.tables import PARQUET_META_KEY
 
 
 def write_shard(root: Path, n: int) -> Path:
@@ -161,14 +164,16 @@ def test_query_cannot_read_text_outside_the_root(root):
 
 
 def test_moved_root_has_working_views(root, tmp_path):
+    """The views name their files relative to the root: a moved root's catalog is current as it is."""
     moved = tmp_path / "elsewhere" / "moved"
-    shutil.copytree(root, moved)
-    shutil.rmtree(root)
+    moved.parent.mkdir()
+    shutil.move(root, moved)
+    before = (moved / "catalog.duckdb").read_bytes()
     assert count(moved) == 3
+    assert (moved / "catalog.duckdb").read_bytes() == before  # not rebuilt
     with duckdb.connect(str(moved / "catalog.duckdb"), read_only=True) as con:  # plain DuckDB too
         assert con.execute("SELECT count(*) FROM samples").fetchone() == (3,)
-        info = json.loads(con.execute("SELECT info FROM catalog_info").fetchone()[0])
-    assert info == {"root": str(moved.resolve()), "views": {"samples": "shards/*.parquet"}}
+        assert json.loads(con.execute("SELECT info FROM catalog_info").fetchone()[0]) == {"format": 2}
 
 
 def test_copied_root_reads_its_own_files(root, tmp_path):
@@ -178,8 +183,9 @@ def test_copied_root_reads_its_own_files(root, tmp_path):
     assert (count(copy), count(root)) == (5, 3)
 
 
-def test_moved_read_only_root_still_has_working_views(root, tmp_path, monkeypatch):
-    """A moved root on a read-only mount: its stale catalog cannot be rewritten, so one in memory serves."""
+def test_copy_on_a_read_only_mount_still_has_working_views(root, tmp_path, monkeypatch):
+    """A copy whose files changed, on a read-only mount: its stale catalog cannot be rewritten, so one in memory
+    serves."""
 
     @contextmanager
     def read_only_fs(final: Path):
@@ -189,9 +195,10 @@ def test_moved_read_only_root_still_has_working_views(root, tmp_path, monkeypatc
     moved = tmp_path / "moved"
     shutil.copytree(root, moved)
     shutil.rmtree(root)
+    write_shard(moved, 5)
     before = snapshot(moved)
     monkeypatch.setattr(catalog, "atomic_output", read_only_fs)
-    assert count(moved) == 3
+    assert count(moved) == 5
     with pytest.raises(QueryError, match="read-only"):
         run_query(moved, "CREATE TABLE t AS SELECT 1")
     with pytest.raises(QueryError, match="may not write files"):
@@ -230,17 +237,150 @@ def test_view_columns_follow_a_rewritten_file(root):
     assert run_query(root, "SELECT key, width FROM samples ORDER BY key")[1] == [("a", 1), ("b", 2)]
 
 
-def test_refresh_reads_the_schema_of_new_or_changed_files_only(root, monkeypatch):
-    read: list[list[str]] = []
-    one_schema = catalog._one_schema
+def test_refresh_reads_the_footers_of_new_or_changed_files_only(root, monkeypatch):
+    read: list[str] = []
+    footer = catalog._footer
 
-    def counted(paths: list[Path]) -> bool:
-        read.append([p.name for p in paths])
-        return one_schema(paths)
+    def counted(path: Path) -> pq.ParquetSchema | None:
+        read.append(path.name)
+        return footer(path)
 
-    monkeypatch.setattr(catalog, "_one_schema", counted)
+    monkeypatch.setattr(catalog, "_footer", counted)
     refresh_catalog(DatasetLayout(root))
     assert count(root) == 3 and read == []  # nothing changed: no file opened to check
     write_table(root, 1, {"key": ["a"], "status": ["ok"]})
     assert count(root) == 4
-    assert read == [["00000.parquet", "00001.parquet"]]  # one known file as the reference, and the new one
+    assert read == ["00001.parquet", "00000.parquet"]  # the new file, and one known file as the schema's reference
+    read.clear()
+    (root / "shards" / "00002.parquet").write_bytes(b"")
+    assert count(root) == 4 and read == ["00002.parquet", "00000.parquet"]
+    read.clear()
+    write_table(root, 3, {"key": ["b"], "status": ["ok"]})
+    assert count(root) == 5 and read == ["00003.parquet", "00000.parquet"]  # the damaged file is known
+
+
+# --- D: plain DuckDB (1.2 or later) opens the catalog of the root it is in, wherever that root is ---
+
+
+def open_plain(catalog_file: Path) -> duckdb.DuckDBPyConnection:
+    """The catalog as the README opens it with the duckdb package: read-only, no variable set."""
+    return duckdb.connect(str(catalog_file), read_only=True)
+
+
+@pytest.mark.parametrize("original", ["removed", "changed"])
+def test_plain_duckdb_reads_the_copy_it_opens(root, tmp_path, monkeypatch, original):
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(root, copy)
+    if original == "removed":
+        shutil.rmtree(root)
+    else:
+        write_shard(root, 7)
+    other = tmp_path / "other"
+    write_shard(other, 9)
+    monkeypatch.chdir(other)  # a working directory with files at the same relative paths
+    for path in (copy / "catalog.duckdb", Path("../elsewhere/copy/catalog.duckdb")):
+        with open_plain(path) as con:
+            assert con.execute("SELECT count(*) FROM samples").fetchone() == (3,)
+    assert count(copy) == 3  # densecurate too, from that working directory
+
+
+def test_attached_catalog_reads_the_root_its_variable_names(root):
+    """Attached to another session, the catalog cannot tell its root: it says what to set."""
+    with duckdb.connect() as con:
+        con.execute(f"ATTACH {sql_string(str(root / 'catalog.duckdb'))} AS cat (READ_ONLY)")
+        with pytest.raises(duckdb.Error, match="SET VARIABLE densecurate_root"):
+            con.execute("SELECT count(*) FROM cat.samples")
+        con.execute("SET VARIABLE densecurate_root = ?", [str(root)])
+        assert con.execute("SELECT count(*) FROM cat.samples").fetchone() == (3,)
+
+
+def test_catalog_is_written_in_storage_version_1_2(root):
+    with open_plain(root / "catalog.duckdb") as con:
+        (tags,) = con.execute("SELECT tags FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    assert tags["storage_version"].startswith("v1.2.0")  # what the README states
+
+
+def test_catalog_of_an_earlier_format_is_rebuilt(root):
+    """A catalog whose views hold absolute paths (and that DuckDB 1.2 may not open) is replaced."""
+    path = root / "catalog.duckdb"
+    path.unlink()
+    with duckdb.connect(str(path)) as con:
+        con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({sql_string(str(root / 'shards/*.parquet'))})")
+        con.execute("CREATE TABLE catalog_info AS SELECT '{\"views\": {}}' AS info, '{}' AS tables, '{}' AS files")
+    assert count(root) == 3
+    with open_plain(path) as con:
+        assert json.loads(con.execute("SELECT info FROM catalog_info").fetchone()[0]) == {"format": 2}
+        assert (
+            "densecurate_files"
+            in con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'samples'").fetchone()[0]
+        )
+
+
+# --- E: a file whose footer does not read is left out of the views, and named ---
+
+
+def write_with_meta(path: Path, columns: dict[str, list], meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(columns).replace_schema_metadata({PARQUET_META_KEY: json.dumps(meta).encode()})
+    pq.write_table(table, path)
+
+
+@pytest.fixture
+def scored_root(tmp_path: Path) -> Path:
+    """A root with two shards of two samples, captioned by ``tiny`` and scored from those captions."""
+    root = tmp_path / "scored"
+    for index in range(2):
+        keys = [f"{index}-{i}" for i in range(2)]
+        name = f"{index:05d}.parquet"
+        write_table(root, index, {"key": keys, "status": ["ok"] * 2, "reason": [None] * 2, "source": ["web"] * 2})
+        write_with_meta(
+            root / "captions" / "tiny" / name,
+            {"key": keys, "captioner": ["tiny"] * 2, "status": ["ok"] * 2, "num_tokens": [4] * 2}
+            | {flag: [False] * 2 for flag in ("truncated", "repetitive", "empty")},
+            {"fingerprint": f"captions-{index}"},
+        )
+        write_with_meta(
+            root / "density" / "tiny" / name,
+            {"key": keys, "field": ["tiny"] * 2, "n_tokens": [4] * 2, "n_nouns": [1] * 2, "nouns": [["dog"]] * 2},
+            {"fingerprint": f"density-{index}", "source_fingerprint": f"captions-{index}"},
+        )
+    (root / "vocab").mkdir()
+    vocab = pa.table({"field": ["tiny"], "noun": ["dog"], "count": [4], "valid": [True]})
+    pq.write_table(vocab, root / "vocab" / "tiny.parquet")
+    refresh_catalog(DatasetLayout(root))
+    return root
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(b"" if how == "empty" else data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("how", ["empty", "cut"])
+def test_damaged_file_is_left_out_and_named(scored_root, capsys, caplog, how):
+    damaged = scored_root / "captions" / "tiny" / "00001.parquet"
+    good = damaged.read_bytes()
+    damage(damaged, how)
+    assert main(["query", str(scored_root), "SELECT count(*) AS n FROM captions", "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "n\n2\n"  # the rows of the file that reads
+    assert "captions/tiny/00001.parquet" in caplog.text
+    assert "`densecurate caption` with --repair" in caplog.text and f"densecurate verify {scored_root}" in caplog.text
+    caplog.clear()
+    assert main(["stats", str(scored_root)]) == 0
+    out, err = capsys.readouterr()
+    assert "captions/tiny/00001.parquet" in out and "densecurate caption --repair" in out
+    assert "captions by captioner" in out and "nouns per image by field" in out
+    assert "captions/tiny/00001.parquet" in caplog.text
+    assert "stale" not in err  # a caption file that does not read is damaged, not changed since scored
+    damaged.write_bytes(good)  # what a rerun with --repair does
+    caplog.clear()
+    assert main(["query", str(scored_root), "SELECT count(*) AS n FROM captions", "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "n\n4\n" and "damaged" not in caplog.text
+
+
+def test_a_table_with_no_file_that_reads_has_no_view(scored_root, caplog):
+    damage(scored_root / "vocab" / "tiny.parquet", "cut")
+    with connect(scored_root) as con:
+        assert not has_view(con, "vocab") and not has_view(con, "density")  # density needs the vocabulary
+        assert damaged_files(con) == {"vocab/tiny.parquet": "score"}
+    assert count(scored_root) == 4 and "vocab/tiny.parquet" in caplog.text
