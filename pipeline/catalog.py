@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from schemas.atomic import atomic_output
 from schemas.errors import MissingInputError, UserError
-from schemas.layout import CATALOG_FILE, TABLE_GLOBS, DatasetLayout
+from schemas.layout import CATALOG_FILE, TABLE_GLOBS, DatasetLayout, is_dataset_root
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +387,11 @@ def connect(root: Path) -> duckdb.DuckDBPyConnection:
     layout = DatasetLayout(root)
     if not layout.root.is_dir():
         raise MissingInputError(f"dataset root {root} does not exist")
+    if not is_dataset_root(layout.root):  # the catalog would be written into a folder that is not one
+        raise MissingInputError(
+            f"{root} is not a dataset root (no shards/ folder, no {CATALOG_FILE}): give the folder that "
+            "`densecurate shard --out` wrote"
+        )
     con = _open_catalog(layout)
     try:
         _set_root(con, layout.root)

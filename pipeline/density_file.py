@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from pipeline.density_stats import Table1Row, table1_from_counts
 from pipeline.nouns import NounExtractor, require_spacy_model
 from pipeline.stage import Actors
 from schemas.errors import ConfigError, EnvironmentFailure, MissingInputError
 from schemas.score_config import NounSettings
+from schemas.validation import SETTINGS
 
 READERS = {".parquet": "read_parquet", ".csv": "read_csv_auto", ".tsv": "read_csv_auto", ".jsonl": "read_json_auto"}
 READERS[".json"] = READERS[".ndjson"] = "read_json_auto"
@@ -40,7 +41,7 @@ Z95 = 1.96
 class DensityOptions(BaseModel):
     """What `densecurate density` runs with."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     column: str = Field(..., min_length=1, description="the caption column")
     nouns: NounSettings = NounSettings()

@@ -37,7 +37,7 @@ from pipeline.grounding import (
 from pipeline.parquet_meta import finished_output, read_meta, write_table_atomic
 from pipeline.runner import run_stage
 from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, file_digest, fingerprint
-from schemas.errors import MissingInputError, StaleInputError
+from schemas.errors import MissingInputError, OutputConflictError, StaleInputError
 from schemas.ground_config import GroundConfig, GroundingSettings
 from schemas.layout import DatasetLayout
 from schemas.tables import CALIBRATION_SCHEMA, GROUNDING_SCHEMA
@@ -238,6 +238,7 @@ class GroundWorker:
             "density_fingerprint": job.density_fingerprint,
             "calibration": job.calibration_fingerprint,
             "model": self.model_name,
+            "rule": self.settings.model_dump(mode="json"),
             "stats": stats,
         }
         write_table_atomic(job.out, rows, GROUNDING_SCHEMA, meta, per_shard=True)
@@ -369,7 +370,26 @@ class GroundingStage(Stage[GroundJob, GroundingSummary]):
             plan, field_jobs = self._field_jobs(name, identity)
             self.calibrations.append(plan)
             jobs += field_jobs
+        if not self.config.replace:
+            self._refuse_to_replace_grounding(jobs)
         return jobs
+
+    def _refuse_to_replace_grounding(self, jobs: Sequence[GroundJob]) -> None:
+        """Refuse a plan that would overwrite grounding of the same captions made with another CLIP model or rule."""
+        rule = self.config.grounding.model_dump(mode="json")
+        replaced: dict[str, int] = {}
+        for job in jobs:
+            earlier = read_meta(job.out)
+            if earlier is None or earlier.get("density_fingerprint") != job.density_fingerprint:
+                continue  # nothing there, or grounding of other captions: redoing it replaces nothing current
+            if earlier.get("model") != self.model_name or earlier.get("rule", rule) != rule:
+                replaced[earlier.get("model", "?")] = replaced.get(earlier.get("model", "?"), 0) + 1
+        if replaced:
+            made = ", ".join(f"{shards} shards by {model}" for model, shards in sorted(replaced.items()))
+            raise OutputConflictError(
+                f"this run would replace grounding that an earlier run made with another CLIP model or rule ({made}; "
+                f"this run: {self.model_name}): pass --replace to replace it"
+            )
 
     def work(self) -> Actors:
         c = self.config

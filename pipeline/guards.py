@@ -1,7 +1,8 @@
 """Guards the runner applies to every stage, so that a mistyped command never destroys data.
 
-- **Paths**: an output folder may not equal, contain or sit inside an input folder, nor be a
-  reserved folder of a dataset root.
+- **Paths**: an output folder may not equal, contain or sit inside an input folder, nor lie in a
+  reserved folder of another dataset root, nor hold another stage's output or a training run (each
+  folder's ``_plan.json`` names the stage that wrote it).
 - **Lock**: one run at a time per output folder; a second run refuses, naming the holder. The lock
   is an OS file lock, so the lock of a dead process is free again (and taken over).
 - **Plans**: each output folder records the shard indices its last plan made (``_plan.json``), so a
@@ -22,9 +23,16 @@ from typing import Any, Self
 
 from filelock import FileLock, Timeout
 
-from schemas.atomic import is_temp, write_atomic
+from schemas.atomic import is_temp, make_folder, write_atomic
 from schemas.errors import MissingInputError, OutputConflictError
-from schemas.layout import PLAN_FILE, RESERVED_NAMES, is_dataset_root, shard_indices_in
+from schemas.layout import (
+    CHECKPOINTS_DIR,
+    PLAN_FILE,
+    RESERVED_NAMES,
+    TRAIN_CONFIG_FILE,
+    is_dataset_root,
+    shard_indices_in,
+)
 
 LOCK_FILE = ".densecurate.lock"
 HOLDER_FILE = ".densecurate.lock.json"
@@ -52,9 +60,33 @@ def _require_folder_path(output: Path) -> None:
             return
 
 
-def check_paths(inputs: Iterable[Path], outputs: Iterable[Path], *, user_chosen: bool) -> None:
-    """Refuse outputs that overlap an input; a ``user_chosen`` output may not take a dataset root's
-    reserved folder nor be a dataset root itself."""
+def _reserved_folder_holding(output: Path) -> Path | None:
+    """The reserved folder of a dataset root (``ROOT/captions``, ``ROOT/density``, ...) that is or holds ``output``."""
+    for folder in (output, *output.parents):
+        if folder.name in RESERVED_NAMES and is_dataset_root(folder.parent):
+            return folder
+    return None
+
+
+def _refuse_other_owner(output: Path, stage: str) -> None:
+    """Refuse a folder that another stage's run wrote (its recorded plan names that stage) or a training run."""
+    try:
+        owner = json.loads((output / PLAN_FILE).read_text())["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = None
+    if owner is not None and owner != stage:
+        raise OutputConflictError(
+            f"{output} holds the output of `densecurate {owner}`; this {stage} run would write over it: choose "
+            "another output folder"
+        )
+    if (output / TRAIN_CONFIG_FILE).is_file() and (output / CHECKPOINTS_DIR).is_dir():
+        raise OutputConflictError(f"{output} is a training run's folder; choose another output folder")
+
+
+def check_paths(inputs: Iterable[Path], outputs: Iterable[Path], *, stage: str, root: Path | None = None) -> None:
+    """Refuse outputs that overlap an input, that another stage wrote, or that lie in a dataset root's reserved
+    folders other than those of ``root`` (the stage's own dataset root; None for a folder the user chose, which
+    may not be a dataset root either)."""
     resolved_inputs = [Path(p).resolve() for p in inputs]
     for output in (Path(p).resolve() for p in outputs):
         _require_folder_path(output)
@@ -65,15 +97,17 @@ def check_paths(inputs: Iterable[Path], outputs: Iterable[Path], *, user_chosen:
                     f"the output folder {output} {relation} the input {source}: writing there would destroy "
                     "the input; choose an output folder outside the inputs"
                 )
-        if not user_chosen:
-            continue
-        if output.name in RESERVED_NAMES and is_dataset_root(output.parent):
+        reserved = _reserved_folder_holding(output)
+        if reserved is not None and reserved.parent != root:
             raise OutputConflictError(
-                f"{output} is the {output.name}/ folder of the dataset root {output.parent}, which a stage of "
+                f"{output} is in the {reserved.name}/ folder of the dataset root {reserved.parent}, which a stage of "
                 "that root owns; choose another output folder"
             )
-        if is_dataset_root(output):
+        if root is None and is_dataset_root(output):
             raise OutputConflictError(f"{output} is a dataset root; write this stage's output to a folder of its own")
+        _refuse_other_owner(output, stage)
+    if root is not None:
+        _refuse_other_owner(root, stage)  # a dataset root made inside curated shards or a training run
 
 
 class OutputLock:
@@ -85,7 +119,7 @@ class OutputLock:
         self._lock = FileLock(folder / LOCK_FILE)
 
     def __enter__(self) -> Self:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder)
         try:
             self._lock.acquire(timeout=0)
         except Timeout:

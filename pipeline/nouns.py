@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class TextNouns:
 
     n_tokens: int = 0
     nouns: tuple[str, ...] = field(default_factory=tuple)
+    cut: bool = False  # the text was longer than ``max_text_chars``: these are its first part's
 
 
 EMPTY = TextNouns()
@@ -74,11 +75,14 @@ class NounExtractor:
         return TextNouns(n_tokens=len(words), nouns=tuple(lemma for lemma in lemmas if any(c.isalpha() for c in lemma)))
 
     def extract(self, texts: Sequence[str | None]) -> list[TextNouns]:
-        """One ``TextNouns`` per input; missing or blank texts have none."""
+        """One ``TextNouns`` per input; missing or blank texts have none; a text over ``max_text_chars`` is
+        scored on its first ``max_text_chars`` characters and marked ``cut``."""
         distinct = list(dict.fromkeys(t for t in texts if t and t.strip()))
-        found = dict(
-            zip(distinct, map(self._nouns, self.nlp.pipe(distinct, batch_size=self.settings.batch_size)), strict=True)
-        )
+        limit = self.settings.max_text_chars
+        docs = self.nlp.pipe((t[:limit] for t in distinct), batch_size=self.settings.batch_size)
+        found = {
+            text: replace(self._nouns(doc), cut=len(text) > limit) for text, doc in zip(distinct, docs, strict=True)
+        }
         self.texts_tagged += len(distinct)
         return [found.get(t, EMPTY) if t else EMPTY for t in texts]
 

@@ -15,6 +15,7 @@ from pipeline.compare import CPU_NOTE, FieldComparison, comparison_lines
 from pipeline.nouns import NOUN_POS, load_spacy
 from pipeline.report import FieldReport, table1_lines
 from pipeline.shard_reading import iter_shard_samples
+from schemas.atomic import write_atomic
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD
 
@@ -274,6 +275,5 @@ def write_html_report(
         + _gallery(root, fields, gallery, spacy_model)
         + f"<script>{IMAGE_CHECK}</script></body></html>"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    write_atomic(out, page)
     return out

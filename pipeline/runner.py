@@ -138,7 +138,7 @@ def _todo(
 
 def run_stage(stage: Stage[JobT, SummaryT]) -> SummaryT:
     """Run every unfinished job of the stage's plan and return its summary."""
-    check_paths(stage.inputs, stage.outputs, user_chosen=stage.catalog is None)
+    check_paths(stage.inputs, stage.outputs, stage=stage.label, root=stage.catalog.root if stage.catalog else None)
     stage.check()
     jobs = stage.plan()
     with ExitStack() as locks:
@@ -159,9 +159,9 @@ def run_stage(stage: Stage[JobT, SummaryT]) -> SummaryT:
 
 def _run(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], finished: list[Stats | None]) -> StageRun[JobT]:
     """Start Ray and the workers, run the jobs to do, and always stop the actors."""
-    import ray
-
     init_ray(stage.ray_address, None if stage.ray_address else stage.local_cpus)
+    import ray  # after init_ray, which sets what Ray reads when it is imported
+
     run: StageRun[JobT] = StageRun()
     todo = _todo(stage, jobs, finished, run)
     work = stage.work()

@@ -39,7 +39,7 @@ class ScoreJob(TableJob):
 
 def plan_score_jobs(layout: DatasetLayout, field_name: str, nouns: NounSettings) -> list[ScoreJob]:
     """A job per shard that has texts for ``field_name``; raises if the field has none."""
-    settings = nouns.model_dump_json()
+    settings = nouns.fingerprint_settings()
     jobs = [
         ScoreJob(
             index=source.index,
@@ -74,6 +74,7 @@ class ScoreWorker:
                 "n_tokens": nouns.n_tokens,
                 "n_nouns": len(nouns.nouns),
                 "nouns": list(nouns.nouns),
+                "cut": nouns.cut,
             }
             for key, text, nouns in zip(keys, texts, found, strict=True)
         ]
@@ -81,6 +82,7 @@ class ScoreWorker:
             "count": len(rows),
             "missing": sum(r["missing"] for r in rows),
             "total_nouns": sum(r["n_nouns"] for r in rows),
+            "cut": sum(r["cut"] for r in rows),
             "texts_tagged": self.extractor.texts_tagged - tagged_before,
         }
         meta = {
@@ -130,14 +132,15 @@ class ScoreSummary(StageSummary):
         return iter(self.fields)
 
     def render(self) -> Table:
-        """Captions, missing texts, nouns and shards per field."""
-        table = Table("field", "captions", "missing", "nouns", "distinct texts tagged", "shards", title="score stage")
+        """Captions, missing texts, texts scored on their first part, nouns and shards per field."""
+        table = Table(
+            "field", "captions", "missing", "cut", "nouns", "distinct texts tagged", "shards", title="score stage"
+        )
         for r in self.fields:
             t = r.totals
             shards = f"{r.shards} ({r.shards_reused} already done)"
-            table.add_row(
-                r.field, str(t["count"]), str(t["missing"]), str(t["total_nouns"]), str(t["texts_tagged"]), shards
-            )
+            counts = (t[k] for k in ("count", "missing", "cut", "total_nouns", "texts_tagged"))
+            table.add_row(r.field, *map(str, counts), shards)
         return table
 
 
@@ -177,6 +180,7 @@ class ScoreStage(Stage[ScoreJob, ScoreSummary]):
             result.shards += 1
             result.shards_reused += done.reused
             result.totals.update({k: done.stats[k] for k in ("count", "missing", "total_nouns", "texts_tagged")})
+            result.totals["cut"] += done.stats.get("cut", 0)  # density files written before texts were capped
         return ScoreSummary(run, fields=list(by_field.values()))
 
 

@@ -6,11 +6,14 @@ writer leaves only ``NAME.tmp-PID``, which the next writer of ``NAME`` deletes.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from schemas.errors import OutputPathError
 
 TMP_MARK = ".tmp-"
 
@@ -23,6 +26,20 @@ def temp_path(path: Path) -> Path:
 def is_temp(path: Path) -> bool:
     """Whether ``path`` is an in-progress (or abandoned) output."""
     return TMP_MARK in path.name
+
+
+def make_folder(folder: Path) -> Path:
+    """Make ``folder`` and its parents; one sentence (``OutputPathError``) where that cannot be done. A full disk
+    stays an ``OSError`` (the environment's failure, not the user's)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OutputPathError(
+            f"cannot make the output folder {folder}: {exc.strerror or exc}; choose a folder that can be written"
+        ) from exc
+    return folder
 
 
 def _remove(path: Path) -> None:
@@ -76,12 +93,18 @@ def atomic_output(final: Path, *, clean_stale: bool = True) -> Iterator[Path]:
     temporary path is deleted and ``final`` is left as it was. ``clean_stale`` False: the caller's
     folder was cleaned already (``remove_stale_temps_in``).
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(final.parent)
     if clean_stale:
         remove_stale_temps(final)
     tmp = temp_path(final)
     try:
         yield tmp
+    except OSError as exc:
+        _remove(tmp)
+        if exc.errno == errno.ENOENT and os.fsdecode(exc.filename or "").startswith(str(tmp)):
+            # its folder exists, yet a file cannot be made there (a virtual file system such as /proc)
+            raise OutputPathError(f"cannot write {final}: {exc.strerror}; choose a path that can be written") from exc
+        raise
     except BaseException:
         _remove(tmp)
         raise

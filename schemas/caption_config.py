@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from schemas.validation import Device, SimpleName
+from schemas.validation import SETTINGS, Device, SimpleName
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -14,7 +14,7 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 class GenerationSettings(BaseModel):
     """How captions are generated; recorded with every caption."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     prompt: str = Field("pixart", min_length=1, description="pixart | pixart-alt | free text with {alt_text}")
     batch_size: int = Field(8, ge=1)
@@ -36,7 +36,7 @@ class GenerationSettings(BaseModel):
 class ModelSettings(BaseModel):
     """Which model to load and how."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     model: str = Field(..., min_length=1, description="hub id or local directory")
     revision: str | None = None
@@ -57,7 +57,7 @@ Engine = Literal["transformers", "vllm"]
 class VllmSettings(BaseModel):
     """What users tune in the vLLM engine (``--engine vllm``)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     max_num_seqs: int = Field(256, ge=1, description="sequences the scheduler runs at once")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory vLLM may take")
@@ -77,7 +77,7 @@ class VllmSettings(BaseModel):
 class CaptionConfig(BaseModel):
     """Everything `densecurate caption` runs with."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     name: SimpleName = Field(..., description="captioner name: ROOT/captions/NAME/ (letters, digits, -, _, .)")
     model: ModelSettings
@@ -86,6 +86,7 @@ class CaptionConfig(BaseModel):
     gpus_per_worker: float = Field(1.0, ge=0.0)
     ray_address: str | None = None
     repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")
+    replace: bool = Field(False, description="let this run replace captions an earlier run of this name made otherwise")
     engine: Engine = Field("transformers", description="transformers (static batches) or vllm (continuous batching)")
     vllm: VllmSettings = VllmSettings()
     sample: float | None = Field(

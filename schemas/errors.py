@@ -27,6 +27,11 @@ class OutputConflictError(UserError):
     """Writing the output would destroy data or collide with another run."""
 
 
+class OutputPathError(UserError):
+    """An output folder or file cannot be made where the user asked (a read-only or virtual file system, no
+    permission)."""
+
+
 class EnvironmentFailure(Exception):
     """Not the user's mistake, nor a bug: the machine or cluster failed (a dead Ray head, a worker
     killed more often than it may restart, a full disk). The message says what failed and how to

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from schemas.validation import Device, ModelReference
+from schemas.validation import SETTINGS, Device, ModelReference
 
 
 class FeaturesConfig(BaseModel):
     """Everything `densecurate features` runs with."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     vae: ModelReference = Field(
         ..., min_length=1, description="AutoencoderKL: hub id or directory (a pipeline folder works)"

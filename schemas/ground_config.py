@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from schemas.score_config import ALT_TEXT_FIELD
-from schemas.validation import Device, SimpleName
+from schemas.validation import SETTINGS, Device, SimpleName
 
 DEFAULT_NOUN_PROMPTS = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "an image of a {}.")
 
@@ -13,7 +13,7 @@ DEFAULT_NOUN_PROMPTS = ("a photo of a {}.", "a photo of the {}.", "a picture of 
 class ClipSettings(BaseModel):
     """Which open_clip model embeds images and texts (named as ``densecurate eval`` takes them)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     model: str = Field(..., min_length=1, description="open_clip name (ViT-L-14), hf-hub:REPO or local-dir:DIR")
     pretrained: str | None = Field(None, description="open_clip weights tag (openai) or file; unused for local-dir")
@@ -22,7 +22,7 @@ class ClipSettings(BaseModel):
 class GroundingSettings(BaseModel):
     """How a noun is judged grounded in an image (docs/GROUNDING.md has the rule)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     noun_prompts: tuple[str, ...] = Field(
         DEFAULT_NOUN_PROMPTS, min_length=1, description="prompt ensemble per noun; {} is the noun"
@@ -51,7 +51,7 @@ class GroundingSettings(BaseModel):
 class DuplicateSettings(BaseModel):
     """Near-duplicate search over a CLIP model's image embeddings."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     threshold: float = Field(0.95, gt=0.0, le=1.0, description="cosine at or above which two images are duplicates")
     exact_limit: int = Field(200_000, ge=1, description="up to this many images: exact search; above: IVF")
@@ -61,7 +61,7 @@ class DuplicateSettings(BaseModel):
 class GroundConfig(BaseModel):
     """Everything `densecurate ground` runs with."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     fields: tuple[SimpleName, ...] = Field((ALT_TEXT_FIELD,), min_length=1, description="alt_text and/or captioners")
     clip: ClipSettings
@@ -73,3 +73,6 @@ class GroundConfig(BaseModel):
     gpus_per_worker: float = Field(1.0, ge=0.0)
     ray_address: str | None = None
     repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")
+    replace: bool = Field(
+        False, description="let this run replace grounding an earlier run made with another CLIP model or rule"
+    )

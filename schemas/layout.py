@@ -27,6 +27,9 @@ TABLE_GLOBS = {
 # The per-shard tables (one folder per field or model, NNNNN.parquet per shard).
 PER_SHARD_TABLES = ("captions", "density", "embeddings", "grounding")
 # Folders (and the catalog) a dataset root's own stages write; no user-chosen output may take them.
+# A training run's folder: its saved config and its checkpoints (``densecurate train``'s run_dir).
+TRAIN_CONFIG_FILE = "config.yaml"
+CHECKPOINTS_DIR = "checkpoints"
 RESERVED_NAMES = frozenset(
     {"shards", "captions", "density", "vocab", "embeddings", "grounding", "calibration", "duplicates", CATALOG_FILE}
 )

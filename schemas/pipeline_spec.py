@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from schemas.caption_config import CaptionConfig
 from schemas.features_config import FeaturesConfig
 from schemas.ground_config import GroundConfig
 from schemas.score_config import CurateConfig, ScoreConfig
 from schemas.shard_config import ShardConfig
-from schemas.validation import SimpleName, load_yaml, read_input_text, validated
+from schemas.validation import SETTINGS, SimpleName, load_yaml, read_input_text, validated
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
 
 class PrepareStep(_Strict):

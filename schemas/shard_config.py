@@ -6,13 +6,14 @@ from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
     model_serializer,
 )
+
+from schemas.validation import SETTINGS
 
 SourceFormat = Literal["auto", "folder", "sa1b", "img2dataset", "parquet"]
 CropMode = Literal["center", "none"]
@@ -29,7 +30,7 @@ JPEG_MAX_SIDE = 65535
 class ImageSettings(BaseModel):
     """How each image is checked, resized and encoded."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     # Declared first so that the check of ``resize`` sees it; dumped only when not the default (below).
     max_output_side: int = Field(
@@ -82,7 +83,7 @@ class ImageSettings(BaseModel):
 class SourceSettings(BaseModel):
     """How inputs are found, named and read."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     format: SourceFormat = "auto"
     source_name: str | None = Field(
@@ -102,7 +103,7 @@ class SourceSettings(BaseModel):
 class ShardConfig(BaseModel):
     """Everything `densecurate shard` runs with."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SETTINGS
 
     sources: SourceSettings = SourceSettings()
     image: ImageSettings = ImageSettings()

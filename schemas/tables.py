@@ -71,6 +71,7 @@ DENSITY_SCHEMA = pa.schema(
         pa.field("n_tokens", pa.int32(), nullable=False),  # words (spaCy tokens without punctuation)
         pa.field("n_nouns", pa.int32(), nullable=False),
         pa.field("nouns", pa.list_(pa.string()), nullable=False),  # lower-cased lemmas, in order
+        pa.field("cut", pa.bool_()),  # longer than max_text_chars: the figures are its first part's
     ]
 )
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from schemas.errors import ConfigError
-from schemas.validation import load_yaml, validated
+from schemas.validation import SETTINGS, load_yaml, validated
 
 
 class _Strict(BaseModel):
-    # Every float setting must be a finite number (``.nan``, ``.inf`` and "inf" are refused, naming the field).
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = SETTINGS
 
 
 class ModelConfig(_Strict):

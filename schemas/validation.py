@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from schemas.errors import ConfigError, MissingInputError
 
@@ -15,6 +15,9 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 SIMPLE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# Every settings model: frozen, no unknown keys, and every float finite (NaN and infinities are refused,
+# naming the field: a NaN threshold compares false with everything and silently disables its rule).
+SETTINGS = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _yaml_where(source: str, exc: yaml.YAMLError) -> str:
