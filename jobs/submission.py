@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.pipeline_job import encode_spec
+from pipeline.ray_cluster import use_auth_token
 from schemas.errors import EnvironmentFailure, MissingInputError
 from schemas.pipeline_spec import PipelineSpec
 
@@ -58,15 +59,11 @@ def cluster_errors(address: str | None, job_id: str | None = None) -> Iterator[N
 
 
 def client(address: str | None) -> Any:
-    """A Job Submission client; sends this machine's Ray auth token when there is one.
+    """A Job Submission client; sends this machine's Ray auth token when there is one (``use_auth_token``).
 
-    Ray clusters started with ``ray start`` require a token by default; the client side only sends it
-    with ``RAY_AUTH_MODE=token``, which is set here when a token is available and the mode is unset.
     A cluster that cannot be reached is an ``EnvironmentFailure`` naming the address.
     """
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
-        os.environ["RAY_AUTH_MODE"] = "token"  # read when Ray is imported: set it first
+    use_auth_token()  # before Ray is imported
     from ray.job_submission import JobSubmissionClient
 
     with cluster_errors(address):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,21 @@ SAMPLE_PHOTOS: tuple[tuple[str, Callable[[], np.ndarray], str], ...] = (
 )
 
 
+def _encoded(pixels: np.ndarray, suffix: str) -> bytes:
+    buffer = io.BytesIO()
+    fmt, options = ("JPEG", {"quality": 92}) if suffix == ".jpg" else ("PNG", {})
+    Image.fromarray(pixels).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write ``data`` unless the file already holds it: a second run leaves the photos' mtimes, and with them
+    the shard fingerprints, as they were."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.write_bytes(data)
+
+
 def write_sample_folder(out: Path, *, with_bad_files: bool = True) -> Path:
     """Write the sample photos (``.jpg``/``.png`` + ``.txt`` + ``.json``) into ``out``; returns ``out``.
 
@@ -34,12 +50,13 @@ def write_sample_folder(out: Path, *, with_bad_files: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name, loader, alt_text in SAMPLE_PHOTOS:
         path = out / name
-        Image.fromarray(loader()).save(path, **({"quality": 92} if path.suffix == ".jpg" else {}))
-        path.with_suffix(".txt").write_text(alt_text + "\n")
+        _write_if_changed(path, _encoded(loader(), path.suffix))
+        _write_if_changed(path.with_suffix(".txt"), (alt_text + "\n").encode())
         meta = {"origin": f"skimage.data.{loader.__name__}", "license": "see scikit-image data/README.txt"}
-        path.with_suffix(".json").write_text(json.dumps(meta))
+        _write_if_changed(path.with_suffix(".json"), json.dumps(meta).encode())
     if with_bad_files:
-        (out / "empty.png").write_bytes(b"")
-        (out / "not_really.jpg").write_text("this is a text file, not a JPEG\n")
-        Image.fromarray(skdata.chelsea()).resize((40, 30)).save(out / "thumbnail.jpg")
+        _write_if_changed(out / "empty.png", b"")
+        _write_if_changed(out / "not_really.jpg", b"this is a text file, not a JPEG\n")
+        thumbnail = np.asarray(Image.fromarray(skdata.chelsea()).resize((40, 30)))
+        _write_if_changed(out / "thumbnail.jpg", _encoded(thumbnail, ".jpg"))
     return out

@@ -111,7 +111,8 @@ def model_path(value: str, base: Path) -> str:
 
 
 def _train_overrides(train: TrainStep, base: Path) -> list[str]:
-    """The step's overrides plus absolute forms of the training config's own paths."""
+    """The step's overrides plus absolute forms of the training config's own paths (each once: resolving a
+    resolved spec again gives the same list)."""
     from schemas.train_config import load_train_config
 
     config = load_train_config(read_input_text(train.config, "training config"), train.overrides, source=train.config)
@@ -120,7 +121,8 @@ def _train_overrides(train: TrainStep, base: Path) -> list[str]:
         value = getattr(config.data, key)
         if value is not None:
             fixed.append(f"data.{key}={local_path(value, base)}")
-    return [*train.overrides, *fixed]
+    fixed_keys = {item.split("=", 1)[0] for item in fixed}
+    return [*(item for item in train.overrides if item.split("=", 1)[0].strip() not in fixed_keys), *fixed]
 
 
 def resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:

@@ -37,13 +37,14 @@ def test_example_specs_validate_and_resolve(example):
 def test_resolve_paths_keeps_hub_ids_and_makes_local_paths_absolute():
     spec = resolve_paths(parse_spec((REPO / "jobs/examples/sa1b_alignment.yaml").read_text()), REPO)
     assert spec.caption[0].model.model == "llava-hf/llava-1.5-7b-hf"
-    assert spec.features.vae == "stabilityai/sd-vae-ft-ema"
+    assert spec.features.vae == "PixArt-alpha/PixArt-XL-2-1024-MS"
     demo = resolve_paths(parse_spec((REPO / "jobs/examples/demo.yaml").read_text()), REPO)
     assert demo.root == f"{REPO}/demo_out/dataset"
     assert demo.caption[0].model.model == f"{REPO}/demo_out/models/llava"  # ./ marks a local model folder
     assert demo.ground.clip.model == f"local-dir:{REPO}/demo_out/models/clip"
     assert f"run_dir={REPO}/demo_out/runs/tiny" in demo.train.overrides
     assert f"data.features={REPO}/demo_out/features" in demo.train.overrides
+    assert resolve_paths(demo, REPO) == demo  # a job resolves its spec again: each path is still there once
 
 
 @pytest.mark.parametrize(
