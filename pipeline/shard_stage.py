@@ -11,6 +11,7 @@ marked after every unit is done (``pipeline.duplicate_keys``).
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,12 +20,12 @@ from typing import Any
 
 from rich.table import Table
 
-from pipeline.duplicate_keys import mark_duplicate_keys
+from pipeline.duplicate_keys import Sample, mark_duplicate_keys
 from pipeline.imaging import process_image
-from pipeline.records import InputRecord, SkipRecord, clean_text
-from pipeline.runner import run_stage
+from pipeline.records import InputRecord, MemberRef, SkipRecord, clean_text
+from pipeline.runner import console, run_stage
 from pipeline.shard_writer import ShardWriter, finished_stats, read_stats
-from pipeline.sources import InputUnit, folder_buckets, list_unit, plan_units
+from pipeline.sources import FormatChoice, InputUnit, folder_buckets, list_unit, plan_sources
 from pipeline.sources.reading import SampleReader
 from pipeline.stage import ShardJob, Stage, StageRun, StageSummary, Stats, Tasks, fingerprint, shards_table
 from pipeline.verify import shard_damage
@@ -32,11 +33,43 @@ from schemas.atomic import write_atomic
 from schemas.errors import OutputConflictError, UserError
 from schemas.layout import PARTS_PER_INPUT, DatasetLayout, ShardFiles, shard_files_in, shard_indices_in, shard_stem
 from schemas.shard_config import ImageSettings, ShardConfig
+from schemas.tables import STATUS_OK
+
+
+def _file_state(path: Path | None) -> tuple[int, int] | None:
+    """Size and mtime of a record's file; None when it has none or it cannot be examined."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _member_state(member: MemberRef | None) -> tuple[int, int] | None:
+    return None if member is None else (member.offset, member.size)
+
+
+def record_contents(rec: InputRecord) -> list[Any]:
+    """What a record's bytes are read from, so a file edited in place (same name) changes it: the size
+    and mtime of its files, the place and size of its tar members, the values its table row gave."""
+    files = [_file_state(path) for path in (rec.path, rec.txt_path, rec.json_path)]
+    members = [_member_state(member) for member in (rec.image_member, rec.txt_member, rec.json_member)]
+    return [*files, *members, rec.alt_text, rec.meta]
+
+
+def names_digest(records: Sequence[InputRecord]) -> str:
+    """Each record's key, location and listing-time skip: what a shard's fingerprint covered before
+    ``inputs_digest`` covered the records' contents too."""
+    return "".join(json.dumps([rec.key, rec.location, rec.preset_skip]) for rec in records)
 
 
 def inputs_digest(records: Sequence[InputRecord]) -> str:
-    """What the shard is made from: each record's key, location and listing-time skip."""
-    return "".join(json.dumps([rec.key, rec.location, rec.preset_skip]) for rec in records)
+    """What the shard is made from: each record's key, location, listing-time skip and contents."""
+    return "".join(
+        json.dumps([rec.key, rec.location, rec.preset_skip, record_contents(rec)], default=str) for rec in records
+    )
 
 
 def unit_totals(parts: Sequence[Stats], written: Sequence[int] = ()) -> Stats:
@@ -60,6 +93,8 @@ class UnitJob(ShardJob):
     """One input unit: its shards ``index + part``; ``fingerprint`` is the unit's (settings, identity, stamp).
 
     ``settings`` is the settings half of each shard's own fingerprint (the other half: its records).
+    ``legacy_fingerprint`` is a folder's by its own size and mtime, which part 0 records when it was
+    written before folders were stamped by their files: such shards stay current while that stamp holds.
     """
 
     unit: InputUnit
@@ -69,11 +104,12 @@ class UnitJob(ShardJob):
     replace: bool = False
     repair: bool = False
     span: int = PARTS_PER_INPUT
+    legacy_fingerprint: str | None = None
 
     def part_files(self, part: int) -> ShardFiles:
         return shard_files_in(self.out_dir, self.index + part)
 
-    def _unit_record(self) -> dict[str, Any] | None:
+    def unit_record(self) -> dict[str, Any] | None:
         """What part 0 (complete) says of the unit, or None."""
         first = read_stats(self.part_files(0))
         return first.get("unit") if first is not None else None
@@ -92,11 +128,15 @@ class UnitJob(ShardJob):
         return unit_totals(parts)
 
     def made_elsewise(self) -> bool:
-        unit = self._unit_record()
-        return unit is not None and unit.get("fingerprint") != self.fingerprint
+        unit = self.unit_record()
+        return unit is not None and not self.inputs_unchanged(unit)
+
+    def inputs_unchanged(self, unit: dict[str, Any] | None) -> bool:
+        """Whether part 0's record of the unit (``unit``) says it was made from the unit as it is now."""
+        return unit is not None and unit.get("fingerprint") in {self.fingerprint, self.legacy_fingerprint} - {None}
 
     def damage(self) -> str | None:
-        unit = self._unit_record() or {"parts": 1}
+        unit = self.unit_record() or {"parts": 1}
         for part in range(unit["parts"]):
             problem = shard_damage(self.part_files(part), deep=True)
             if problem:
@@ -107,7 +147,7 @@ class UnitJob(ShardJob):
         return [self.index + part for part in range(stats["parts"] if stats else 1)]
 
     def existing_indices(self) -> list[int]:
-        return self.shard_indices(self._unit_record())
+        return self.shard_indices(self.unit_record())
 
 
 def _sample_json(rec: InputRecord, img, meta: dict[str, Any]) -> str:
@@ -128,39 +168,45 @@ def _sample_json(rec: InputRecord, img, meta: dict[str, Any]) -> str:
     )
 
 
+def _where(rec: InputRecord) -> dict[str, str]:
+    return {"source": rec.source, "original_id": clean_text(rec.original_id), "location": clean_text(rec.location)}
+
+
+def record_outcome(rec: InputRecord, reader: SampleReader, image: ImageSettings) -> Sample | SkipRecord:
+    """What a shard holds for one record: its tar members and Parquet row, or why it is skipped."""
+    try:
+        sample = reader.load(rec)
+        img = process_image(sample.image, image)
+    except SkipRecord as skip:
+        return skip
+    except Exception as exc:  # a record must never stop the job; keep the reason
+        return SkipRecord("unexpected_error", f"{type(exc).__name__}: {exc}")
+    members: dict[str, bytes | str] = {"jpg": img.data, "json": _sample_json(rec, img, sample.meta)}
+    if sample.alt_text:
+        members["txt"] = sample.alt_text
+    row = {
+        **_where(rec),
+        "alt_text": sample.alt_text,
+        "original_width": img.original_width,
+        "original_height": img.original_height,
+        "width": img.width,
+        "height": img.height,
+        "jpeg_bytes": len(img.data),
+        "sha256": img.sha256,
+        "meta_json": json.dumps(sample.meta, sort_keys=True, default=str),
+    }
+    return members, row
+
+
 def write_records(records: Sequence[InputRecord], files: ShardFiles, extra: Stats, image: ImageSettings) -> Stats:
     """Process every record of one shard and commit its three files; returns the shard's stats."""
     with ShardWriter(files, extra) as writer, SampleReader() as reader:
         for rec in records:
-            where = {
-                "source": rec.source,
-                "original_id": clean_text(rec.original_id),
-                "location": clean_text(rec.location),
-            }
-            try:
-                sample = reader.load(rec)
-                img = process_image(sample.image, image)
-            except SkipRecord as skip:
-                writer.add_skipped(rec.key, skip.code, skip.detail, where)
-                continue
-            except Exception as exc:  # a record must never stop the job; keep the reason
-                writer.add_skipped(rec.key, "unexpected_error", f"{type(exc).__name__}: {exc}", where)
-                continue
-            members: dict[str, bytes | str] = {"jpg": img.data, "json": _sample_json(rec, img, sample.meta)}
-            if sample.alt_text:
-                members["txt"] = sample.alt_text
-            row = {
-                **where,
-                "alt_text": sample.alt_text,
-                "original_width": img.original_width,
-                "original_height": img.original_height,
-                "width": img.width,
-                "height": img.height,
-                "jpeg_bytes": len(img.data),
-                "sha256": img.sha256,
-                "meta_json": json.dumps(sample.meta, sort_keys=True, default=str),
-            }
-            writer.add_sample(rec.key, members, row)
+            outcome = record_outcome(rec, reader, image)
+            if isinstance(outcome, SkipRecord):
+                writer.add_skipped(rec.key, outcome.code, outcome.detail, _where(rec))
+            else:
+                writer.add_sample(rec.key, *outcome)
     return writer.stats
 
 
@@ -175,12 +221,8 @@ def _stale_parts(job: UnitJob, first_unused: int) -> list[ShardFiles]:
     return stale
 
 
-def write_unit(job: UnitJob) -> Stats:
-    """List the job's unit, write each of its shards not already finished (part 0 last), return the unit's stats.
-
-    A finished shard made from other records is replaced only with ``--replace``.
-    """
-    records = list_unit(job.unit)
+def _chunks(job: UnitJob, records: list[InputRecord]) -> list[list[InputRecord]]:
+    """The unit's records cut into its shards (at least one, maybe empty)."""
     size = job.shard_size
     chunks = [records[start : start + size] for start in range(0, len(records), size)] or [[]]
     if len(chunks) > job.span:
@@ -188,41 +230,78 @@ def write_unit(job: UnitJob) -> Stats:
             f"{job.unit.path} holds {len(records)} records, more than {job.span} shards of --shard-size {size}: "
             "raise --shard-size or split the input"
         )
-    part_fingerprints = [fingerprint(job.settings, inputs_digest(chunk)) for chunk in chunks]
-    unit = {"input": job.unit.uid, "fingerprint": job.fingerprint, "parts": len(chunks)}
-    unit["part_fingerprints"] = part_fingerprints
-    stale = _stale_parts(job, len(chunks))
+    return chunks
+
+
+def _remove_stale_parts(job: UnitJob, parts: int) -> None:
+    """Remove the shards an earlier, larger listing of the unit left past its ``parts`` (only with --replace)."""
+    stale = _stale_parts(job, parts)
     if stale and not job.replace and any(read_stats(files) is not None for files in stale):
         raise OutputConflictError(
-            f"{job.unit.path} now makes {len(chunks)} shards, fewer than an earlier run wrote from it; "
+            f"{job.unit.path} now makes {parts} shards, fewer than an earlier run wrote from it; "
             "pass --replace to remove the others"
         )
     for files in stale:
         for path in files.all():
             path.unlink(missing_ok=True)
+
+
+def _finished_part(job: UnitJob, files: ShardFiles, fingerprints: tuple[str, str | None]) -> Stats | None:
+    """The part's stats when it is finished with its fingerprint, or with its names-only one (``None``: not
+    accepted) when it was made before contents were fingerprinted; refuses one made from other records."""
+    current, names_only = fingerprints
+    done = finished_stats(files, current) or (finished_stats(files, names_only) if names_only else None)
+    if done is not None and job.repair and shard_damage(files, deep=True):
+        return None
+    if done is None and not job.replace and read_stats(files) is not None:
+        raise OutputConflictError(
+            f"shard {files.tar} was made from other records of {job.unit.path} than it now lists; "
+            "check the input, or pass --replace to replace it"
+        )
+    return done
+
+
+def _part_fingerprints(settings: str, chunk: Sequence[InputRecord], *, names_only: bool) -> tuple[str, str | None]:
+    """A part's fingerprint, and (``names_only``) the one it had before record contents were fingerprinted."""
+    legacy = fingerprint(settings, names_digest(chunk)) if names_only else None
+    return fingerprint(settings, inputs_digest(chunk)), legacy
+
+
+def write_unit(job: UnitJob) -> Stats:
+    """List the job's unit, write each of its shards not already finished (part 0 last), return the unit's stats.
+
+    A finished shard made from other records is replaced only with ``--replace``. While the unit is
+    unchanged, a shard made before record contents were fingerprinted counts as finished.
+    """
+    chunks = _chunks(job, list_unit(job.unit))
+    unchanged = job.inputs_unchanged(job.unit_record())
+    fingerprints = [_part_fingerprints(job.settings, chunk, names_only=unchanged) for chunk in chunks]
+    _remove_stale_parts(job, len(chunks))
+    carried = [current for current, _ in fingerprints]  # what each part's stats say it was made from
     stats: list[Stats] = [{}] * len(chunks)
     written: list[int] = []
     for part in [*range(1, len(chunks)), 0]:
         files = job.part_files(part)
+        done = _finished_part(job, files, fingerprints[part])
+        if done is not None:
+            carried[part] = done["inputs_fingerprint"]
         extra: Stats = {
             "shard": shard_stem(job.index + part),
-            "inputs_fingerprint": part_fingerprints[part],
+            "inputs_fingerprint": carried[part],
             "settings": job.image.model_dump(),
-            **({"unit": unit} if part == 0 else {}),
         }
-        done = finished_stats(files, part_fingerprints[part])
-        if done is not None and job.repair and shard_damage(files, deep=True):
-            done = None
-        elif done is None and not job.replace and read_stats(files) is not None:
-            raise OutputConflictError(
-                f"shard {files.tar} was made from other records of {job.unit.path} than it now lists; "
-                "check the input, or pass --replace to replace it"
-            )
+        if part == 0:
+            extra["unit"] = {
+                "input": job.unit.uid,
+                "fingerprint": job.fingerprint,
+                "parts": len(chunks),
+                "part_fingerprints": carried,
+            }
         if done is None:
             stats[part] = write_records(chunks[part], files, extra, job.image)
             written.append(part)
-        elif part == 0 and done.get("unit") != unit:  # its records are unchanged: record the unit anew
-            stats[part] = {**done, "unit": unit}
+        elif part == 0 and done.get("unit") != extra["unit"]:  # its records are unchanged: record the unit anew
+            stats[part] = {**done, "unit": extra["unit"]}
             write_atomic(files.stats, json.dumps(stats[part], indent=2, sort_keys=True), clean_stale=False)
         else:
             stats[part] = done
@@ -237,6 +316,7 @@ class ShardSummary(StageSummary):
     inputs: int = 0
     written: int = 0
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
+    formats: list[FormatChoice] = field(default_factory=list)  # the folders --format auto judged
 
     @property
     def shards(self) -> int:
@@ -263,6 +343,7 @@ class ShardSummary(StageSummary):
         skipped = [(f"  skipped: {reason}", str(n)) for reason, n in sorted(self.skipped_by_reason.items())]
         speed = f"{self.images_processed} images in {self.seconds:.1f} s = {self.images_per_second:.1f} images/s"
         rows = [
+            *((f"format of {choice.path}", choice.describe()) for choice in self.formats),
             ("inputs", str(self.inputs)),
             ("written", str(self.written)),
             ("skipped", str(self.skipped)),
@@ -304,7 +385,9 @@ class ShardStage(Stage[UnitJob, ShardSummary]):
         self.replace, self.repair = config.replace, config.repair
         self.numbered: list[str] = []
         self.numbers: list[str] = []
-        self.duplicates = 0
+        self.formats: list[FormatChoice] = []
+        self.jobs: dict[int, UnitJob] = {}
+        self.key_changes: Counter[str] = Counter()
 
     def _settings(self) -> str:
         """The settings half of each shard's fingerprint."""
@@ -319,7 +402,8 @@ class ShardStage(Stage[UnitJob, ShardSummary]):
         """One job per input unit, numbered by ``_inputs.json`` (new units take the next numbers)."""
         size = self.config.shard_size
         self.numbered = _read_numbers(self.catalog.inputs_file)
-        units = plan_units(list(self.srcs), self.config.sources, size, folder_buckets(self.numbered))
+        units, choices = plan_sources(list(self.srcs), self.config.sources, size, folder_buckets(self.numbered))
+        self._report_formats(choices)
         number = {uid: n for n, uid in enumerate(self.numbered)}
         settings = self._settings()
         unit_settings = f"{settings}|{self.config.sources.model_dump_json()}|shard_size={size}"
@@ -330,6 +414,7 @@ class ShardStage(Stage[UnitJob, ShardSummary]):
                 continue
             planned.add(unit.uid)
             n = number.setdefault(unit.uid, len(number))
+            legacy = None if unit.dir_stamp is None else fingerprint(unit_settings, f"{unit.uid}|{unit.dir_stamp}")
             jobs.append(
                 UnitJob(
                     index=n * PARTS_PER_INPUT,
@@ -341,10 +426,23 @@ class ShardStage(Stage[UnitJob, ShardSummary]):
                     image=self.config.image,
                     replace=self.replace,
                     repair=self.repair,
+                    legacy_fingerprint=legacy,
                 )
             )
         self.numbers = list(number)
         return jobs
+
+    def _report_formats(self, choices: list[FormatChoice]) -> None:
+        """Keep the folders ``--format auto`` judged, for the summary; say at once when one holds both kinds."""
+        if self.config.sources.format != "auto":
+            return
+        self.formats = [choice for choice in choices if choice.path.is_dir()]
+        for choice in self.formats:
+            if choice.images and choice.tars:
+                console.print(
+                    f"[yellow]note:[/yellow] {choice.path} holds images and tars: read as {choice.describe()}; "
+                    "--format chooses otherwise"
+                )
 
     def commit_plan(self) -> None:
         """Write the numbers of new inputs, unless another run numbered inputs since this plan read them."""
@@ -366,18 +464,30 @@ class ShardStage(Stage[UnitJob, ShardSummary]):
         return self.catalog.tables_of_shards(shards | indices)
 
     def finish(self, run: StageRun[UnitJob]) -> None:
-        """Mark keys that an earlier shard (in shard order) already holds."""
-        self.duplicates = mark_duplicate_keys(self.catalog.shards_dir)
+        """Mark keys that an earlier shard (in shard order) already holds, and restore those no earlier shard
+        holds any more."""
+        self.jobs = {result.job.index // PARTS_PER_INPUT: result.job for result in run.results}
+        self.key_changes = mark_duplicate_keys(self.catalog.shards_dir, self.restore)
+
+    def restore(self, index: int, rows: dict[int, str]) -> dict[int, Sample | SkipRecord]:
+        """The outcome of rows of shard ``index`` (row number: key), read and processed again from its input."""
+        job = self.jobs[index // PARTS_PER_INPUT]
+        first = (index % PARTS_PER_INPUT) * job.shard_size
+        records = list_unit(job.unit)[first : first + job.shard_size]
+        if any(row >= len(records) or records[row].key != key for row, key in rows.items()):
+            raise OutputConflictError(f"{job.unit.path} changed while it was sharded; rerun the same command")
+        with SampleReader() as reader:
+            return {row: record_outcome(records[row], reader, job.image) for row in rows}
 
     def summarize(self, run: StageRun[UnitJob]) -> ShardSummary:
-        summary = ShardSummary(run, root=self.catalog.root)
+        summary = ShardSummary(run, root=self.catalog.root, formats=self.formats)
         for stats in run.stats:
             summary.inputs += stats["count"]
             summary.written += stats["successes"]
             summary.skipped_by_reason.update(stats["skipped_by_reason"])
-        summary.written -= self.duplicates
-        if self.duplicates:
-            summary.skipped_by_reason["duplicate_key"] += self.duplicates
+        summary.written += self.key_changes[STATUS_OK]
+        summary.skipped_by_reason.update({k: n for k, n in self.key_changes.items() if k != STATUS_OK})
+        summary.skipped_by_reason = +summary.skipped_by_reason  # reasons no row has any more go
         return summary
 
 

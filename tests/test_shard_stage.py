@@ -133,6 +133,16 @@ def test_samples_read_back_with_ray_data(hostile_run):
     assert all(r["jpg"][:2] == b"\xff\xd8" for r in rows)
 
 
+def test_shards_folder_reads_with_ray_data_as_the_readme_says(hostile_run):
+    """The folder holds Parquet, JSON and lock files beside the tars: the README's call reads the tars alone."""
+    import ray.data
+
+    root, _ = hostile_run
+    rows = ray.data.read_webdataset(f"{root}/shards", file_extensions=["tar"]).take_all()
+    assert sorted(r["__key__"] for r in rows) == sorted(f"folder-{Path(name).stem}" for name in EXPECTED_OK)
+    assert all(r["jpg"].ndim == 3 and r["json"]["key"] == r["__key__"] for r in rows)
+
+
 def test_img2dataset_conventions_and_stats(hostile_run):
     root, _ = hostile_run
     for tar in sorted((root / "shards").glob("*.tar")):

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.records import SkipRecord, make_key
 from pipeline.sources import SourceError, list_inputs
-from pipeline.sources.detect import detect_format
+from pipeline.sources.detect import choose_format
 from pipeline.sources.reading import SampleReader
 from schemas.shard_config import SourceSettings
 from tests import image_factory as mk
@@ -50,7 +50,7 @@ def test_folder_listing_reads_sidecars_and_is_sorted(tmp_path):
 
 def test_hostile_sa1b_tar_is_listed_without_extracting(tmp_path):
     tar = tk.write_hostile_sa1b_tar(tmp_path / "sa_000000.tar")
-    assert detect_format(tar) == "sa1b"
+    assert choose_format(tar, "auto").format == "sa1b"
     records = {r.original_id: r for r in list_inputs([tar], SourceSettings())}
     assert set(records) == {"sa_1", "sa_2", "sa_3", "sa_4", "../../escaped", "/abs/escaped"}
     assert records["../../escaped"].preset_skip[0] == "unsafe_member"
@@ -69,7 +69,7 @@ def test_hostile_sa1b_tar_is_listed_without_extracting(tmp_path):
 def test_extracted_sa1b_folder(tmp_path):
     (tmp_path / "sa_7.jpg").write_bytes(mk.jpeg_bytes(mk.photo_image((300, 200))))
     (tmp_path / "sa_7.json").write_bytes(tk.sa1b_annotation(7, masks=5))
-    assert detect_format(tmp_path) == "sa1b"
+    assert choose_format(tmp_path, "auto").format == "sa1b"
     (record,) = list_inputs([tmp_path], SourceSettings())
     assert record.key == "sa1b-sa_7"
     with SampleReader() as reader:
@@ -78,7 +78,7 @@ def test_extracted_sa1b_folder(tmp_path):
 
 def test_img2dataset_output_keeps_alt_text_and_metadata(tmp_path):
     out = tk.write_img2dataset_output(tmp_path / "laion", n=3)
-    assert detect_format(out) == "img2dataset"
+    assert choose_format(out, "auto").format == "img2dataset"
     records = list_inputs([out], SourceSettings(source_name="laion"))
     assert [r.key for r in records] == ["laion-000000000", "laion-000000001", "laion-000000002"]
     with SampleReader() as reader:
@@ -114,7 +114,7 @@ def test_parquet_table_source(tmp_path):
     ]
     table = tmp_path / "table.parquet"
     pq.write_table(pa.Table.from_pylist(rows), table)
-    assert detect_format(table) == "parquet"
+    assert choose_format(table, "auto").format == "parquet"
     settings = SourceSettings(image_column="path", caption_column="text")
     one, missing = sorted(list_inputs([table], settings), key=lambda r: r.preset_skip is not None)
     assert one.key == "parquet-img_one-fe79261d"

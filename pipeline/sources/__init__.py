@@ -6,11 +6,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.records import InputRecord
+from pipeline.sources.detect import FormatChoice
 from pipeline.sources.errors import SourceError
-from pipeline.sources.units import InputUnit, folder_buckets, list_unit, plan_units
+from pipeline.sources.units import InputUnit, folder_buckets, list_unit, plan_sources, plan_units
 from schemas.shard_config import SourceSettings
 
-__all__ = ["InputUnit", "SourceError", "folder_buckets", "list_inputs", "list_unit", "plan_units"]
+__all__ = [
+    "FormatChoice",
+    "InputUnit",
+    "SourceError",
+    "folder_buckets",
+    "list_inputs",
+    "list_unit",
+    "plan_sources",
+    "plan_units",
+]
 
 
 def list_inputs(srcs: Sequence[Path], settings: SourceSettings, shard_size: int = 1000) -> list[InputRecord]:

@@ -7,6 +7,7 @@ stops one byte past the limit, whatever the file's size said when it was checked
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -57,6 +58,13 @@ def sidecar_too_large(what: str, size: int | None, limit: int) -> SkipRecord:
     return SkipRecord("bad_metadata", over_limit(what, size, limit, "--max-sidecar-bytes"))
 
 
+def _unreadable_link(path: Path, target: Path, exc: OSError) -> str:
+    """The sentence for a symbolic link whose target cannot be examined: a loop, or a missing target."""
+    if exc.errno == errno.ELOOP:
+        return f"{path} is a symbolic link loop ({exc.strerror}), not a regular file"
+    return f"{path} is a symbolic link to {target}, which cannot be read ({exc})"
+
+
 def listed_file(path: Path, root: Path | None) -> tuple[Path, os.stat_result] | tuple[None, tuple[str, str]]:
     """The regular file ``path`` stands for, with its stat, or a ``not_regular_file`` skip.
 
@@ -66,13 +74,13 @@ def listed_file(path: Path, root: Path | None) -> tuple[Path, os.stat_result] | 
     st = os.lstat(path)
     real = path
     if stat.S_ISLNK(st.st_mode):
-        real = path.resolve()
+        real = Path(os.path.realpath(path))  # unlike Path.resolve, never raises on a loop
         if root is not None and not real.is_relative_to(root):
             return None, ("not_regular_file", f"{path} is a symbolic link to {real}, outside the source {root}")
         try:
             st = os.stat(real)
         except OSError as exc:
-            return None, ("not_regular_file", f"{path} is a symbolic link to {real}, which cannot be read ({exc})")
+            return None, ("not_regular_file", _unreadable_link(path, real, exc))
     if not stat.S_ISREG(st.st_mode):
         return None, ("not_regular_file", f"{path} is a {kind_of(st.st_mode)}, not a regular file")
     return real, st
@@ -88,6 +96,8 @@ def open_regular(path: Path, *, follow_links: bool) -> IO[bytes]:
     try:
         before = os.stat(path) if follow_links else os.lstat(path)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SkipRecord("not_regular_file", _unreadable_link(path, path, exc)) from None
         raise SkipRecord("read_error", f"cannot read {path}: {exc}") from None
     if not stat.S_ISREG(before.st_mode):
         raise SkipRecord("not_regular_file", f"{path} is a {kind_of(before.st_mode)}, not a regular file")

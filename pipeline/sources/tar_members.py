@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from pipeline.records import MemberRef
+from pipeline.shard_reading import require_tar_end
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -62,6 +63,7 @@ def list_tar_samples(tar_path: Path) -> tuple[list[TarSample], str | None]:
                     sample.problems.append(problem)
                 else:
                     sample.members[ext] = MemberRef(name=member.name, offset=member.offset_data, size=member.size)
+            require_tar_end(tf.fileobj, tf.offset)  # tarfile stops silently at a header cut short
         except tarfile.ReadError as exc:  # truncated or corrupt after some members: keep those
             stopped = str(exc)
     return list(groups.values()), stopped

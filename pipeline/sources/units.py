@@ -1,15 +1,16 @@
 """Input units: the pieces of a source that are listed independently, each inside its own shard task.
 
-The driver plans from units only (one ``stat`` per tar or Parquet file, the names in each folder,
-each Parquet footer): a tar file, the image files directly in one folder (one of its buckets when it
-holds more than ``FOLDER_UNIT_SHARDS`` shards of images: files go to a bucket by a hash of their
-name), or up to ``PARTS_PER_INPUT`` shards of rows of one Parquet row group. Records are listed by
-``list_unit`` where the unit is processed, so planning time and driver memory grow with the number
-of input files, not samples.
+The driver plans from units only (one ``stat`` per tar or Parquet file, one per image or sidecar in a
+folder, each Parquet footer): a tar file, the image files directly in one folder (one of its buckets
+when it holds more than ``FOLDER_UNIT_SHARDS`` shards of images: files go to a bucket by a hash of
+their name), or up to ``PARTS_PER_INPUT`` shards of rows of one Parquet row group. Records are
+listed by ``list_unit`` where the unit is processed, so planning time and driver memory grow with
+the number of input files, not samples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.records import InputRecord, ReadLimits
-from pipeline.sources.detect import detect_format
+from pipeline.sources.detect import FormatChoice, choose_format
 from pipeline.sources.errors import SourceError
 from pipeline.sources.files import kind_of, listed_file
 from pipeline.sources.folder import IMAGE_SUFFIXES, list_folder_dir
@@ -33,14 +34,18 @@ from schemas.shard_config import SourceSettings
 # images are written in parallel.
 FOLDER_UNIT_SHARDS = 8
 _BUCKET = re.compile(r"(folder:.*)#(\d+)/(\d+)")
+_SIDECAR_SUFFIXES = frozenset({".txt", ".json"})
+_DIGEST_BITS = 128
 
 
 @dataclass(frozen=True)
 class InputUnit:
     """One independently listed piece of a source.
 
-    ``uid`` names it for the plan (stable across runs); ``stamp`` changes when its file changes
-    (size and mtime of a tar or table, mtime of a folder: files added, removed or renamed).
+    ``uid`` names it for the plan (stable across runs); ``stamp`` changes when its files change
+    (size and mtime of a tar or table; for a folder, the name, size and mtime of each image and
+    sidecar directly in it, so a file edited in place is seen). ``dir_stamp`` is a folder's own size
+    and mtime, which stamped it before its files did (see ``UnitJob.legacy_fingerprint``).
     ``path`` is a tar, a folder (its own files; ``root`` is the source folder original ids are
     relative to) or a Parquet table (``rows``: row group, first and stop row within it).
     ``bucket`` (b, of) keeps only a folder's files whose name hashes to bucket b of ``of``.
@@ -58,6 +63,7 @@ class InputUnit:
     rows: tuple[int, int, int] | None = None
     bucket: tuple[int, int] | None = None
     problem: tuple[str, str] | None = None
+    dir_stamp: str | None = None
 
     @property
     def limits(self) -> ReadLimits:
@@ -87,28 +93,66 @@ def _tar_units(src: Path, source: str, kind: str, settings: SourceSettings) -> l
     return units
 
 
-def _image_folders(root: Path) -> list[tuple[str, os.stat_result, int]]:
-    """Every folder under ``root`` (links to folders not followed) that names image files, sorted,
-    with its stat and how many image names it holds; only names are read here, no file is examined."""
-    found: list[tuple[str, os.stat_result, int]] = []
+@dataclass(frozen=True)
+class _ImageFolder:
+    """A folder naming image files: its path relative to the source, how many, and its stamps."""
+
+    rel: str
+    images: int
+    stamp: str
+    dir_stamp: str
+
+
+def _file_digest(entry: os.DirEntry[str]) -> int:
+    """A hash of a file's name, size and mtime (its target's, for a link that has one); 0 once it is gone."""
+    try:
+        st = entry.stat()
+    except OSError:  # a link that loops or leads nowhere: its own
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:  # removed since the folder was listed
+            return 0
+    data = b"%s\0%d\0%d" % (os.fsencode(entry.name), st.st_size, st.st_mtime_ns)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=_DIGEST_BITS // 8).digest(), "big")
+
+
+def _scan_folder(folder: Path, pending: list[Path]) -> tuple[int, int]:
+    """How many image names ``folder`` holds and a digest of its images and sidecars (their names,
+    sizes and mtimes, in any order); its subfolders (links not followed) go to ``pending``."""
+    images = digest = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+                continue
+            suffix = os.path.splitext(entry.name)[1]  # Path(...).suffix costs more than the stat
+            if suffix.lower() in IMAGE_SUFFIXES:
+                images += 1
+            elif suffix not in _SIDECAR_SUFFIXES:
+                continue
+            digest = (digest + _file_digest(entry)) % (1 << _DIGEST_BITS)
+    return images, digest
+
+
+def _image_folders(root: Path) -> list[_ImageFolder]:
+    """Every folder under ``root`` (links to folders not followed) that names image files, sorted.
+
+    One ``stat`` per image or sidecar, for the stamp; no file is opened.
+    """
+    found: list[_ImageFolder] = []
     pending = [root]
     while pending:
         folder = pending.pop()
-        images = 0
         try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append(Path(entry.path))
-                    elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                        images += 1
+            images, digest = _scan_folder(folder, pending)
         except OSError as exc:  # its images would be lost without a record: refuse instead
             raise SourceError(
                 f"cannot list the folder {folder} ({exc.strerror}): fix its permissions, or move it out of the source"
             ) from None
         if images:
-            found.append((folder.relative_to(root).as_posix(), folder.stat(), images))
-    return sorted(found, key=lambda item: item[0])
+            rel = folder.relative_to(root).as_posix()
+            found.append(_ImageFolder(rel, images, f"files:{digest:032x}", _stamp(folder.stat())))
+    return sorted(found, key=lambda item: item.rel)
 
 
 def folder_buckets(uids: Iterable[str]) -> dict[str, int]:
@@ -129,16 +173,21 @@ def _folder_units(
     buckets it was first planned with (``known``), so files added later never move to another unit."""
     root = src.resolve()
     units = []
-    for rel, st, images in _image_folders(src):
-        uid = f"folder:{root}//{rel}"
-        buckets = known.get(uid) or math.ceil(images / (FOLDER_UNIT_SHARDS * shard_size))
-        if buckets == 1:
-            units.append(InputUnit(uid, _stamp(st), source, kind, src / rel, settings, root=src))
-            continue
+    for folder in _image_folders(src):
+        uid = f"folder:{root}//{folder.rel}"
+        buckets = known.get(uid) or math.ceil(folder.images / (FOLDER_UNIT_SHARDS * shard_size))
         for b in range(buckets):
             units.append(
                 InputUnit(
-                    f"{uid}#{b}/{buckets}", _stamp(st), source, kind, src / rel, settings, root=src, bucket=(b, buckets)
+                    uid if buckets == 1 else f"{uid}#{b}/{buckets}",
+                    folder.stamp,
+                    source,
+                    kind,
+                    src / folder.rel,
+                    settings,
+                    root=src,
+                    bucket=None if buckets == 1 else (b, buckets),
+                    dir_stamp=folder.dir_stamp,
                 )
             )
     return units
@@ -165,36 +214,41 @@ def _parquet_units(src: Path, source: str, settings: SourceSettings, rows_per_un
 
 def plan_source(
     src: Path, settings: SourceSettings, shard_size: int, known: Mapping[str, int] | None = None
-) -> list[InputUnit]:
-    """The units of one source path, in a deterministic order (``known``: see ``folder_buckets``)."""
-    known = known or {}
+) -> tuple[list[InputUnit], FormatChoice]:
+    """The units of one source path, in a deterministic order (``known``: see ``folder_buckets``),
+    and how it is read."""
     if not src.exists():
         raise SourceError(f"input {src} does not exist")
     if not (src.is_dir() or src.is_file()):
         raise SourceError(f"input {src} is a {kind_of(src.stat().st_mode)}, not a folder or a regular file")
-    fmt = settings.format if settings.format != "auto" else detect_format(src)
+    choice = choose_format(src, settings.format)
+    fmt = choice.format
     source = settings.source_name or fmt
-    if fmt == "folder":
-        if not src.is_dir():
-            raise SourceError(f"--format folder needs a directory, got the file {src}")
-        return _folder_units(src, source, "folder", settings, shard_size, known)
-    if fmt == "sa1b":
-        if not src.is_dir() or any(src.glob("*.tar")):
-            return _tar_units(src, source, "sa1b", settings)
-        return _folder_units(src, source, "sa1b", settings, shard_size, known)
-    if fmt == "img2dataset":
-        return _tar_units(src, source, "img2dataset", settings)
     if fmt == "parquet":
-        return _parquet_units(src, source, settings, PARTS_PER_INPUT * shard_size)
-    raise SourceError(f"unknown format {fmt!r}")
+        return _parquet_units(src, source, settings, PARTS_PER_INPUT * shard_size), choice
+    if fmt not in ("folder", "sa1b", "img2dataset"):
+        raise SourceError(f"unknown format {fmt!r}")
+    if fmt == "folder" and not src.is_dir():
+        raise SourceError(f"--format folder needs a directory, got the file {src}")
+    if not src.is_dir() or choice.from_tars:
+        return _tar_units(src, source, fmt, settings), choice
+    return _folder_units(src, source, fmt, settings, shard_size, known or {}), choice
+
+
+def plan_sources(
+    srcs: list[Path], settings: SourceSettings, shard_size: int, known: Mapping[str, int] | None = None
+) -> tuple[list[InputUnit], list[FormatChoice]]:
+    """Every unit of every source (sources in sorted path order), and how each source is read."""
+    paths = sorted({Path(os.path.realpath(s)) for s in srcs})
+    planned = [plan_source(src, settings, shard_size, known) for src in paths]
+    return [unit for units, _ in planned for unit in units], [choice for _, choice in planned]
 
 
 def plan_units(
     srcs: list[Path], settings: SourceSettings, shard_size: int, known: Mapping[str, int] | None = None
 ) -> list[InputUnit]:
     """Every unit of every source; sources in sorted path order."""
-    paths = sorted({Path(s).resolve() for s in srcs})
-    return [unit for src in paths for unit in plan_source(src, settings, shard_size, known)]
+    return plan_sources(srcs, settings, shard_size, known)[0]
 
 
 def list_unit(unit: InputUnit) -> list[InputRecord]:
