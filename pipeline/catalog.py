@@ -247,6 +247,15 @@ def damaged_files(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
     return _damaged(json.loads(tables))
 
 
+def readable_list(con: duckdb.DuckDBPyConnection, root: Path, glob: str) -> str:
+    """An SQL list of the absolute paths of ``glob``'s files under ``root`` that the catalog open on ``con``
+    reads (its damaged files left out), for ``read_parquet``; ``[]`` when none reads."""
+    (tables, files) = con.execute("SELECT tables, files FROM catalog_info").fetchone()
+    damaged = set(json.loads(tables)[glob]["damaged"])
+    readable = [str(root / f) for f in json.loads(files)[glob] if f not in damaged]
+    return "[" + ", ".join(sql_string(f) for f in readable) + "]"
+
+
 def damage_warning(root: Path, damaged: dict[str, str]) -> str | None:
     """One sentence naming the files left out of the views and what mends them; None when there are none."""
     if not damaged:
@@ -465,6 +474,14 @@ def _query_error(root: Path, exc: duckdb.Error) -> QueryError:
     return QueryError(f"query failed: {exc}")
 
 
+def _with_damage(root: Path, con: duckdb.DuckDBPyConnection, error: QueryError) -> QueryError:
+    """``error``, followed by which files the views leave out when there are any (a view of a table whose only
+    files are damaged does not exist)."""
+    if warning := damage_warning(root, damaged_files(con)):
+        return QueryError(f"{error}; note: {warning}")
+    return error
+
+
 def run_query(root: Path, sql: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Run ``sql`` on a read-only connection to the root's catalog; returns column names and rows.
 
@@ -475,6 +492,6 @@ def run_query(root: Path, sql: str, params: list[Any] | None = None) -> tuple[li
         try:
             cursor = con.execute(sql, params or [])
         except duckdb.Error as exc:
-            raise _query_error(root, exc) from None
+            raise _with_damage(root, con, _query_error(root, exc)) from None
         columns = [d[0] for d in cursor.description] if cursor.description else []
         return columns, cursor.fetchall()

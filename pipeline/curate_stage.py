@@ -21,7 +21,7 @@ from pipeline.freshness import density_is_current
 from pipeline.guards import require_complete
 from pipeline.parquet_meta import read_meta
 from pipeline.runner import run_stage
-from pipeline.shard_reading import iter_shard_samples
+from pipeline.shard_reading import read_shard_stats, stats_of
 from pipeline.shard_writer import ShardWriter
 from pipeline.stage import (
     ShardFilesJob,
@@ -33,8 +33,8 @@ from pipeline.stage import (
     fingerprint,
     shards_table,
 )
-from pipeline.verify import DamagedInputError, image_digest_problem
-from schemas.errors import MissingInputError, StaleInputError
+from pipeline.verify import checked_samples, damaged_shard
+from schemas.errors import DamagedOutputError, MissingInputError, StaleInputError
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD, CurateConfig, CurateRules
 from schemas.tables import CURATED_SCHEMA
@@ -64,6 +64,16 @@ class CurateJob(ShardFilesJob):
     rules: CurateRules
     grounding: Path | None = None  # the shard's grounding table, with grounding rules
     duplicates: Path | None = None  # the grounding model's duplicate clusters, with drop_near_duplicates
+
+    def damage(self) -> str | None:
+        """Also damaged: a curated shard that holds fewer rows than its source shard has written samples."""
+        if problem := super().damage():
+            return problem
+        rows, written = (
+            stats_of(self.files)["count"],
+            read_shard_stats(DatasetLayout(self.root), self.index)["successes"],
+        )
+        return f"it holds {rows} of its source shard's {written} written samples" if rows != written else None
 
 
 def _candidates(job: CurateJob) -> list[dict[str, Any]]:
@@ -109,7 +119,14 @@ def _candidates(job: CurateJob) -> list[dict[str, Any]]:
         ORDER BY s.key
     """
     with duckdb.connect() as con:
-        cursor = con.execute(sql)
+        try:
+            cursor = con.execute(sql)
+        except (duckdb.InvalidInputException, duckdb.IOException) as exc:  # a table cut short or garbled
+            raise DamagedOutputError(
+                f"a table of shard {job.index} under {job.root} does not read ({str(exc).splitlines()[0]}): "
+                f"`densecurate verify {job.root}` lists the damaged outputs, and rerunning the stage that wrote it "
+                "with --repair rewrites them"
+            ) from None
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
@@ -153,14 +170,11 @@ def curate_shard(job: CurateJob) -> dict[str, Any]:
     """Write one curated shard; returns its stats."""
     candidates = {s["key"]: s for s in _candidates(job)}
     extra = {"source_shard": job.index, "inputs_fingerprint": job.fingerprint}
+    tar = DatasetLayout(job.root).shard_files(job.index).tar
+    read = set()
     with ShardWriter(job.files, extra, schema=CURATED_SCHEMA) as writer:
-        tar = DatasetLayout(job.root).shard_files(job.index).tar
-        for key, members in iter_shard_samples(tar):
-            if problem := image_digest_problem(key, members):
-                raise DamagedInputError(
-                    f"{tar} is damaged ({problem}): run `densecurate verify {job.root} --deep`, then the shard "
-                    "stage again with --repair"
-                )
+        for key, members in checked_samples(tar):
+            read.add(key)
             sample = candidates[key]
             row = {k: sample[k] for k in (*DENSITY_COLUMNS, *GROUNDING_COLUMNS)}
             row["field"] = job.field
@@ -177,6 +191,8 @@ def curate_shard(job: CurateJob) -> dict[str, Any]:
             if sample["caption"]:
                 files["txt"] = sample["caption"]
             writer.add_sample(key, files, row)
+        if missing := candidates.keys() - read:
+            raise damaged_shard(tar, f"{len(missing)} written samples have no members in the tar")
     return writer.stats
 
 

@@ -8,8 +8,6 @@ from dataclasses import asdict, dataclass
 
 import duckdb
 
-from pipeline.catalog import sql_string
-
 # One row per field: captions scored, nouns in all, distinct and valid distinct nouns (catalog views).
 TABLE1_SQL = """
 SELECT d.field,
@@ -77,9 +75,10 @@ def table1_from_counts(
     )
 
 
-def table1_rows(con: duckdb.DuckDBPyConnection, density_glob: str) -> list[Table1Row]:
-    """Table-1 rows of every scored field, from the density files and the ``vocab`` view."""
-    sql = TABLE1_SQL.format(density=sql_string(density_glob))
+def table1_rows(con: duckdb.DuckDBPyConnection, density: str) -> list[Table1Row]:
+    """Table-1 rows of every scored field, from the density files (``density``: an SQL glob or list of them for
+    ``read_parquet``) and the ``vocab`` view."""
+    sql = TABLE1_SQL.format(density=density)
     return [
         Table1Row(field=f, n_captions=n, missing=m, total_nouns=t, distinct_nouns=dn, valid_distinct_nouns=vn)
         for f, n, m, t, dn, vn in con.execute(sql).fetchall()

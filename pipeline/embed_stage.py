@@ -20,8 +20,9 @@ from pipeline.guards import require_complete
 from pipeline.near_duplicates import DuplicateSearch, duplicate_clusters
 from pipeline.parquet_meta import finished_output, write_table_atomic
 from pipeline.runner import run_stage
-from pipeline.shard_reading import iter_shard_samples, read_shard_stats
+from pipeline.shard_reading import read_shard_stats
 from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint, shards_table
+from pipeline.verify import checked_samples
 from schemas.ground_config import GroundConfig
 from schemas.layout import DatasetLayout
 from schemas.tables import DUPLICATES_SCHEMA, EMBEDDINGS_SCHEMA, STATUS_OK
@@ -75,7 +76,7 @@ class EmbedWorker:
         import torch
 
         keys, jpegs = [], []
-        for key, members in iter_shard_samples(job.shard_tar):
+        for key, members in checked_samples(job.shard_tar):
             keys.append(key)
             jpegs.append(members["jpg"])
         vectors = []

@@ -9,7 +9,7 @@ import duckdb
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.catalog import connect, has_view, sql_string
+from pipeline.catalog import connect, damage_warning, damaged_files, has_view, readable_list
 from pipeline.density_stats import Table1Row, table1_rows
 from pipeline.freshness import stale_warning
 from schemas.errors import MissingInputError
@@ -114,14 +114,22 @@ def _field_report(con: duckdb.DuckDBPyConnection, row: Table1Row, density: str, 
     )
 
 
+def readable_density(con: duckdb.DuckDBPyConnection, root: Path) -> str:
+    """The density files of ``root`` that read, as an SQL list; a sentence when none does."""
+    density = readable_list(con, root.resolve(), TABLE_GLOBS["density"])
+    if density == "[]":
+        raise MissingInputError(f"no density file under {root} reads: {damage_warning(root, damaged_files(con))}")
+    return density
+
+
 def gather_report(root: Path, *, top: int = 15) -> list[FieldReport]:
     """Per scored field, the report's numbers (needs `densecurate score` first)."""
     layout = DatasetLayout(root.resolve())
     if not list(layout.root.glob(TABLE_GLOBS["density"])):
         raise MissingInputError(f"nothing scored under {root}: run `densecurate score {root}` first")
-    glob = layout.density_glob()
     with connect(root) as con:
-        return [_field_report(con, row, sql_string(glob), top) for row in table1_rows(con, glob)]
+        density = readable_density(con, root)
+        return [_field_report(con, row, density, top) for row in table1_rows(con, density)]
 
 
 def warn_if_stale(root: Path) -> None:
@@ -181,7 +189,7 @@ def print_table1(root: Path) -> None:
     """Print the Table-1 rows of every scored field (and which are stale)."""
     warn_if_stale(root)
     with connect(root) as con:
-        rows = table1_rows(con, DatasetLayout(root.resolve()).density_glob())
+        rows = table1_rows(con, readable_density(con, root))
         Console().print(table1_table(rows, grounding=[grounding_figures(con, r.field) for r in rows]))
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import duckdb
 
-from pipeline.catalog import connect, has_view
+from pipeline.catalog import connect, has_view, readable_list
 from pipeline.compare import CPU_NOTE, FieldComparison, comparison_lines
 from pipeline.nouns import NOUN_POS, load_spacy
 from pipeline.report import FieldReport, table1_lines
-from pipeline.shard_reading import iter_shard_samples
+from pipeline.verify import checked_samples
 from schemas.atomic import write_atomic
-from schemas.layout import DatasetLayout
+from schemas.layout import TABLE_GLOBS
 from schemas.score_config import ALT_TEXT_FIELD
 
 STYLE = """
@@ -152,10 +152,13 @@ def _summary_tables(reports: list[FieldReport]) -> str:
 
 def _gallery_samples(con: duckdb.DuckDBPyConnection, root: Path, n: int) -> list[tuple[str, str]]:
     """``(key, shard tar)`` of ``n`` written samples, picked by a hash of the key (stable across runs)."""
-    shards = DatasetLayout(root.resolve()).table_glob("samples")
+    shards = readable_list(con, root.resolve(), TABLE_GLOBS["samples"])
+    if shards == "[]":
+        return []
     rows = con.execute(
-        "SELECT key, filename FROM read_parquet(?, filename = true) WHERE status = 'ok' ORDER BY hash(key) LIMIT ?",
-        [shards, n],
+        f"SELECT key, filename FROM read_parquet({shards}, filename = true) WHERE status = 'ok' "
+        "ORDER BY hash(key) LIMIT ?",
+        [n],
     ).fetchall()
     return [(key, str(Path(parquet).with_suffix(".tar"))) for key, parquet in rows]
 
@@ -168,7 +171,7 @@ def _thumbnails(samples: list[tuple[str, str]]) -> dict[str, str]:
         wanted[tar].add(key)
     thumbs = {}
     for tar, keys in wanted.items():
-        for key, members in iter_shard_samples(Path(tar)):
+        for key, members in checked_samples(Path(tar), keys.__contains__):
             if key in keys:
                 im = Image.open(io.BytesIO(members["jpg"])).convert("RGB")
                 im.thumbnail((320, 320))
@@ -225,6 +228,8 @@ def _marked(nlp, text: str | None, valid: set[str], pos: frozenset[str], ungroun
 def _gallery(root: Path, fields: list[str], n: int, spacy_model: str) -> str:
     with connect(root) as con:
         samples = _gallery_samples(con, root, n)
+        if not samples:  # no shard table reads: the report's figures stand without a gallery
+            return ""
         keys = [k for k, _ in samples]
         captions = _captions(con, keys, fields)
         valid = {

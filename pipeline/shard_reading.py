@@ -6,9 +6,12 @@ import json
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from schemas.errors import DamagedOutputError
 from schemas.layout import DatasetLayout, ShardFiles
+
+_CHUNK = 1 << 20
 
 
 def read_shard_stats(layout: DatasetLayout, index: int) -> dict[str, Any]:
@@ -18,17 +21,40 @@ def read_shard_stats(layout: DatasetLayout, index: int) -> dict[str, Any]:
 
 def stats_of(files: ShardFiles) -> dict[str, Any]:
     """The stats file of a finished shard, as written (no consistency check: see ``read_stats`` for that)."""
-    return json.loads(files.stats.read_text())
+    try:
+        return json.loads(files.stats.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedOutputError(
+            f"{files.stats} does not read as a shard's stats ({exc}): `densecurate verify` on its folder lists the "
+            "damaged outputs, and rerunning the stage that wrote it with --repair rewrites them"
+        ) from None
+
+
+def require_tar_end(handle: IO[bytes], offset: int) -> None:
+    """Raise ``tarfile.ReadError`` unless the archive's members end at ``offset`` with its end-of-archive
+    marker: zero blocks up to the end of the file (``tarfile`` stops silently at a header cut short or
+    garbled after the first one, which would drop every later sample)."""
+    handle.seek(offset)
+    marker = handle.read(tarfile.BLOCKSIZE)
+    ended = len(marker) == tarfile.BLOCKSIZE and not marker.strip(b"\0")
+    while ended and (chunk := handle.read(_CHUNK)):
+        ended = not chunk.strip(b"\0")
+    if not ended:
+        size = handle.seek(0, 2)
+        raise tarfile.ReadError(f"its members stop at byte {offset} of {size}, before its end")
 
 
 def iter_shard_samples(
     tar_path: Path, wanted: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {ext: bytes})`` per sample, streamed from one of our shard tars (never extracted); with
-    ``wanted``, only the samples whose key it accepts (the others' bytes are not read)."""
+    ``wanted``, only the samples whose key it accepts (the others' bytes are not read).
+
+    Raises ``tarfile.ReadError`` (before the last sample) when the tar does not read to its end.
+    """
     key: str | None = None
     members: dict[str, bytes] = {}
-    with tarfile.open(tar_path, mode="r:") as tf:
+    with tar_path.open("rb") as handle, tarfile.open(fileobj=handle, mode="r:") as tf:
         for member in tf:
             if not member.isfile():
                 continue
@@ -39,7 +65,8 @@ def iter_shard_samples(
                 yield key, members
                 members = {}
             key = name_key
-            handle = tf.extractfile(member)
-            members[ext] = handle.read() if handle else b""
+            data = tf.extractfile(member)
+            members[ext] = data.read() if data else b""
+        require_tar_end(handle, tf.offset)
     if key is not None:
         yield key, members

@@ -1,11 +1,13 @@
 """Write one output shard atomically: ``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json``.
 
 Each file is written under a temporary name and renamed when complete, the stats file last, so a
-shard whose stats file exists and agrees with the other two is finished.
+shard whose stats file exists and agrees with the other two is finished. The stats record the
+sha256 of the tar (every member and header) and of the Parquet file, which a deep check compares.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -14,11 +16,13 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import IO, Any, Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.parquet_meta import file_sha256, write_parquet
+from pipeline.ray_node import ray_node_id
 from schemas.atomic import atomic_output, write_atomic
 from schemas.layout import ShardFiles
 from schemas.tables import SAMPLES_SCHEMA, STATUS_OK, STATUS_SKIPPED
@@ -35,6 +39,9 @@ WRITER_STATS = frozenset(
         "end_time",
         "duration",
         "tar_bytes",
+        "tar_sha256",
+        "parquet_sha256",
+        "node_id",
     }
 )
 
@@ -67,6 +74,18 @@ def read_stats(files: ShardFiles) -> dict[str, Any] | None:
     return stats if agrees else None
 
 
+class _DigestingFile:
+    """A binary file being written that computes the sha256 of what is written to it."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.handle.write(data)
+
+
 class ShardWriter:
     """Collects a shard's rows and tar samples; a context manager that commits all three files when
     its block succeeds and leaves nothing behind when it raises. It runs inside a stage's jobs, whose
@@ -88,8 +107,8 @@ class ShardWriter:
         self.started = time.time()
         with ExitStack() as stack:
             tar_tmp = stack.enter_context(atomic_output(self.files.tar, clean_stale=False))
-            tar_file = stack.enter_context(tar_tmp.open("wb"))
-            self._tar = stack.enter_context(tarfile.open(fileobj=tar_file, mode="w|"))
+            self._tar_file = _DigestingFile(stack.enter_context(tar_tmp.open("wb")))
+            self._tar = stack.enter_context(tarfile.open(fileobj=self._tar_file, mode="w|"))
             self._stack = stack.pop_all()
         return self
 
@@ -122,7 +141,8 @@ class ShardWriter:
     def _commit_tables(self) -> None:
         """Write the Parquet file, then the stats file (which marks the shard complete)."""
         with atomic_output(self.files.parquet, clean_stale=False) as tmp:
-            pq.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), tmp)
+            write_parquet(pa.Table.from_pylist(self.rows, schema=self.schema), tmp)
+            parquet_sha256 = file_sha256(tmp)
         skipped = Counter(r["reason"] for r in self.rows if r["status"] == STATUS_SKIPPED)
         ok = len(self.rows) - sum(skipped.values())
         ended = time.time()
@@ -137,6 +157,9 @@ class ShardWriter:
             "end_time": ended,
             "duration": ended - self.started,
             "tar_bytes": self.files.tar.stat().st_size,
+            "tar_sha256": self._tar_file.sha256.hexdigest(),
+            "parquet_sha256": parquet_sha256,
+            "node_id": ray_node_id(),  # the Ray node that wrote the shard (None outside Ray)
             **self.extra_stats,
         }
         write_atomic(self.files.stats, json.dumps(self.stats, indent=2, sort_keys=True), clean_stale=False)

@@ -27,6 +27,10 @@ class OutputConflictError(UserError):
     """Writing the output would destroy data or collide with another run."""
 
 
+class DamagedOutputError(UserError):
+    """A stored output of an earlier stage does not read; the message names the file and what mends it."""
+
+
 class OutputPathError(UserError):
     """An output folder or file cannot be made where the user asked (a read-only or virtual file system, no
     permission)."""

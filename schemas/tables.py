@@ -171,3 +171,14 @@ DUPLICATES_SCHEMA = pa.schema(
         pa.field("similarity", pa.float32(), nullable=False),  # cosine to the kept sample's embedding
     ]
 )
+
+# ROOT/vocab/FIELD.parquet (written by DuckDB in the score stage): every noun of a field and its count.
+VOCAB_SCHEMA = pa.schema(
+    [
+        ("noun", pa.string()),
+        ("count", pa.int64()),
+        ("valid", pa.bool_()),
+        ("min_count", pa.int32()),
+        ("field", pa.string()),
+    ]
+)
