@@ -8,4 +8,10 @@ class ModelNotAvailableError(UserError):
 
 
 class UnsupportedModelError(UserError):
-    """The model loads but cannot caption (no tokenizer with a chat template)."""
+    """The model is no captioner densecurate runs: not image-text-to-text, or without a tokenizer with a chat
+    template."""
+
+
+class VllmEnvironmentError(UserError):
+    """The vLLM environment's interpreter is missing, does not run, or cannot import what the caption actors
+    need (``make setup-vllm`` builds it)."""

@@ -2,7 +2,10 @@
 
 Each sample is ``KEY.feat.safetensors`` (``vae``: 8 x h x w mean+std, ``t5``: tokens x dim, fp16),
 ``KEY.txt`` and ``KEY.json``; ``FEATS/null_caption.safetensors`` holds the empty caption's T5 states
-for caption dropout. One Ray actor per GPU (one CPU actor without GPUs) holds the encoders.
+for caption dropout. Each shard's stats and each sample's JSON record the settings that made it
+(``trainer.feature_settings``: VAE, text encoder, resolution, T5 max length), which training checks. A
+sample without caption text is encoded with the empty caption and counted as ``missing_captions``. One
+Ray actor per GPU (one CPU actor without GPUs) holds the encoders.
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ from typing import Any
 
 from pipeline.guards import require_complete
 from pipeline.runner import run_stage
-from pipeline.shard_reading import iter_shard_samples, stats_of
+from pipeline.shard_reading import stats_of
 from pipeline.shard_writer import ShardWriter
 from pipeline.stage import Actors, ShardFilesJob, Stage, StageRun, StageSummary, fingerprint
+from pipeline.verify import checked_samples
 from schemas.atomic import atomic_output
 from schemas.errors import MissingInputError
 from schemas.features_config import FeaturesConfig
 from schemas.layout import shard_files_in
 from schemas.tables import FEATURES_SCHEMA
-from trainer.features import NULL_CAPTION_FILE
+from trainer.feature_settings import SETTINGS_KEY, FeatureSettings
+from trainer.features import NULL_CAPTION_FILE, Features
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +48,7 @@ class FeaturesWorker:
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         self.config = config
+        self.settings = FeatureSettings.of(config.vae, config.text_encoder, config.resolution, config.max_tokens)
         self.encoder = FeatureEncoder(
             config.vae,
             config.text_encoder,
@@ -61,35 +67,39 @@ class FeaturesWorker:
 
     def encode_shard(self, job: FeaturesJob) -> dict[str, Any]:
         """Encode every sample of the job's shard and commit the feature shard; returns its stats."""
-        samples = list(iter_shard_samples(shard_files_in(job.source_dir, job.index).tar))
-        extra = {"source_shard": job.index, "inputs_fingerprint": job.fingerprint}
+        samples = list(checked_samples(shard_files_in(job.source_dir, job.index).tar))
+        extra = {
+            "source_shard": job.index,
+            "inputs_fingerprint": job.fingerprint,
+            SETTINGS_KEY: self.settings.record(),
+            "missing_captions": sum(not caption_of(members) for _, members in samples),
+        }
         size = self.config.batch_size
         with ShardWriter(job.files, extra, schema=FEATURES_SCHEMA) as writer:
             for start in range(0, len(samples), size):
                 batch = samples[start : start + size]
-                captions = [m.get("txt", b"").decode() for _, m in batch]
+                captions = [caption_of(m) for _, m in batch]
                 features = self.encoder.encode([m["jpg"] for _, m in batch], captions)
                 for (key, members), caption, feats in zip(batch, captions, features, strict=True):
-                    meta = {**json.loads(members.get("json", b"{}")), "features": self._describe(feats)}
+                    meta = {**json.loads(members.get("json", b"{}")), SETTINGS_KEY: self._describe(feats)}
                     files = {"feat.safetensors": feats.to_bytes(), "txt": caption, "json": json.dumps(meta)}
                     row = {"caption": caption, "n_tokens": feats.t5.shape[0]}
                     writer.add_sample(key, files, row)
         return writer.stats
 
-    def _describe(self, feats) -> dict[str, Any]:
-        c = self.config
-        return {
-            "vae": c.vae,
-            "text_encoder": c.text_encoder,
-            "resolution": c.resolution,
-            "vae_shape": list(feats.vae.shape),
-            "t5_shape": list(feats.t5.shape),
-        }
+    def _describe(self, feats: Features) -> dict[str, Any]:
+        return {**self.settings.record(), "vae_shape": list(feats.vae.shape), "t5_shape": list(feats.t5.shape)}
+
+
+def caption_of(members: dict[str, bytes]) -> str:
+    """The sample's caption text; "" when it has none (no ``txt`` member, or only whitespace)."""
+    text = members.get("txt", b"").decode(errors="replace")
+    return text if text.strip() else ""
 
 
 @dataclass
 class FeaturesSummary(StageSummary):
-    """Samples encoded and shards (reused ones included)."""
+    """Samples encoded, those without caption text, and shards (reused ones included)."""
 
     out_dir: Path
 
@@ -97,9 +107,15 @@ class FeaturesSummary(StageSummary):
     def samples(self) -> int:
         return sum(stats["successes"] for stats in self.run.stats)
 
+    @property
+    def missing(self) -> int:
+        """Samples without caption text, encoded with the empty caption."""
+        return sum(stats.get("missing_captions", 0) for stats in self.run.stats)
+
     def render(self) -> str:
         shards = f"{self.shards} shards ({self.shards_reused} already done)"
-        return f"features: {self.samples} samples in {shards} -> {self.out_dir}"
+        missing = f" ({self.missing} without caption: encoded as the empty caption)" if self.missing else ""
+        return f"features: {self.samples} samples{missing} in {shards} -> {self.out_dir}"
 
 
 class FeaturesStage(Stage[FeaturesJob, FeaturesSummary]):

@@ -130,7 +130,7 @@ def test_bad_values_are_one_sentence_with_exit_2(tmp_path, capsys, argv, expecte
     file = tmp_path / "a_file"
     file.write_text("a photo of a cat\n")
     root = tmp_path / "root"
-    root.mkdir()
+    (root / "shards").mkdir(parents=True)  # a dataset root with no shards yet
     fill = {"root": root, "tmp": tmp_path, "file": file}
     code, err = _run([part.format(**fill) for part in argv], capsys)
     assert code == 2
@@ -234,6 +234,7 @@ def test_errors_raised_in_a_ray_task_are_judged_by_their_cause(tmp_path):
 
 
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, capsys, monkeypatch):
+    (tmp_path / "shards").mkdir()
     argv = ["query", str(tmp_path), ""]
     code, err = _run(argv, capsys)
     assert code == 2 and TRACEBACK not in err
@@ -526,3 +527,180 @@ def test_bad_arguments_never_show_a_traceback(command, bad_inputs, capsys, monke
         assert code in (1, 2), (argv, code, err)
         assert TRACEBACK not in err, (argv, err)
         assert err.strip(), argv
+
+
+# --- models that do not fit where they are given ----------------------------------------------------------
+
+TINY_TRAIN_YAML = REPO / "trainer" / "configs" / "tiny.yaml"
+
+
+def _train_argv(tmp_path: Path, pipeline: Path, *overrides: str) -> list[str]:
+    """``densecurate train`` of the tiny config; its checks run before the (absent) features are read."""
+    base = [f"run_dir={tmp_path / 'run'}", f"pipeline={pipeline}", f"data.features={tmp_path / 'features'}"]
+    return ["train", str(TINY_TRAIN_YAML), *base, "sample_every=0", *overrides]
+
+
+def test_a_pretrained_transformer_for_another_text_encoder_is_one_sentence(
+    tiny_dit_dir, tiny_pixart_dir, tmp_path, capsys
+):
+    from trainer.convert_dit import convert_dit
+
+    converted = convert_dit(str(tiny_dit_dir), tmp_path / "pixart4096")  # --caption-channels' default, 4096
+    code, err = _run(_train_argv(tmp_path, tiny_pixart_dir, f"model.pretrained={converted}"), capsys)
+    assert code == 2
+    line = _one_sentence(err)
+    assert f"model.pretrained {converted} takes captions of 4096 channels (caption_channels)" in line
+    assert f"the text encoder of pipeline {tiny_pixart_dir} has 32" in line and "--caption-channels 32" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "fixture, names",
+    [("tiny_llava_dir", "LlavaForConditionalGeneration"), ("tiny_dit_dir", "DiTTransformer2DModel")],
+    ids=["llava", "dit"],
+)
+def test_a_pretrained_model_that_is_no_pixart_transformer_is_one_sentence(
+    request, tiny_pixart_dir, tmp_path, capsys, fixture, names
+):
+    folder = request.getfixturevalue(fixture)
+    code, err = _run(_train_argv(tmp_path, tiny_pixart_dir, f"model.pretrained={folder}"), capsys)
+    assert code == 2
+    line = _one_sentence(err)
+    assert f"model.pretrained {folder} is not a PixArt transformer (its config names {names})" in line
+    assert "densecurate models convert-dit" in line
+
+
+def test_caption_channels_other_than_the_text_encoders_are_one_sentence(tiny_pixart_dir, tmp_path, capsys):
+    code, err = _run(_train_argv(tmp_path, tiny_pixart_dir, "model.caption_channels=64"), capsys)
+    assert code == 2
+    line = _one_sentence(err)
+    assert "model.caption_channels is 64" in line and "set model.caption_channels to 32" in line
+
+
+def test_convert_dit_of_a_cut_weights_file_is_one_sentence(tiny_dit_dir, tmp_path, capsys):
+    source = tmp_path / "dit"
+    source.mkdir()
+    (source / "config.json").write_bytes((tiny_dit_dir / "config.json").read_bytes())
+    weights = (tiny_dit_dir / "diffusion_pytorch_model.safetensors").read_bytes()
+    (source / "diffusion_pytorch_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    out = tmp_path / "out"
+    code, err = _run(["models", "convert-dit", str(source), "--out", str(out), "--caption-channels", "32"], capsys)
+    assert code == 2
+    line = _one_sentence(err)
+    assert f"cannot read the weights of DiT {source}" in line
+    assert f"{source / 'diffusion_pytorch_model.safetensors'} is damaged or cut short" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "fixture, what",
+    [
+        ("tiny_pixart_dir", "a diffusers pipeline (PixArtAlphaPipeline)"),
+        ("tiny_clip_dir", "an open_clip (CLIP) model"),
+        ("tiny_dit_dir", "a diffusers model (DiTTransformer2DModel)"),
+    ],
+    ids=["pixart", "clip", "dit"],
+)
+def test_caption_with_a_model_that_is_no_captioner_is_one_sentence(request, tmp_path, capsys, fixture, what):
+    folder = request.getfixturevalue(fixture)
+    code, err = _run(["caption", str(tmp_path), "--model", str(folder)], capsys)
+    assert code == 2
+    line = _one_sentence(err)
+    assert f"--model {folder} is {what}, not a captioner model densecurate runs" in line
+    assert "(LLaVA, Qwen2-VL, SmolVLM / Idefics3)" in line
+
+
+# --- the vLLM environment ---------------------------------------------------------------------------------
+
+
+def _script(path: Path, body: str) -> str:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_vllm_interpreter_that_fails_is_refused_before_any_actor(tiny_llava_dir, tmp_path, capsys):
+    pythons = {"/bin/false": "(exit status 1, no message)"}
+    if subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode != 0:
+        pythons[sys.executable] = "ModuleNotFoundError: No module named 'vllm'"
+    for python, said in pythons.items():
+        started = time.monotonic()
+        argv = ["caption", str(tmp_path), "--model", str(tiny_llava_dir), "--engine", "vllm", "--vllm-python", python]
+        code, err = _run(argv, capsys)
+        assert code == 2 and time.monotonic() - started < 30
+        line = _one_sentence(err)
+        assert f"the vLLM environment {python} failed `import vllm, ray, pipeline.caption_stage`" in line
+        assert said in line and "make setup-vllm" in line
+    assert not (tmp_path / "captions").exists()
+
+
+def test_a_vllm_interpreter_of_another_ray_or_that_hangs_is_one_sentence(tmp_path):
+    from importlib.metadata import version
+
+    from captioner.errors import VllmEnvironmentError
+    from captioner.vllm_env import check_vllm_python
+
+    other_ray = _script(tmp_path / "other_ray", "echo 0.0.1")
+    with pytest.raises(VllmEnvironmentError) as info:
+        check_vllm_python(other_ray)
+    assert f"has Ray 0.0.1 but this process has Ray {version('ray')}" in str(info.value)
+    assert f"ray[default]=={version('ray')}" in str(info.value)
+    hangs = _script(tmp_path / "hangs", "exec sleep 30")
+    started = time.monotonic()
+    with pytest.raises(EnvironmentFailure, match=r"did not import vllm, ray, pipeline\.caption_stage within 1 s"):
+        check_vllm_python(hangs, timeout_s=1)
+    assert time.monotonic() - started < 10
+    assert explain_error(info.value)[0] == 2
+
+
+# --- outputs that cannot be made, and run_dirs that are another stage's ------------------------------------
+
+UNMAKEABLE = "/proc/densecurate-no-such/out"  # a virtual file system: no folder can be made there
+
+
+@pytest.mark.parametrize("command", ["train", "convert-dit", "export", "eval"])
+def test_an_output_folder_that_cannot_be_made_is_one_sentence(
+    command, tiny_pixart_dir, tiny_dit_dir, tiny_clip_dir, tmp_path, capsys, monkeypatch
+):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    run = tmp_path / "run"
+    if command == "export":  # a run with a config and a checkpoint (its loading stubbed)
+        run.mkdir()
+        (run / "config.yaml").write_text(f"run_dir: {run}\npipeline: {tiny_pixart_dir}\ndata: {{features: f}}\n")
+        stub = SimpleNamespace(transformer=None, transformer_ema=None)
+        monkeypatch.setattr("trainer.export.load_newest_checkpoint", lambda *a, **k: stub)
+    argv = {
+        "train": _train_argv(tmp_path, tiny_pixart_dir, f"run_dir={UNMAKEABLE}"),
+        "convert-dit": ["models", "convert-dit", str(tiny_dit_dir), "--out", UNMAKEABLE, "--caption-channels", "32"],
+        "export": ["export", str(run), "--out", UNMAKEABLE],
+        "eval": ["eval", str(tiny_pixart_dir), "--prompts", str(prompts), "--clip-model", f"local-dir:{tiny_clip_dir}"],
+    }[command]
+    if command == "eval":
+        argv += ["--images", UNMAKEABLE]
+    code, err = _run(argv, capsys)
+    assert code == 2
+    assert f"cannot make the output folder {UNMAKEABLE}" in _one_sentence(err)
+
+
+def test_a_sample_grid_that_cannot_be_made_is_one_sentence(tmp_path):
+    from schemas.errors import OutputPathError
+    from trainer.sampling import save_sample_grid
+
+    with pytest.raises(OutputPathError, match="cannot make the output folder /proc/densecurate-no-such"):
+        save_sample_grid(None, None, Path(UNMAKEABLE) / "step-00000001.png")
+
+
+@pytest.mark.parametrize("kind", ["dataset root", "curated shards"])
+def test_train_refuses_a_run_dir_of_another_stages_output(kind, tiny_pixart_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    if kind == "dataset root":
+        (run / "shards").mkdir(parents=True)
+        expected = f"run_dir {run} is a dataset root; choose a folder of the training run's own"
+    else:
+        run.mkdir()
+        (run / "_plan.json").write_text('{"stage": "curate", "shards": [0]}')
+        expected = f"run_dir {run} holds the output of the curate stage (its _plan.json says so)"
+    code, err = _run(_train_argv(tmp_path, tiny_pixart_dir), capsys)
+    assert code == 2 and expected in _one_sentence(err)
+    assert not (run / "config.yaml").exists()

@@ -135,24 +135,40 @@ def test_two_ray_train_workers_keep_identical_weights(features_dir, tiny_pixart_
     assert (tmp_path / "ddp" / "checkpoints" / "step-00000003").is_dir()
 
 
-def test_export_loads_in_pixart_pipeline_and_generates(features_dir, tiny_pixart_dir, tmp_path):
+def test_export_loads_in_pixart_pipeline_and_generates_as_its_output_says(
+    features_dir, tiny_pixart_dir, tmp_path, capsys
+):
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
     run_dir = tmp_path / "run"
     train(tiny_config(run_dir, features_dir, tiny_pixart_dir, "steps=2", "checkpoint_every=2"))
+    capsys.readouterr()
     assert main(["export", str(run_dir), "--out", str(tmp_path / "export"), "--ema"]) == 0
+    out = capsys.readouterr().out
+    assert "resolution bins only for 256, 512 and 1024 px" in out
+    assert "64 px one with use_resolution_binning=False: pipe(prompt, use_resolution_binning=False)" in out
     pipe = PixArtAlphaPipeline.from_pretrained(tmp_path / "export")
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
-    image = pipe(
-        "a photo of a cat",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        use_resolution_binning=False,
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]
+    with pytest.raises(ValueError, match="Invalid sample size"):  # why the output says how to call it
+        pipe("a photo of a cat", num_inference_steps=1)
+    torch.manual_seed(0)
+    image = pipe("a photo of a cat", use_resolution_binning=False).images[0]  # the call the output gives
     assert image.size == (64, 64)
     assert list((run_dir / "tensorboard").iterdir()), "TensorBoard scalars are written"
+
+
+def test_export_of_a_binned_size_generates_with_a_default_call(shards_dir, tiny_pixart_dir, tmp_path, capsys):
+    from diffusers import PixArtAlphaPipeline
+
+    run_dir = tmp_path / "run"
+    online = ("data.source=curated", f"data.curated={shards_dir}", "resolution=256", "steps=1", "checkpoint_every=1")
+    train(tiny_config(run_dir, tmp_path / "unused", tiny_pixart_dir, *online))
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    assert "use_resolution_binning" not in capsys.readouterr().out
+    torch.manual_seed(0)
+    image = PixArtAlphaPipeline.from_pretrained(tmp_path / "export")("a photo of a cat").images[0]
+    assert image.size == (256, 256)
 
 
 def test_sample_grid_is_saved(features_dir, tiny_pixart_dir, tmp_path):
@@ -335,3 +351,65 @@ def test_train_step_of_a_spec_takes_overwrite_only_without_resume():
         TrainStep(config="train.yaml", overwrite=True)
     step = TrainStep(config="train.yaml", overwrite=True, resume=False, allow_config_change=True)
     assert (step.overwrite, step.allow_config_change) == (True, True)
+
+
+# Training refuses features made with other settings than its config.
+
+
+def test_features_of_another_resolution_are_refused_naming_both(features_dir, tiny_pixart_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["train", str(TINY_YAML), f"run_dir={run_dir}", f"pipeline={tiny_pixart_dir}"]
+    argv += [f"data.features={features_dir}", "sample_every=0", "steps=1", "checkpoint_every=1"]
+    assert main([*argv, "resolution=256"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: the feature shard {features_dir / '00000.tar'} was made with resolution 64 but the training "
+        "config has resolution 256; make the features again with --resolution 256 (densecurate features, into "
+        "another folder) or change resolution in the training config"
+    )
+    _one_sentence(err)
+    assert not run_dir.exists(), "refused before anything is written"
+    assert main(argv) == 0, "features made at the config's resolution train"
+    assert _steps(run_dir) == ["step-00000001"]
+
+
+@pytest.mark.parametrize("setting", ["vae", "max_tokens"])
+def test_features_of_another_vae_or_t5_length_are_refused(features_dir, tiny_pixart_dir, tmp_path, setting):
+    import shutil
+
+    from trainer.errors import FeatureMismatchError
+    from trainer.launch import launch_training
+
+    pipeline, override = tiny_pixart_dir, "data.max_tokens=16"
+    if setting == "vae":
+        pipeline, override = shutil.copytree(tiny_pixart_dir, tmp_path / "other_pixart"), "steps=1"
+    with pytest.raises(FeatureMismatchError) as info:
+        launch_training(tiny_config(tmp_path / "run", features_dir, pipeline, override))
+    message = str(info.value)
+    made, wanted = tiny_pixart_dir.resolve(), pipeline.resolve()
+    expected = {
+        "vae": f"VAE {made / 'vae'} and text encoder {made / 'text_encoder'} but the training config has VAE "
+        f"{wanted / 'vae'} and text encoder {wanted / 'text_encoder'}; make the features again with --vae {pipeline} "
+        f"--text-encoder {pipeline} (densecurate features, into another folder) or change pipeline in",
+        "max_tokens": "T5 max length 120 but the training config has T5 max length 16; make the features again with "
+        "--max-tokens 16 (densecurate features, into another folder) or change data.max_tokens in",
+    }
+    assert f"was made with {expected[setting]} the training config" in message
+    _one_sentence(message)
+
+
+def test_features_whose_stats_predate_the_record_are_checked_by_their_samples(features_dir, tiny_pixart_dir, tmp_path):
+    import shutil
+
+    from trainer.errors import FeatureMismatchError
+    from trainer.launch import launch_training
+
+    older = shutil.copytree(features_dir, tmp_path / "features")
+    for stats_file in older.glob("*_stats.json"):
+        stats = json.loads(stats_file.read_text())
+        del stats["features"]
+        stats_file.write_text(json.dumps(stats))
+    with pytest.raises(
+        FeatureMismatchError, match="made with resolution 64 but the training config has resolution 256"
+    ):
+        launch_training(tiny_config(tmp_path / "run", older, tiny_pixart_dir, "resolution=256"))

@@ -51,8 +51,10 @@ from typing import Any
 
 import torch
 
+from schemas.atomic import make_folder
 from schemas.errors import MissingInputError, OutputConflictError
 from trainer.errors import IncompatibleModelError
+from trainer.weights import load_weights
 
 REPARAM_TIMESTEP = 500  # PixArt-α's t for the re-parameterisation
 PIXART_NORM_EPS = 1e-6
@@ -169,7 +171,11 @@ def convert_dit(
             f"--class-label {class_label} is not a class of DiT {source} (0 to {num_classes - 1})"
         )
     try:
-        dit = _from_source(DiTTransformer2DModel.from_pretrained, source, torch_dtype=torch.float32)
+        dit = load_weights(
+            lambda: _from_source(DiTTransformer2DModel.from_pretrained, source, torch_dtype=torch.float32),
+            f"DiT {source}",
+            "download or copy the DiT again",
+        )
     except (RuntimeError, ValueError) as exc:
         if "size mismatch" in str(exc) or "shape" in str(exc):
             raise IncompatibleModelError(
@@ -248,6 +254,6 @@ def convert_dit(
     )
     pixart.scale_shift_table.copy_(final.view(2, inner) - emb500)
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     pixart.save_pretrained(out, safe_serialization=True)
     return out

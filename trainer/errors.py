@@ -34,3 +34,12 @@ class UnusableCheckpointError(MissingInputError):
 
 class IncompatibleModelError(UserError):
     """A pretrained model whose type or sizes do not fit what it is converted to (the message names the field)."""
+
+
+class FeatureMismatchError(UserError):
+    """Feature shards made at another resolution, or with another VAE, text encoder or T5 max length, than the
+    training config (the message names both values)."""
+
+
+class UnreadableWeightsError(UserError):
+    """A model's weights file is missing, damaged or cut short (the message names the file)."""

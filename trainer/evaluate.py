@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from schemas.atomic import make_folder
 from schemas.errors import ConfigError, MissingInputError
 from schemas.validation import read_input_text
 from trainer.clip_model import ClipModel, require_clip_model
@@ -61,6 +62,8 @@ def evaluate(
 
     require_pipeline_folder(pipeline_dir)
     require_clip_model(clip_model)
+    if images_out is not None:
+        make_folder(images_out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         pipe = PixArtAlphaPipeline.from_pretrained(pipeline_dir).to(device)
@@ -75,7 +78,6 @@ def evaluate(
         use_resolution_binning=False,
     ).images
     if images_out is not None:
-        images_out.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             image.save(images_out / f"{i:04d}.png")
     clip = ClipModel(clip_model, clip_pretrained, device)

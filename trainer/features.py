@@ -8,6 +8,7 @@ fresh latent ``(mean + std * noise) * scaling_factor`` at load time.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,21 @@ FEATURE_EXT = "feat.safetensors"
 NULL_CAPTION_FILE = "null_caption.safetensors"  # the empty caption's T5 states, for caption dropout
 
 
-def from_pretrained_component(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
-    """Load from ``source/subfolder`` when it exists (a pipeline folder or repo), else from ``source``."""
+def load_component(load: Callable[..., Any], source: str, subfolder: str, **kwargs: Any) -> Any:
+    """``load`` from ``source/subfolder`` when it exists (a pipeline folder or repo), else from ``source``."""
     local = Path(source)
     if local.is_dir():
-        return cls.from_pretrained(source, subfolder=subfolder if (local / subfolder).is_dir() else None, **kwargs)
+        where = {"subfolder": subfolder} if (local / subfolder).is_dir() else {}
+        return load(source, **where, **kwargs)
     try:
-        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+        return load(source, subfolder=subfolder, **kwargs)
     except OSError:
-        return cls.from_pretrained(source, **kwargs)
+        return load(source, **kwargs)
+
+
+def from_pretrained_component(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` of ``source/subfolder`` when it exists, else of ``source``."""
+    return load_component(cls.from_pretrained, source, subfolder, **kwargs)
 
 
 def image_tensor(jpeg: bytes, resolution: int) -> torch.Tensor:

@@ -7,7 +7,9 @@ import torch
 from schemas.atomic import write_atomic
 from schemas.errors import UserError
 from schemas.train_config import TrainConfig
+from trainer.feature_settings import require_matching_features
 from trainer.loop import TrainResult, train
+from trainer.pretrained import require_fitting_model
 from trainer.run_guard import prepare_run_dir
 
 
@@ -16,8 +18,12 @@ def launch_training(
 ) -> TrainResult:
     """One process for ``workers == 1``; else one Ray Train worker per ``workers``, gradients all-reduced.
 
-    run_dir is checked here, once, before any worker starts (see ``trainer.run_guard.prepare_run_dir``).
+    The feature shards, the transformer and run_dir are checked here, once, before any worker starts (see
+    ``trainer.feature_settings.require_matching_features``, ``trainer.pretrained.require_fitting_model`` and
+    ``trainer.run_guard.prepare_run_dir``).
     """
+    require_matching_features(config)
+    require_fitting_model(config)
     prepare_run_dir(config, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     if config.workers == 1:
         return train(config, resume=resume, check_run_dir=False)

@@ -21,9 +21,11 @@ from trainer.checkpoint import listed_names, load_newest_checkpoint, nonfinite_w
 from trainer.data import CuratedDataset, FeatureDataset, StepBatches, seeded_generator
 from trainer.diffusion import HybridLoss, linear_scheduler
 from trainer.errors import TrainingDivergedError
+from trainer.feature_settings import require_matching_features
 from trainer.features import FeatureEncoder, from_pretrained_component
-from trainer.run_guard import CONFIG_FILE as CONFIG_FILE  # the run's saved config (re-exported)
+from trainer.pretrained import require_fitting_model
 from trainer.run_guard import prepare_run_dir, save_config
+from trainer.weights import load_weights
 
 
 def build_transformer(config: TrainConfig) -> Any:
@@ -32,7 +34,11 @@ def build_transformer(config: TrainConfig) -> Any:
 
     m = config.model
     if m.pretrained:
-        return from_pretrained_component(PixArtTransformer2DModel, m.pretrained, "transformer")
+        return load_weights(
+            lambda: from_pretrained_component(PixArtTransformer2DModel, m.pretrained, "transformer"),
+            f"model.pretrained {m.pretrained}",
+            "download or convert it again",
+        )
     return PixArtTransformer2DModel(
         num_attention_heads=m.num_attention_heads,
         attention_head_dim=m.attention_head_dim,
@@ -117,10 +123,12 @@ def train(
 ) -> TrainResult:
     """Train from step 0, or from the latest checkpoint with ``resume``; returns the final step and losses.
 
-    First ``prepare_run_dir`` refuses to mix runs in run_dir (``overwrite``: delete the old run;
-    ``allow_config_change``: resume with a changed config, recorded). ``check_run_dir=False`` when the
-    caller already did that (the driver of a Ray Train run, once for all workers). A resume continues from
-    the newest checkpoint that loads completely (newer ones that do not are skipped, with a printed line).
+    First ``require_matching_features`` refuses feature shards made with other settings than the config,
+    ``require_fitting_model`` a transformer that does not fit the pipeline, and ``prepare_run_dir`` refuses
+    to mix runs in run_dir (``overwrite``: delete the old run; ``allow_config_change``: resume with a
+    changed config, recorded). ``check_run_dir=False`` when the caller already did these (the driver of a
+    Ray Train run, once for all workers). A resume continues from the newest checkpoint that loads
+    completely (newer ones that do not are skipped, with a printed line).
 
     A step whose loss or gradients are NaN or infinite updates nothing (weights, optimizer, EMA); up to
     ``config.nan_tolerance`` such steps of the run are skipped and counted, the next one stops training
@@ -130,6 +138,8 @@ def train(
     from diffusers.optimization import get_constant_schedule_with_warmup
 
     if check_run_dir:
+        require_matching_features(config)
+        require_fitting_model(config)
         prepare_run_dir(config, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
 
     if device is None:
@@ -202,11 +212,8 @@ def train(
         else:
             latents = batch["latent"].to(device)
             t5, mask = batch["t5"].to(device), batch["mask"].to(device)
-        if step == start and t5.shape[-1] != config.model.caption_channels and not config.model.pretrained:
-            raise ConfigError(
-                f"model.caption_channels is {config.model.caption_channels} but the features' T5 states have "
-                f"{t5.shape[-1]} channels"
-            )
+        if step == start and t5.shape[-1] != model.config.caption_channels:
+            raise ConfigError(_caption_channels_message(config, model.config.caption_channels, t5.shape[-1]))
         gen = seeded_generator(config.seed, step, rank, 3)
         with _autocast(config, device):
             terms = diffusion_terms(train_model, latents, t5, mask, scheduler, loss_fn, gen)
@@ -321,6 +328,20 @@ def _diverged_message(step: int, what: str, count: int, tolerance: int, weights_
         f"training stopped at step {step} because {what}, non-finite step {count} of the run with --nan-tolerance "
         f"{tolerance} (no checkpoint was written for it); check those samples' features or lower optim.lr, or "
         "resume with a higher --nan-tolerance to skip such steps"
+    )
+
+
+def _caption_channels_message(config: TrainConfig, channels: int, features: int) -> str:
+    """The transformer's caption channels differ from the T5 states of the features (one sentence)."""
+    if config.model.pretrained:
+        return (
+            f"model.pretrained {config.model.pretrained} takes captions of {channels} channels but the features' T5 "
+            f"states have {features}: make the features with the pipeline's text encoder or choose a transformer "
+            f"made for {features} channels"
+        )
+    return (
+        f"model.caption_channels is {channels} but the features' T5 states have {features} channels: set "
+        f"model.caption_channels to {features}"
     )
 
 

@@ -3,6 +3,8 @@ changes the config the checkpoints were trained with.
 
 ``prepare_run_dir`` runs once before training (in the driver, before any Ray Train worker starts):
 
+- a run_dir that is a dataset root or a folder of shards another stage wrote is refused, and run_dir is
+  made (one sentence when it cannot be);
 - without ``resume``, a run_dir that holds a checkpoint is refused, unless ``overwrite`` first deletes
   what the old run wrote there (``RUN_OUTPUTS``; other files in run_dir are left alone);
 - with ``resume``, the config is compared with the run's saved ``config.yaml``; a change in anything but
@@ -23,17 +25,17 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from schemas.atomic import write_atomic
+from schemas.atomic import make_folder, write_atomic
 from schemas.errors import ConfigError, OutputConflictError
+from schemas.layout import CHECKPOINTS_DIR, PLAN_FILE, TRAIN_CONFIG_FILE, is_dataset_root
 from schemas.train_config import TrainConfig
 from schemas.validation import load_yaml
 from trainer.checkpoint import latest_checkpoint
 
-CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config_changes.jsonl"
 
 # Everything a run writes to run_dir (checkpoints first: an interrupted --overwrite leaves no checkpoint).
-RUN_OUTPUTS = ("checkpoints", "samples", "tensorboard", "workers", "ray_train", CHANGES_FILE, CONFIG_FILE)
+RUN_OUTPUTS = (CHECKPOINTS_DIR, "samples", "tensorboard", "workers", "ray_train", CHANGES_FILE, TRAIN_CONFIG_FILE)
 
 # Fields a resume may change freely: the length of the run, and settings that only decide what is
 # logged, saved or sampled (and how many loader processes read the data, which never changes a batch),
@@ -56,17 +58,19 @@ IGNORED_FIELDS = frozenset({"run_dir"})
 
 def save_config(run_dir: Path, config: TrainConfig) -> None:
     """Write the run's ``config.yaml`` (the one ``export`` uses) atomically."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    make_folder(run_dir)
+    write_atomic(run_dir / TRAIN_CONFIG_FILE, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def prepare_run_dir(
     config: TrainConfig, *, resume: bool, overwrite: bool = False, allow_config_change: bool = False
 ) -> None:
-    """Refuse to mix runs in ``config.run_dir`` (``OutputConflictError``), or clear it / record the change."""
+    """Refuse a run_dir of another stage's output (``require_run_folder``, which makes it) or to mix runs in it
+    (``OutputConflictError``), or clear it / record the change."""
     run_dir = Path(config.run_dir)
     if resume and overwrite:
         raise ConfigError("--resume continues the run in run_dir and --overwrite deletes it: pass only one of them")
+    require_run_folder(run_dir)
     if overwrite:
         remove_run(run_dir)
         return
@@ -95,6 +99,31 @@ def prepare_run_dir(
     if changes:
         record_changes(run_dir, step, changes)
         save_config(run_dir, config)
+
+
+def require_run_folder(run_dir: Path) -> None:
+    """Refuse a run_dir that is a dataset root or a folder of shards a stage wrote (``OutputConflictError``),
+    then make it (``OutputPathError`` when it cannot be made)."""
+    if is_dataset_root(run_dir):
+        raise OutputConflictError(
+            f"run_dir {run_dir} is a dataset root; choose a folder of the training run's own (e.g. runs/NAME)"
+        )
+    stage = _stage_of(run_dir)
+    if stage is not None:
+        raise OutputConflictError(
+            f"run_dir {run_dir} holds the output of the {stage} stage (its {PLAN_FILE} says so); choose a folder of "
+            "the training run's own (e.g. runs/NAME)"
+        )
+    make_folder(run_dir)
+
+
+def _stage_of(folder: Path) -> str | None:
+    """The stage whose shards ``folder`` holds, as its recorded plan names it (None: no plan)."""
+    try:
+        stage = json.loads((folder / PLAN_FILE).read_text())["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return str(stage)
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -131,7 +160,7 @@ def remove_run(run_dir: Path) -> None:
 
 def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     """The run's saved config with defaults filled in (as written when its schema no longer validates)."""
-    path = run_dir / CONFIG_FILE
+    path = run_dir / TRAIN_CONFIG_FILE
     if not path.is_file():
         return None
     data = load_yaml(path.read_text(), str(path)) or {}

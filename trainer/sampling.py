@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from schemas.atomic import make_folder
 from schemas.train_config import TrainConfig
 
 
@@ -33,6 +34,7 @@ def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
 @torch.inference_mode()
 def save_sample_grid(config: TrainConfig, transformer: Any, out: Path) -> Path:
     """Generate the fixed prompts with a copy of ``transformer`` and save them as one PNG grid."""
+    make_folder(out.parent)
     device = next(transformer.parameters()).device
     pipe = load_pipeline(config.pipeline, copy.deepcopy(transformer).eval(), device)
     images = pipe(
@@ -44,6 +46,5 @@ def save_sample_grid(config: TrainConfig, transformer: Any, out: Path) -> Path:
         use_resolution_binning=False,
         max_sequence_length=config.data.max_tokens,
     ).images
-    out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(out)
     return out
