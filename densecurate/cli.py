@@ -18,7 +18,7 @@ from densecurate import commands
 from schemas.atomic import TMP_MARK
 from schemas.errors import EnvironmentFailure, UserError
 from schemas.pipeline_spec import STAGES
-from schemas.score_config import DEFAULT_SPACY_MODEL
+from schemas.score_config import DEFAULT_MAX_TEXT_CHARS, DEFAULT_SPACY_MODEL
 from schemas.shard_config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_OUTPUT_SIDE, DEFAULT_MAX_SIDECAR_BYTES
 
 console = commands.console
@@ -182,7 +182,7 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
     )
     engine.add_argument("--vllm-python", help="vllm: interpreter of the vLLM environment (default: .venv-vllm)")
     _add_ray_options(p, "model replicas (default: one per GPU, or 1 on CPU)")
-    _add_rerun_options(p, replace=False)
+    _add_rerun_options(p, replace=True)
     p.set_defaults(handler=commands.cmd_caption)
 
 
@@ -225,6 +225,12 @@ def _add_nouns_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacy-model", default=DEFAULT_SPACY_MODEL, help="installed spaCy pipeline")
     p.add_argument("--nouns", default="all", choices=["all", "common"], help="all: NOUN+PROPN; common: NOUN")
     p.add_argument("--min-count", type=int, default=10, help="a noun is valid when seen more than this often")
+    p.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=DEFAULT_MAX_TEXT_CHARS,
+        help="score a longer text on its first this many characters and flag it (density: cut)",
+    )
 
 
 def _add_score_parser(sub: argparse._SubParsersAction) -> None:
@@ -273,7 +279,7 @@ def _add_ground_parser(sub: argparse._SubParsersAction) -> None:
     dup.add_argument("--dup-exact-limit", type=int, default=200_000, help="above this many images: IVF search")
     dup.add_argument("--dup-nprobe", type=int, default=16, help="IVF lists probed per query")
     _add_ray_options(p, "model replicas (default: one per GPU, or 1 on CPU)")
-    _add_rerun_options(p, replace=False)
+    _add_rerun_options(p, replace=True)
     p.set_defaults(handler=commands.cmd_ground)
 
 
@@ -354,7 +360,9 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
         "features",
         help="precompute VAE posteriors and T5 states of curated shards for training",
         description="Writes FEATS/NNNNN.tar (KEY.feat.safetensors: VAE mean+std and T5 states, fp16; KEY.txt; "
-        "KEY.json), NNNNN.parquet, NNNNN_stats.json and null_caption.safetensors. Finished shards are skipped.",
+        "KEY.json), NNNNN.parquet, NNNNN_stats.json (with the settings, which train checks against its config) and "
+        "null_caption.safetensors. Samples without caption get the empty caption's states and are counted. "
+        "Finished shards are skipped.",
     )
     p.add_argument("curated", type=_path, help="folder of curated shards (densecurate curate --out)")
     p.add_argument("--out", required=True, type=_path, help="folder of the feature shards")
@@ -408,7 +416,9 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="write a run's latest checkpoint as a folder PixArtAlphaPipeline.from_pretrained loads",
-        description="Transformer (or its EMA with --ema), the run's VAE, T5 encoder and tokenizer, DPM-Solver.",
+        description="Transformer (or its EMA with --ema), the run's VAE, T5 encoder and tokenizer, DPM-Solver. "
+        "A model of another size than 256, 512 or 1024 px has no resolution bins in PixArtAlphaPipeline: call it "
+        "as pipe(prompt, use_resolution_binning=False) (the command prints this line for such a model).",
     )
     p.add_argument("run", type=_path, help="run directory (run_dir of the training config)")
     p.add_argument("--out", required=True, type=_path)
@@ -541,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEBUG_ENV = "DENSECURATE_DEBUG"
+# Settings whose option is not ``--`` + the field's last name.
+OPTION_OF_FIELD = {
+    "duplicates.threshold": "--dup-threshold",
+    "duplicates.exact_limit": "--dup-exact-limit",
+    "duplicates.nprobe": "--dup-nprobe",
+}
 RERUN = "rerun the same command to go on (finished shards are kept)"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -595,7 +611,11 @@ def explain_error(exc: BaseException) -> tuple[int, list[str]] | None:
         lines = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            option = "--" + str(err["loc"][-1]).replace("_", "-") if err["loc"] else "(top level)"
+            option = (
+                OPTION_OF_FIELD.get(field, "--" + str(err["loc"][-1]).replace("_", "-"))
+                if err["loc"]
+                else "(top level)"
+            )
             lines.append(f"{field} ({option}): {err['msg']}")
         return 2, lines
     if isinstance(exc, UserError):

@@ -142,7 +142,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _noun_settings(args: argparse.Namespace) -> dict:
-    return {"spacy_model": args.spacy_model, "nouns": args.nouns}
+    return {"spacy_model": args.spacy_model, "nouns": args.nouns, "max_text_chars": args.max_text_chars}
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -281,8 +281,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_pipeline
 
     require_folder_option(args.out, "--out")
-    out = export_pipeline(args.run, args.out, ema=args.ema)
-    Console().print(f"exported {'EMA ' if args.ema else ''}pipeline to {out}")
+    exported = export_pipeline(args.run, args.out, ema=args.ema)
+    Console().print(f"exported {'EMA ' if args.ema else ''}pipeline to {exported.out}")
+    if hint := exported.call_hint():
+        Console().print(hint, soft_wrap=True)  # one line, so that the call can be copied
     return 0
 
 
@@ -437,7 +439,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     damaged = verify_folder(args.root, deep=args.deep)
     if not damaged:
-        Console().print(f"{args.root}: every output is intact{' (images hashed)' if args.deep else ''}")
+        Console().print(f"{args.root}: every output is intact{' (files hashed)' if args.deep else ''}")
         return 0
     for damage in damaged:
         print(f"damaged {damage.path}: {damage.problem}")

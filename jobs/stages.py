@@ -102,8 +102,10 @@ def run_export(spec: PipelineSpec) -> None:
     config = load_train_config(
         read_input_text(spec.train.config, "training config"), spec.train.overrides, source=spec.train.config
     )
-    out = export_pipeline(Path(config.run_dir), Path(spec.export.out), ema=spec.export.ema)
-    console.print(f"export: {out}")
+    exported = export_pipeline(Path(config.run_dir), Path(spec.export.out), ema=spec.export.ema)
+    console.print(f"export: {exported.out}")
+    if hint := exported.call_hint():
+        console.print(hint, soft_wrap=True)
 
 
 RUNNERS: dict[str, Callable[[PipelineSpec], None]] = {

@@ -22,16 +22,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 from rich.table import Table
 
 from pipeline.guards import require_complete
 from pipeline.key_sample import describe_sample, sample_keys
 from pipeline.parquet_meta import finished_output, read_meta, write_table_atomic
 from pipeline.runner import run_stage
-from pipeline.shard_reading import iter_shard_samples, read_shard_stats
+from pipeline.shard_reading import read_shard_stats
 from pipeline.stage import Actors, Stage, StageRun, StageSummary, Stats, TableJob, fingerprint, shards_table
+from pipeline.verify import checked_samples
 from schemas.caption_config import CaptionConfig
-from schemas.errors import MissingInputError, OutputConflictError
+from schemas.errors import ConfigError, MissingInputError, OutputConflictError
 from schemas.layout import DatasetLayout
 from schemas.tables import CAPTIONS_SCHEMA, STATUS_OK
 
@@ -160,7 +162,7 @@ class CaptionWorker:
 
         requests = (
             CaptionRequest(key, members.get("jpg", b""), members.get("txt", b"").decode() or None)
-            for key, members in iter_shard_samples(job.tar, to_caption)
+            for key, members in checked_samples(job.tar, to_caption)
         )
         rows = reused + [
             _row(result, self.config, self.engine, self.device, self.gpus) for result in self.engine.caption(requests)
@@ -242,6 +244,7 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
         layout, config = self.catalog, self.config
         settings = config.fingerprint_settings()
         jobs = []
+        replaced: list[dict[str, Any]] = []  # earlier full runs' stats that this plan would caption over
         for index in require_complete(layout.shards_dir).finished:
             stats = read_shard_stats(layout, index)
             rows_fingerprint = fingerprint(settings, stats["inputs_fingerprint"])
@@ -250,6 +253,8 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
             earlier = read_meta(out)
             if config.sample is not None:
                 _refuse_to_sample_over_a_full_run(earlier, rows_fingerprint, out)
+            elif _made_otherwise(earlier, rows_fingerprint, stats["inputs_fingerprint"]):
+                replaced.append(earlier["stats"])
             jobs.append(
                 CaptionJob(
                     index=index,
@@ -267,17 +272,26 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
             )
         if not jobs:
             raise MissingInputError(f"no finished shards under {layout.shards_dir}: run `densecurate shard` first")
+        if replaced and not config.replace:
+            _refuse_to_replace_captions(replaced, config.name, self.outputs[0])
         return jobs
 
     def check(self) -> None:
+        """Before any actor starts: the model is a captioner that is available here, ``--max-new-tokens`` fits
+        its context, and the vLLM engine's interpreter runs what its actors import."""
         from captioner.loading import check_model_available
 
-        check_model_available(self.config.model)
-        if self.config.engine == "vllm" and not Path(vllm_python(self.config)).is_file():
-            raise MissingInputError(
-                f"the vLLM environment {vllm_python(self.config)} does not exist: run `make setup-vllm`, or pass "
-                "--vllm-python with the interpreter of an environment that has vLLM and densecurate"
+        context = check_model_available(self.config.model)
+        max_new_tokens = self.config.generation.max_new_tokens
+        if context is not None and max_new_tokens >= context:
+            raise ConfigError(
+                f"--max-new-tokens {max_new_tokens} does not fit {self.config.model.model}'s context of {context:,} "
+                "tokens, which also holds the prompt and the image: ask for fewer new tokens"
             )
+        if self.config.engine == "vllm":
+            from captioner.vllm_env import check_vllm_python
+
+            check_vllm_python(vllm_python(self.config))
 
     def work(self) -> Actors:
         c = self.config
@@ -323,6 +337,28 @@ def _refuse_to_sample_over_a_full_run(earlier: dict[str, Any] | None, rows_finge
             f"{out} holds the captions of every key of its shard, made with other settings; a sample would replace "
             "them with its few keys: caption the sample under another --name"
         )
+
+
+def _made_otherwise(earlier: dict[str, Any] | None, rows_fingerprint: str, shard_fingerprint: str) -> bool:
+    """Whether ``earlier`` (a caption file's metadata) is a full run of the same shard made with other model or
+    generation settings: a caption run over it replaces GPU work that is still current for its shard."""
+    if earlier is None or earlier.get("sample") is not None or rows_fingerprint_of(earlier) == rows_fingerprint:
+        return False
+    try:
+        settings = CaptionConfig.model_validate(earlier["settings"]).fingerprint_settings()
+    except (KeyError, TypeError, ValidationError):
+        return True  # settings that cannot be read back: the shard cannot be told unchanged, so ask
+    return fingerprint(settings, shard_fingerprint) == rows_fingerprint_of(earlier)
+
+
+def _refuse_to_replace_captions(replaced: list[dict[str, Any]], name: str, folder: Path) -> None:
+    captions = sum(s["ok"] for s in replaced)
+    seconds = sum(s["seconds"] for s in replaced)
+    raise OutputConflictError(
+        f"this run would replace {captions:,} captions of {len(replaced)} shards in {folder} that an earlier run of "
+        f"{name!r} made with other model or generation settings ({seconds:,.1f} worker-seconds of captioning): "
+        "caption under another --name, or pass --replace to replace them"
+    )
 
 
 def run_caption_stage(root: Path, config: CaptionConfig) -> CaptionSummary:

@@ -60,12 +60,23 @@ def _require_folder_path(output: Path) -> None:
             return
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` with its links resolved; a symbolic-link loop is one sentence."""
+    try:
+        return path.resolve()
+    except RuntimeError as exc:  # Python 3.11 reports a link loop so
+        raise MissingInputError(f"{path} is a symbolic link loop ({exc}): name the folder or file it means") from exc
+
+
 def _reserved_folder_holding(output: Path) -> Path | None:
     """The reserved folder of a dataset root (``ROOT/captions``, ``ROOT/density``, ...) that is or holds ``output``."""
     for folder in (output, *output.parents):
         if folder.name in RESERVED_NAMES and is_dataset_root(folder.parent):
             return folder
     return None
+
+
+_COMMAND_OF_STAGE = {"shards": "shard"}  # stage labels that are not their command's name
 
 
 def _refuse_other_owner(output: Path, stage: str) -> None:
@@ -76,7 +87,8 @@ def _refuse_other_owner(output: Path, stage: str) -> None:
         owner = None
     if owner is not None and owner != stage:
         raise OutputConflictError(
-            f"{output} holds the output of `densecurate {owner}`; this {stage} run would write over it: choose "
+            f"{output} holds the output of `densecurate {_COMMAND_OF_STAGE.get(owner, owner)}`; this "
+            f"{_COMMAND_OF_STAGE.get(stage, stage)} run would write over it: choose "
             "another output folder"
         )
     if (output / TRAIN_CONFIG_FILE).is_file() and (output / CHECKPOINTS_DIR).is_dir():
@@ -87,8 +99,8 @@ def check_paths(inputs: Iterable[Path], outputs: Iterable[Path], *, stage: str, 
     """Refuse outputs that overlap an input, that another stage wrote, or that lie in a dataset root's reserved
     folders other than those of ``root`` (the stage's own dataset root; None for a folder the user chose, which
     may not be a dataset root either)."""
-    resolved_inputs = [Path(p).resolve() for p in inputs]
-    for output in (Path(p).resolve() for p in outputs):
+    resolved_inputs = [_resolved(Path(p)) for p in inputs]
+    for output in (_resolved(Path(p)) for p in outputs):
         _require_folder_path(output)
         for source in resolved_inputs:
             relation = _relation(output, source)

@@ -21,6 +21,7 @@ from pipeline.catalog import run_query
 from pipeline.sample_data import write_sample_folder
 from pipeline.shard_stage import run_shard_stage
 from schemas.caption_config import CaptionConfig, GenerationSettings, ModelSettings
+from schemas.errors import OutputConflictError
 from schemas.shard_config import ShardConfig
 from tests import image_factory as mk
 
@@ -65,10 +66,13 @@ def test_captions_view_joins_samples_on_key(sharded_root, tiny_llava_dir):
     assert run_query(sharded_root, sql)[1] == [("tiny", 10)]
 
 
-def test_changed_settings_recaption(sharded_root, tiny_llava_dir):
+def test_changed_settings_recaption_with_replace(sharded_root, tiny_llava_dir):
     first = run_caption_stage(sharded_root, caption_config(tiny_llava_dir, name="redo", max_new_tokens=4))
     assert first.shards_reused == 0
-    second = run_caption_stage(sharded_root, caption_config(tiny_llava_dir, name="redo", max_new_tokens=6))
+    changed = caption_config(tiny_llava_dir, name="redo", max_new_tokens=6)
+    with pytest.raises(OutputConflictError, match="would replace 10 captions"):
+        run_caption_stage(sharded_root, changed)
+    second = run_caption_stage(sharded_root, changed.model_copy(update={"replace": True}))
     assert second.shards_reused == 0
     assert max(r["num_tokens"] for r in caption_rows(sharded_root, "redo")) <= 6
 

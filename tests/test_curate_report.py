@@ -136,6 +136,6 @@ def test_curate_refuses_density_older_than_the_captions(ray_local, tiny_llava_di
     run_caption_stage(root, CaptionConfig.model_validate(caption))
     run_score_stage(root, ScoreConfig(fields=("tiny",)))
     caption["generation"]["max_new_tokens"] = 12  # re-caption, but do not re-score
-    run_caption_stage(root, CaptionConfig.model_validate(caption))
+    run_caption_stage(root, CaptionConfig.model_validate({**caption, "replace": True}))
     with pytest.raises(StaleInputError, match="rerun `densecurate score"):
         run_curate_stage(root, tmp_path / "curated", CurateConfig(field="tiny"))

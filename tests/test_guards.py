@@ -111,19 +111,35 @@ def test_downstream_stages_never_delete_and_prune_lists_what_it_removes(root_cop
         ["features", "{curated}", "--out", "{root}/captions", "--vae", "vae", "--text-encoder", "t5"],
         ["shard", "{root}/shards", "--out", "{root}"],
         ["shard", "{root}", "--out", "{root}"],
+        # folders another stage owns: a captioner's, a field's density, feature shards, a training run
+        ["curate", "{root}", "--out", "{root}/captions/tiny", "--field", "alt_text"],
+        ["curate", "{root}", "--out", "{root}/density/tiny", "--field", "alt_text"],
+        ["curate", "{root}", "--out", "{root}/captions/tiny/new", "--field", "alt_text"],
+        ["curate", "{root}", "--out", "{features}", "--field", "alt_text"],
+        ["curate", "{root}", "--out", "{run}", "--field", "alt_text"],
+        ["features", "{curated}", "--out", "{root}/density/alt_text/x", "--vae", "vae", "--text-encoder", "t5"],
+        ["shard", "{photos}", "--out", "{root}/captions/tiny"],
+        ["shard", "{photos}", "--out", "{curated}"],
     ],
 )
 def test_outputs_overlapping_inputs_are_refused(built, tmp_path, command, capsys):
-    _, built_root = built
+    photos, built_root = built
     root = tmp_path / "root"
     shutil.copytree(built_root, root)
     curated = tmp_path / "curated"
     run_curate_stage(root, curated, CurateConfig(field="alt_text"))
+    features = tmp_path / "features"  # as `densecurate features` leaves a folder: its plan names the stage
+    features.mkdir()
+    (features / "_plan.json").write_text('{"stage": "features", "shards": [0]}')
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("steps: 10\n")
     before = tree_digest(tmp_path)
-    args = [part.format(root=root, curated=curated) for part in command]
+    args = [part.format(root=root, curated=curated, features=features, run=run, photos=photos) for part in command]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "output folder" in err or "dataset root" in err, err
+    assert len(err.strip().splitlines()) == 1, err
     assert tree_digest(tmp_path) == before
 
 
@@ -205,7 +221,7 @@ def test_a_garbled_caption_table_is_found_and_exactly_it_is_redone(root_copy, ti
 
 def test_report_and_stats_name_stale_fields(root_copy, tiny_llava_dir, capsys):
     _, root = root_copy
-    run_caption_stage(root, _caption_config(tiny_llava_dir, tokens=6))  # re-caption, but do not re-score
+    run_caption_stage(root, _caption_config(tiny_llava_dir, tokens=6, replace=True))  # re-caption, but do not re-score
     capsys.readouterr()
     assert main(["stats", str(root)]) == 0
     err = capsys.readouterr().err
@@ -227,3 +243,117 @@ def test_features_refuse_the_output_of_a_failed_curate(root_copy, tiny_pixart_di
     with pytest.raises(MissingInputError, match=r"2 of the 4 shards in .*curated are not finished"):
         run_features_stage(curated, tmp_path / "features", config)
     assert not (tmp_path / "features").exists()
+
+
+def test_captioning_over_a_full_run_of_other_settings_asks_for_replace(root_copy, tiny_llava_dir, capsys):
+    _, root = root_copy
+    captions = root / "captions" / "tiny"
+    before = tree_digest(captions)
+    with pytest.raises(OutputConflictError, match=r"would replace 10 captions of 4 shards .*'tiny'.*--replace"):
+        run_caption_stage(root, _caption_config(tiny_llava_dir, tokens=5))
+    assert tree_digest(captions) == before
+    assert main(["caption", str(root), "--model", str(tiny_llava_dir), "--name", "tiny", "--max-new-tokens", "5"]) == 2
+    assert "worker-seconds of captioning" in capsys.readouterr().err
+    summary = run_caption_stage(root, _caption_config(tiny_llava_dir, tokens=5, replace=True))
+    assert summary.totals["count"] == 10
+    assert {r["max_new_tokens"] for r in pq.read_table(captions / "00000.parquet").to_pylist()} == {5}
+    again = run_caption_stage(root, _caption_config(tiny_llava_dir, tokens=5))  # the same settings: all done
+    assert again.shards_reused == 4
+
+
+def test_grounding_with_another_rule_asks_for_replace(root_copy, tiny_clip_dir):
+    from pipeline.ground_stage import run_ground_stage
+    from schemas.ground_config import GroundConfig
+
+    _, root = root_copy
+
+    def config(**extra) -> GroundConfig:
+        return GroundConfig.model_validate({"clip": {"model": f"local-dir:{tiny_clip_dir}"}, **extra})
+
+    run_ground_stage(root, config())
+    grounding = root / "grounding" / "alt_text"
+    before = tree_digest(grounding)
+    with pytest.raises(OutputConflictError, match=r"another CLIP model or rule \(4 shards by .*--replace"):
+        run_ground_stage(root, config(grounding={"z_threshold": 1.0}))
+    assert tree_digest(grounding) == before
+    replaced = run_ground_stage(root, config(grounding={"z_threshold": 1.0}, replace=True))
+    assert replaced.grounding.shards_reused == 0
+    assert pq.read_metadata(grounding / "00000.parquet") is not None
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["ground", "{root}", "--clip-model", "local-dir:x", "--z-threshold", "nan"], "--z-threshold"),
+        (["ground", "{root}", "--clip-model", "local-dir:x", "--dup-threshold", "inf"], "--dup-threshold"),
+        (["shard", "{root}", "--out", "{out}", "--max-aspect", "inf"], "--max-aspect"),
+        (["caption", "{root}", "--model", "m", "--temperature", "nan"], "--temperature"),
+        (["curate", "{root}", "--out", "{out}", "--field", "alt_text", "--min-clip-score", "nan"], "--min-clip-score"),
+        (
+            ["features", "{root}", "--out", "{out}", "--vae", "v", "--text-encoder", "t", "--gpus-per-worker", "nan"],
+            "--gpus-per-worker",
+        ),
+    ],
+)
+def test_every_float_setting_must_be_finite(tmp_path, command, option, capsys):
+    args = [part.format(root=tmp_path, out=tmp_path / "out") for part in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert option in err and "finite number" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/densecurate-out", "/proc/densecurate-out/deeper"])
+def test_an_output_folder_that_cannot_be_made_is_one_sentence(built, out, capsys):
+    _, root = built
+    assert main(["curate", str(root), "--field", "alt_text", "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot make the output folder /proc/densecurate-out") and len(err.splitlines()) == 1
+
+
+def test_a_report_file_that_cannot_be_written_is_one_sentence(built, capsys):
+    _, root = built
+    assert main(["report", str(root), "--html", "/proc/densecurate-report.html"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("error: cannot write /proc/densecurate-report.html"), err
+
+
+def test_max_new_tokens_must_fit_the_models_context(built, tiny_llava_dir, capsys):
+    _, root = built
+    code = main(
+        ["caption", str(root), "--model", str(tiny_llava_dir), "--name", "huge", "--max-new-tokens", "100000000"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "does not fit" in err and "context of 2,048 tokens" in err, err
+    assert not (root / "captions" / "huge").exists()
+
+
+def test_a_text_longer_than_the_cap_is_scored_on_its_start_and_flagged(root_copy):
+    photos, root = root_copy
+    assert photos.is_dir()
+    table = root / "shards" / "00000.parquet"
+    rows = pq.read_table(table).to_pylist()
+    long_key = next(r["key"] for r in rows if r["status"] == "ok")
+    summary = run_score_stage(root, ScoreConfig(nouns={"max_text_chars": 12}, min_count=1))
+    density = {r["key"]: r for r in pq.read_table(root / "density" / "alt_text" / "00000.parquet").to_pylist()}
+    texts = {r["key"]: r["alt_text"] for r in rows if r["status"] == "ok"}
+    assert density[long_key]["cut"] == (len(texts[long_key]) > 12)
+    assert sum(r["cut"] for r in density.values()) == sum(len(t or "") > 12 for t in texts.values())
+    assert next(iter(summary)).totals["cut"] >= 1
+
+
+def test_query_on_a_folder_that_is_not_a_dataset_root_writes_nothing(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    write_sample_folder(folder)
+    before = tree_digest(folder)
+    assert main(["query", str(folder), "SELECT 1"]) == 2
+    assert "is not a dataset root" in capsys.readouterr().err
+    assert tree_digest(folder) == before and not (folder / "catalog.duckdb").exists()
+
+
+def test_a_source_that_is_a_link_loop_is_one_sentence(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert main(["shard", str(tmp_path / "a"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a symbolic link loop" in err and len(err.splitlines()) == 1, err
