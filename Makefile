@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: setup setup-vllm demo test lint bench
+.PHONY: setup setup-vllm demo test test-all lint bench
 
 $(BIN)/densecurate: pyproject.toml requirements/spacy-model.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,10 +43,15 @@ setup-vllm: $(VLLM_BIN)/.ready
 demo: setup
 	$(BIN)/densecurate demo --out $(DEMO_OUT)
 
-# The tests include the vLLM engine's, so they build its environment too (and fail if it is missing).
-test: setup setup-vllm
+# The fast lane: tests that run in seconds (the vLLM engine's skip without its environment).
+test: setup
 	$(BIN)/ruff check .
-	DENSECURATE_REQUIRE_VLLM=1 $(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+# Everything, the vLLM engine's tests included (they build its environment, and fail if it is missing).
+test-all: setup setup-vllm
+	$(BIN)/ruff check .
+	DENSECURATE_REQUIRE_VLLM=1 $(BIN)/python -m pytest --durations=25
 
 lint: setup
 	$(BIN)/ruff check .

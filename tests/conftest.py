@@ -85,3 +85,25 @@ def shapes_clip_dir(tmp_path_factory):
     from tests.shapes_clip import trained_shapes_clip
 
     return trained_shapes_clip(tmp_path_factory.getbasetemp())
+
+
+# The fast lane (`make test`: -m "not slow") holds tests that run in seconds; one that runs longer fails,
+# naming its time, so that it gets the `slow` marker instead of slowing every developer's loop.
+FAST_TEST_LIMIT_S = float(os.environ.get("DENSECURATE_FAST_TEST_LIMIT_S", "5"))
+
+
+def _fast_lane(config: pytest.Config) -> bool:
+    return config.getoption("markexpr", "").replace(" ", "") == "notslow"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    too_long = call.when == "call" and report.passed and call.duration > FAST_TEST_LIMIT_S
+    if too_long and _fast_lane(item.config) and item.get_closest_marker("slow") is None:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} took {call.duration:.1f} s, over the fast lane's {FAST_TEST_LIMIT_S:g} s: mark it "
+            "@pytest.mark.slow (it still runs in `make test-all` and CI)"
+        )
+    return report

@@ -66,6 +66,7 @@ def test_captions_view_joins_samples_on_key(sharded_root, tiny_llava_dir):
     assert run_query(sharded_root, sql)[1] == [("tiny", 10)]
 
 
+@pytest.mark.slow
 def test_changed_settings_recaption_with_replace(sharded_root, tiny_llava_dir):
     first = run_caption_stage(sharded_root, caption_config(tiny_llava_dir, name="redo", max_new_tokens=4))
     assert first.shards_reused == 0

@@ -129,6 +129,7 @@ def test_html_report_renders_in_chromium(pipeline_root, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_curate_refuses_density_older_than_the_captions(ray_local, tiny_llava_dir, tmp_path):
     root = tmp_path / "root"
     run_shard_stage([write_sample_folder(tmp_path / "photos")], root, ShardConfig(shard_size=100))

@@ -22,6 +22,7 @@ from schemas.shard_config import ShardConfig
 from trainer.features import FeatureEncoder, Features
 
 
+@pytest.mark.slow
 def test_features_round_trip_and_resume(ray_local, tiny_pixart_dir, tmp_path):
     root = tmp_path / "root"
     run_shard_stage([write_sample_folder(tmp_path / "photos")], root, ShardConfig(shard_size=4))
@@ -57,6 +58,7 @@ def test_features_round_trip_and_resume(ray_local, tiny_pixart_dir, tmp_path):
     assert again.shards_reused == again.shards == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("without_alt_text", [("chelsea", "coins", "moon"), "all"], ids=["some", "all"])
 def test_features_of_a_partly_or_never_captioned_field_count_the_missing(
     ray_local, tiny_pixart_dir, tmp_path, capsys, without_alt_text

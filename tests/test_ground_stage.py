@@ -93,6 +93,7 @@ def test_exact_copies_are_duplicates_and_the_smaller_key_is_kept(grounded_root):
     )
 
 
+@pytest.mark.slow
 def test_new_density_regrounds_without_embedding_again_and_a_rerun_reuses_everything(grounded_root, clip_dir):
     run_score_stage(grounded_root, ScoreConfig(fields=("alt_text",), min_count=0, nouns={"nouns": "common"}))
     assert "stale grounding: 'alt_text' (4 shards)" in stale_warning(DatasetLayout(grounded_root))

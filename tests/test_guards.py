@@ -219,6 +219,7 @@ def test_a_garbled_caption_table_is_found_and_exactly_it_is_redone(root_copy, ti
     assert main(["verify", str(root)]) == 0
 
 
+@pytest.mark.slow
 def test_report_and_stats_name_stale_fields(root_copy, tiny_llava_dir, capsys):
     _, root = root_copy
     run_caption_stage(root, _caption_config(tiny_llava_dir, tokens=6, replace=True))  # re-caption, but do not re-score
@@ -261,6 +262,7 @@ def test_captioning_over_a_full_run_of_other_settings_asks_for_replace(root_copy
     assert again.shards_reused == 4
 
 
+@pytest.mark.slow
 def test_grounding_with_another_rule_asks_for_replace(root_copy, tiny_clip_dir):
     from pipeline.ground_stage import run_ground_stage
     from schemas.ground_config import GroundConfig

@@ -164,6 +164,7 @@ def captionless_root(ray_local, tmp_path_factory, tiny_clip_dir) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_field_without_any_caption_is_scored_grounded_and_reported(captionless_root, tiny_clip_dir, capsys):
     root = captionless_root
     score = run_score_stage(root, ScoreConfig(min_count=0))
