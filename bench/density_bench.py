@@ -10,7 +10,7 @@ missing or blank. Files are written once under ``--dir`` (default: bench/data/de
 Methods, each in a fresh subprocess (so peak RSS is its own):
   * baseline "one-shot": the former ``read_text_column`` (every value of the column in one Python list via
     DuckDB ``fetchall``) and one ``NounExtractor`` over all of it, in one process.
-  * "streamed, 1 process": ``pipeline.density_file.score_file`` with ``--workers 1`` (batches, in this process).
+  * "streamed, 1 process": ``pipeline.stages.density_file.score_file`` with ``--workers 1`` (batches, in this process).
   * "streamed, N processes": the same on a local Ray, one spaCy actor per core (``--workers``, default every CPU).
 Columns: captions/s (rows over the whole call's wall time: model loading and, for Ray, its start included),
 the driver's peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and, for Ray, the largest peak RSS of
@@ -38,9 +38,9 @@ from bench_data import bench_data
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.density_file import DensityOptions, score_file
-from pipeline.density_stats import Table1Row, table1_from_nouns
-from pipeline.nouns import NounExtractor
+from pipeline.density.nouns import NounExtractor
+from pipeline.density.table1 import Table1Row, table1_from_nouns
+from pipeline.stages.density_file import DensityOptions, score_file
 from schemas.score_config import NounSettings
 
 BASELINE = "one-shot reader + 1 NounExtractor (baseline)"

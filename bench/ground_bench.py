@@ -69,8 +69,8 @@ def dense_captions() -> list[str]:
 
 def build_root(work: Path, count: int) -> Path:
     """A scored dataset root of ``count`` photos with dense alt texts (shard and score stages)."""
-    from pipeline.score_stage import run_score_stage
-    from pipeline.shard_stage import run_shard_stage
+    from pipeline.stages.score import run_score_stage
+    from pipeline.stages.shard import run_shard_stage
     from schemas.score_config import ScoreConfig
     from schemas.shard_config import ShardConfig
 
@@ -101,8 +101,8 @@ def time_embedding(root: Path, config, *, baseline_limit: int) -> tuple[float, f
     import torch
     from PIL import Image
 
-    from pipeline.embed_stage import EmbedStage, EmbedWorker
-    from pipeline.shard_reading import iter_shard_samples
+    from pipeline.stages.embed import EmbedStage, EmbedWorker
+    from pipeline.store.shard_reading import iter_shard_samples
 
     stage = EmbedStage(root, config)
     jobs = stage.plan()
@@ -129,8 +129,8 @@ def time_grounding(root: Path, config, *, baseline_limit: int) -> tuple[float, f
     """Nouns/s of the ground worker (calibration included) and of the prompts-per-caption baseline."""
     import pyarrow.parquet as pq
 
-    from pipeline.ground_stage import GroundingStage, GroundWorker
-    from pipeline.grounding import ensemble, noun_prompts
+    from pipeline.grounding.scores import ensemble, noun_prompts
+    from pipeline.stages.ground import GroundingStage, GroundWorker
 
     stage = GroundingStage(root, config)
     jobs = stage.plan()
@@ -157,7 +157,7 @@ def time_grounding(root: Path, config, *, baseline_limit: int) -> tuple[float, f
 
 def time_duplicate_search(n: int, *, exact_limit: int, seed: int = 0) -> tuple[float, int]:
     """Seconds for ``duplicate_clusters`` on n random unit vectors, and the rows it returned (expected: 0)."""
-    from pipeline.near_duplicates import DuplicateSearch, duplicate_clusters
+    from pipeline.grounding.near_duplicates import DuplicateSearch, duplicate_clusters
 
     rng = np.random.default_rng(seed)
     embeddings = rng.standard_normal((n, DUP_DIM), dtype=np.float32)
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--dup-sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000])
     args = parser.parse_args()
 
-    from pipeline.ray_cluster import init_ray
+    from pipeline.core.ray_cluster import init_ray
     from schemas.ground_config import GroundConfig
 
     console = Console()

@@ -43,11 +43,11 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.records import InputRecord
-from pipeline.runner import run_stage
-from pipeline.shard_stage import ShardStage, inputs_digest, write_records
+from pipeline.core.runner import run_stage
+from pipeline.core.stage import ShardFilesJob, Stats, Tasks, fingerprint
 from pipeline.sources import list_inputs
-from pipeline.stage import ShardFilesJob, Stats, Tasks, fingerprint
+from pipeline.sources.records import InputRecord
+from pipeline.stages.shard import ShardStage, inputs_digest, write_records
 from schemas.layout import shard_stem
 from schemas.shard_config import ImageSettings, ShardConfig
 

@@ -12,9 +12,9 @@ Methods, on each corpus:
   * baseline "full pipeline": spacy.load without exclusions, one nlp(text) call per caption, 1 process.
     It is the slowest, so by default it is timed on the first --full-limit captions only; its rate (and every
     ratio against it) is then an extrapolation from that subset, marked with * in the table.
-  * baseline "tagging only": the same exclusions as pipeline.nouns (tok2vec, tagger, attribute_ruler,
+  * baseline "tagging only": the same exclusions as pipeline.density.nouns (tok2vec, tagger, attribute_ruler,
     lemmatizer), a plain nlp.pipe with batch 256, no de-duplication; 1 and 2 processes.
-  * densecurate's NounExtractor (pipeline.nouns), 1 and 2 processes.
+  * densecurate's NounExtractor (pipeline.density.nouns), 1 and 2 processes.
 Nouns are taken from each Doc by the same rule everywhere. The 2-process rows use a ProcessPoolExecutor whose
 workers load their model once (in an initializer, warmed up before timing) and take chunks of ~256 captions.
 
@@ -44,7 +44,7 @@ from bench_data import bench_data
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.nouns import NOT_NEEDED, NOUN_POS, NounExtractor, TextNouns, load_spacy
+from pipeline.density.nouns import NOT_NEEDED, NOUN_POS, NounExtractor, TextNouns, load_spacy
 from schemas.score_config import NounSettings
 
 DENSE_DIR = bench_data("dense_captions")

@@ -3,7 +3,7 @@
     python bench/shard_bench.py [--folder DIR] [--count 64] [--resize 512]
 
 Rows: the naive baseline (full decode, LANCZOS resize, JPEG encode) and our per-image path
-(`pipeline.imaging.process_image`: draft-mode decode, then resize and encode), each in a process
+(`pipeline.sources.imaging.process_image`: draft-mode decode, then resize and encode), each in a process
 pool of 1 and 2 workers; then the whole shard stage on a local Ray (tar + Parquet + stats written)
 with 1 and 2 workers. Without --folder it uses the benchmark data's images/sa1b_fastsam when present
 (real SA-1B photos; see docs/BENCHMARK_DATA.md), else makes 2250x1500 JPEGs from scikit-image's photos.
@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.imaging import process_image
+from pipeline.sources.imaging import process_image
 from schemas.shard_config import ImageSettings, ShardConfig
 
 SA1B_SAMPLE = bench_data("images", "sa1b_fastsam")
@@ -83,7 +83,7 @@ def time_pool(fn, files: list[Path], workers: int, resize: int) -> float:
 
 def time_stage(folder: Path, workers: int, resize: int, tmp: Path) -> float:
     """Seconds of the whole stage (Ray already started; its workers warmed by a first, untimed run)."""
-    from pipeline.shard_stage import run_shard_stage
+    from pipeline.stages.shard import run_shard_stage
 
     config = ShardConfig.model_validate({"image": {"resize": resize}, "shard_size": 8, "workers": workers})
     run_shard_stage([folder], tmp / f"warmup_w{workers}", config)
@@ -108,7 +108,7 @@ def main() -> None:
             mine = time_pool(ours, files, workers, args.resize)
             rows.append(("naive baseline (process pool)", workers, base, base))
             rows.append(("densecurate process_image (process pool)", workers, mine, base))
-        from pipeline.ray_cluster import init_ray
+        from pipeline.core.ray_cluster import init_ray
 
         init_ray(num_cpus=2)
         for workers in (1, 2):

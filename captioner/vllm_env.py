@@ -14,7 +14,7 @@ from captioner.errors import VllmEnvironmentError
 from schemas.errors import EnvironmentFailure
 
 # What a vLLM caption actor imports; the check prints the environment's Ray version (it must be the driver's).
-ACTOR_IMPORTS = "vllm, ray, pipeline.caption_stage"
+ACTOR_IMPORTS = "vllm, ray, pipeline.stages.caption"
 CHECK_CODE = f"import {ACTOR_IMPORTS}; print(ray.__version__)"
 CHECK_TIMEOUT_S = 60.0  # importing vLLM takes seconds
 REMEDY = (

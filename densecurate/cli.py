@@ -649,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         console.print(f"[red]interrupted:[/red] {RERUN}")
         return 130
-    except SystemExit as exc:  # SIGTERM or SIGHUP while a local Ray runs (see pipeline.ray_cluster)
+    except SystemExit as exc:  # SIGTERM or SIGHUP while a local Ray runs (see pipeline.core.ray_cluster)
         if exc.code in [128 + s for s in STOP_SIGNALS]:
             console.print(f"[red]stopped by {signal.Signals(exc.code - 128).name}:[/red] {RERUN}")
         raise

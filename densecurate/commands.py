@@ -9,8 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.catalog import run_query
-from pipeline.table_output import print_rows
+from pipeline.report.table_output import print_rows
+from pipeline.store.catalog import run_query
 from schemas.caption_config import CaptionConfig
 from schemas.errors import OutputConflictError, UserError
 from schemas.features_config import FeaturesConfig
@@ -85,7 +85,7 @@ def shard_config_from_args(args: argparse.Namespace) -> ShardConfig:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from pipeline.shard_stage import run_shard_stage  # imports Ray: only when needed
+    from pipeline.stages.shard import run_shard_stage  # imports Ray: only when needed
 
     Console().print(run_shard_stage(args.src, args.out, shard_config_from_args(args)).render())
     return 0
@@ -135,7 +135,7 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from pipeline.caption_stage import run_caption_stage
+    from pipeline.stages.caption import run_caption_stage
 
     Console().print(run_caption_stage(args.root, caption_config_from_args(args)).render())
     return 0
@@ -146,7 +146,7 @@ def _noun_settings(args: argparse.Namespace) -> dict:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from pipeline.score_stage import run_score_stage
+    from pipeline.stages.score import run_score_stage
 
     config = ScoreConfig.model_validate(
         {
@@ -157,7 +157,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         }
     )
     Console().print(run_score_stage(args.root, config).render())
-    from pipeline.report import print_table1
+    from pipeline.report.console import print_table1
 
     print_table1(args.root)
     return 0
@@ -193,14 +193,14 @@ def ground_config_from_args(args: argparse.Namespace) -> GroundConfig:
 
 
 def cmd_ground(args: argparse.Namespace) -> int:
-    from pipeline.ground_stage import run_ground_stage
+    from pipeline.stages.ground import run_ground_stage
 
     Console().print(run_ground_stage(args.root, ground_config_from_args(args)).render())
     return 0
 
 
 def cmd_density(args: argparse.Namespace) -> int:
-    from pipeline.density_file import DensityOptions, sample_file, score_file
+    from pipeline.stages.density_file import DensityOptions, sample_file, score_file
 
     keys = ("column", "min_count", "workers", "ray_address", "sample", "seed", "batch_rows")
     nouns = NounSettings.model_validate(_noun_settings(args))
@@ -222,7 +222,7 @@ def cmd_density(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(row.as_json(), indent=1))
     else:
-        from pipeline.report import table1_table
+        from pipeline.report.console import table1_table
 
         Console().print(table1_table([row], title=title))
     return 0
@@ -242,14 +242,14 @@ def curate_config_from_args(args: argparse.Namespace) -> CurateConfig:
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
-    from pipeline.curate_stage import run_curate_stage
+    from pipeline.stages.curate import run_curate_stage
 
     Console().print(run_curate_stage(args.root, args.out, curate_config_from_args(args)).render())
     return 0
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from pipeline.features_stage import run_features_stage
+    from pipeline.stages.features import run_features_stage
 
     keys = ("vae", "text_encoder", "resolution", "max_tokens", "batch_size", "device", "gpus_per_worker")
     config = FeaturesConfig.model_validate({**{k: getattr(args, k) for k in keys}, **run_options(args)})
@@ -267,7 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"nan_tolerance={args.nan_tolerance}")
     config = load_train_config(read_input_text(args.config, "training config"), overrides, source=str(args.config))
     if config.workers > 1:
-        from pipeline.ray_cluster import init_ray
+        from pipeline.core.ray_cluster import init_ray
 
         init_ray(args.ray_address)
     result = launch_training(
@@ -364,7 +364,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report_run import run_report
+    from pipeline.report.run import run_report
 
     require_file_option(args.html, "--html")
     run_report(args.root, html=args.html, gallery=args.gallery, spacy_model=args.spacy_model)
@@ -374,8 +374,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline.compare import compare_fields, comparison_table
-    from pipeline.report import warn_if_stale
+    from pipeline.report.compare import compare_fields, comparison_table
+    from pipeline.report.console import warn_if_stale
 
     compared = compare_fields(args.root, args.field)
     if args.format == "json":
@@ -387,7 +387,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from pipeline.stats_queries import print_stats
+    from pipeline.report.stats_queries import print_stats
 
     print_stats(args.root)
     return 0
@@ -435,7 +435,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.verify import verify_folder
+    from pipeline.store.verify import verify_folder
 
     damaged = verify_folder(args.root, deep=args.deep)
     if not damaged:
@@ -448,7 +448,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from pipeline.prune import prune_root
+    from pipeline.store.prune import prune_root
 
     removed = prune_root(args.root, dry_run=args.dry_run)
     for path in removed:

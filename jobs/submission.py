@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.pipeline_job import encode_spec
-from pipeline.ray_cluster import use_auth_token
+from pipeline.core.ray_cluster import use_auth_token
 from schemas.errors import EnvironmentFailure, MissingInputError
 from schemas.pipeline_spec import PipelineSpec
 

@@ -18,7 +18,7 @@ def ray_local():
     """One local Ray (2 CPUs) for the tests that run stages in-process."""
     import ray
 
-    from pipeline.ray_cluster import init_ray
+    from pipeline.core.ray_cluster import init_ray
 
     init_ray(num_cpus=2)
     yield ray

@@ -22,10 +22,10 @@ import pytest
 from pydantic import ValidationError
 
 from densecurate.cli import main
-from pipeline.records import ReadLimits, SkipRecord
 from pipeline.sources import list_inputs
 from pipeline.sources.files import read_bounded
 from pipeline.sources.reading import SampleReader
+from pipeline.sources.records import ReadLimits, SkipRecord
 from schemas.shard_config import ImageSettings, SourceSettings
 from tests import image_factory as mk
 from tests import tar_factory as tk
@@ -51,7 +51,7 @@ _STAGE_SCRIPT = (
     + """
 import json, sys
 from pathlib import Path
-from pipeline.shard_stage import ShardStage, write_unit
+from pipeline.stages.shard import ShardStage, write_unit
 from schemas.shard_config import ShardConfig
 srcs, root, config = json.loads(sys.argv[1])
 stage = ShardStage([Path(s) for s in srcs], Path(root), ShardConfig.model_validate(config))
@@ -191,7 +191,7 @@ def test_reads_are_checked_and_bounded_even_without_a_listing_skip(hostile_sourc
         + """
 import json, sys
 from pathlib import Path
-from pipeline.records import InputRecord, MemberRef, ReadLimits, SkipRecord
+from pipeline.sources.records import InputRecord, MemberRef, ReadLimits, SkipRecord
 from pipeline.sources.reading import SampleReader
 folder, laion = map(Path, sys.argv[1:3])
 limits = ReadLimits(max_file_bytes=200_000, max_sidecar_bytes=1000)
@@ -326,8 +326,8 @@ def test_an_upscale_past_max_pixels_is_skipped_before_resizing(tmp_path):
         _CAP_MEMORY
         + """
 import json, sys
-from pipeline.imaging import process_image
-from pipeline.records import SkipRecord
+from pipeline.sources.imaging import process_image
+from pipeline.sources.records import SkipRecord
 from schemas.shard_config import ImageSettings
 from tests import image_factory as mk
 cap_memory()
@@ -357,7 +357,7 @@ print(json.dumps(out))
 
 
 def test_process_image_refuses_when_the_resized_image_exceeds_max_pixels():
-    from pipeline.imaging import process_image
+    from pipeline.sources.imaging import process_image
 
     data = mk.jpeg_bytes(mk.photo_image((300, 200)))
     with pytest.raises(SkipRecord) as info:
@@ -393,7 +393,7 @@ def test_the_shard_command_finishes_on_a_fifo_a_device_and_dev_zero(tmp_path):
 
 
 def test_changed_read_limits_change_the_shard_fingerprint_only_when_set(tmp_path):
-    from pipeline.shard_stage import ShardStage
+    from pipeline.stages.shard import ShardStage
     from schemas.shard_config import ShardConfig
 
     photos = tmp_path / "photos"

@@ -16,10 +16,10 @@ from captioner.generation import Captioner, CaptionRequest
 from captioner.loading import check_model_available, load_model
 from captioner.tiny import CHAT_TEMPLATE
 from densecurate.cli import main
-from pipeline.caption_stage import run_caption_stage
-from pipeline.catalog import run_query
 from pipeline.sample_data import write_sample_folder
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.caption import run_caption_stage, vllm_python
+from pipeline.stages.shard import run_shard_stage
+from pipeline.store.catalog import run_query
 from schemas.caption_config import CaptionConfig, GenerationSettings, ModelSettings
 from schemas.errors import OutputConflictError
 from schemas.shard_config import ShardConfig
@@ -142,3 +142,10 @@ def test_make_tiny_writes_a_loadable_model(tmp_path, capsys):
     assert '"DiTTransformer2DModel"' in (tmp_path / "dit" / "config.json").read_text()
     with pytest.raises(ModelNotAvailableError, match="is not available here"):
         check_model_available(ModelSettings(model=str(tmp_path / "no-such-model")))
+
+
+def test_the_vllm_interpreter_defaults_to_the_projects_environment(monkeypatch):
+    """The default is found from the module's own path: it must name the folder `make setup-vllm` builds."""
+    monkeypatch.delenv("DENSECURATE_VLLM_PYTHON", raising=False)
+    config = CaptionConfig.model_validate({"name": "x", "engine": "vllm", "model": {"model": "m"}})
+    assert vllm_python(config) == str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")

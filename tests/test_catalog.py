@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from densecurate.cli import main
-from pipeline import catalog
-from pipeline.catalog import QueryError, connect, damaged_files, has_view, refresh_catalog, run_query, sql_string
+from pipeline.store import catalog
+from pipeline.store.catalog import QueryError, connect, damaged_files, has_view, refresh_catalog, run_query, sql_string
 from schemas.errors import UserError
 from schemas.layout import DatasetLayout
 from schemas.tables import PARQUET_META_KEY

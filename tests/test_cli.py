@@ -13,7 +13,7 @@ import pytest
 
 from densecurate.cli import build_parser, main
 from pipeline.sample_data import write_sample_folder
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.shard import run_shard_stage
 from schemas.shard_config import ShardConfig
 
 SUBCOMMANDS = [

@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from densecurate.cli import main
-from pipeline.caption_stage import run_caption_stage
-from pipeline.compare import pareto_front
-from pipeline.curate_stage import run_curate_stage
-from pipeline.ground_stage import run_ground_stage
-from pipeline.parquet_meta import read_meta, write_table_atomic
+from pipeline.report.compare import pareto_front
 from pipeline.sample_data import write_sample_folder
-from pipeline.score_stage import run_score_stage
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.caption import run_caption_stage
+from pipeline.stages.curate import run_curate_stage
+from pipeline.stages.ground import run_ground_stage
+from pipeline.stages.score import run_score_stage
+from pipeline.stages.shard import run_shard_stage
+from pipeline.store.parquet_meta import read_meta, write_table_atomic
 from schemas.caption_config import CaptionConfig
 from schemas.errors import MissingInputError, OutputConflictError
 from schemas.ground_config import GroundConfig

@@ -10,12 +10,12 @@ import tarfile
 import pytest
 
 from densecurate.cli import main
-from pipeline.caption_stage import run_caption_stage
-from pipeline.catalog import run_query
-from pipeline.curate_stage import first_failed_rule, run_curate_stage
 from pipeline.sample_data import write_sample_folder
-from pipeline.score_stage import run_score_stage
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.caption import run_caption_stage
+from pipeline.stages.curate import first_failed_rule, run_curate_stage
+from pipeline.stages.score import run_score_stage
+from pipeline.stages.shard import run_shard_stage
+from pipeline.store.catalog import run_query
 from schemas.caption_config import CaptionConfig
 from schemas.errors import StaleInputError
 from schemas.score_config import CurateConfig, CurateRules, ScoreConfig

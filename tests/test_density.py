@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from densecurate.cli import main
-from pipeline.catalog import run_query
-from pipeline.density_file import (
+from pipeline.density.nouns import NounExtractor, SpacyModelNotAvailableError
+from pipeline.density.table1 import table1_from_nouns
+from pipeline.stages.density_file import (
     DensityOptions,
     DensityWorker,
     open_table,
@@ -21,10 +22,9 @@ from pipeline.density_file import (
     sampled_batches,
     score_file,
 )
-from pipeline.density_stats import table1_from_nouns
-from pipeline.nouns import NounExtractor, SpacyModelNotAvailableError
-from pipeline.score_stage import run_score_stage
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.score import run_score_stage
+from pipeline.stages.shard import run_shard_stage
+from pipeline.store.catalog import run_query
 from schemas.score_config import NounSettings, ScoreConfig
 from schemas.shard_config import ShardConfig
 from tests import image_factory as mk

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.duplicate_keys import key_changes
-from pipeline.shard_stage import run_shard_stage
-from pipeline.verify import shard_damage
+from pipeline.stages.shard import run_shard_stage
+from pipeline.store.duplicate_keys import key_changes
+from pipeline.store.verify import shard_damage
 from schemas.layout import shard_files_in
 from schemas.shard_config import ShardConfig
 from tests import image_factory as mk

@@ -11,11 +11,11 @@ import webdataset as wds
 from safetensors.torch import load_file
 
 from densecurate.cli import main
-from pipeline.curate_stage import run_curate_stage
-from pipeline.features_stage import NULL_CAPTION_FILE, run_features_stage
 from pipeline.sample_data import write_sample_folder
-from pipeline.score_stage import run_score_stage
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.curate import run_curate_stage
+from pipeline.stages.features import NULL_CAPTION_FILE, run_features_stage
+from pipeline.stages.score import run_score_stage
+from pipeline.stages.shard import run_shard_stage
 from schemas.features_config import FeaturesConfig
 from schemas.score_config import CurateConfig, CurateRules, ScoreConfig
 from schemas.shard_config import ShardConfig

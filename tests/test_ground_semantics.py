@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.ground_stage import run_ground_stage
-from pipeline.parquet_meta import write_table_atomic
-from pipeline.score_stage import run_score_stage
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.ground import run_ground_stage
+from pipeline.stages.score import run_score_stage
+from pipeline.stages.shard import run_shard_stage
+from pipeline.store.parquet_meta import write_table_atomic
 from schemas.ground_config import GroundConfig
 from schemas.score_config import ScoreConfig
 from schemas.shard_config import ShardConfig

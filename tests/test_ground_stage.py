@@ -14,15 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from densecurate.cli import main
-from pipeline.catalog import run_query
-from pipeline.curate_stage import first_failed_rule, run_curate_stage
-from pipeline.freshness import stale_warning
-from pipeline.ground_stage import run_ground_stage
-from pipeline.prune import orphan_tables
-from pipeline.report import gather_report
+from pipeline.report.console import gather_report
 from pipeline.sample_data import write_sample_folder
-from pipeline.score_stage import run_score_stage
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.curate import first_failed_rule, run_curate_stage
+from pipeline.stages.ground import run_ground_stage
+from pipeline.stages.score import run_score_stage
+from pipeline.stages.shard import run_shard_stage
+from pipeline.store.catalog import run_query
+from pipeline.store.freshness import stale_warning
+from pipeline.store.prune import orphan_tables
 from schemas.errors import MissingInputError
 from schemas.ground_config import GroundConfig
 from schemas.layout import DatasetLayout
@@ -231,7 +231,7 @@ def test_a_killed_run_resumes_without_duplicates(ray_local, clip_dir, tmp_path):
 
 
 def test_html_gallery_strikes_through_nouns_not_found_in_the_image(grounded_root, tmp_path):
-    from pipeline.report_html import write_html_report
+    from pipeline.report.html import write_html_report
 
     out = write_html_report(
         grounded_root, gather_report(grounded_root), tmp_path / "r.html", gallery=11, spacy_model=SPACY

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.ground_stage import reference_shards
-from pipeline.grounding import (
+from pipeline.grounding.scores import (
     calibrate,
     distinct_ungrounded,
     ensemble,
@@ -14,6 +13,7 @@ from pipeline.grounding import (
     noun_prompts,
     split_sentences,
 )
+from pipeline.stages.ground import reference_shards
 from schemas.ground_config import GroundingSettings
 
 

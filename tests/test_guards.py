@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from densecurate.cli import main
-from pipeline.caption_stage import run_caption_stage
-from pipeline.catalog import run_query
-from pipeline.curate_stage import run_curate_stage
-from pipeline.features_stage import run_features_stage
 from pipeline.sample_data import write_sample_folder
-from pipeline.score_stage import run_score_stage
-from pipeline.shard_stage import run_shard_stage
-from pipeline.verify import DamagedInputError
+from pipeline.stages.caption import run_caption_stage
+from pipeline.stages.curate import run_curate_stage
+from pipeline.stages.features import run_features_stage
+from pipeline.stages.score import run_score_stage
+from pipeline.stages.shard import run_shard_stage
+from pipeline.store.catalog import run_query
+from pipeline.store.verify import DamagedInputError
 from schemas.caption_config import CaptionConfig
 from schemas.errors import MissingInputError, OutputConflictError
 from schemas.features_config import FeaturesConfig
@@ -145,7 +145,7 @@ def test_outputs_overlapping_inputs_are_refused(built, tmp_path, command, capsys
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     code = (
-        "import sys, time; from pathlib import Path; from pipeline.guards import OutputLock\n"
+        "import sys, time; from pathlib import Path; from pipeline.store.guards import OutputLock\n"
         f"with OutputLock(Path({str(folder)!r}), 'shards'):\n"
         "    print('held', flush=True); time.sleep(600)\n"
     )
@@ -264,7 +264,7 @@ def test_captioning_over_a_full_run_of_other_settings_asks_for_replace(root_copy
 
 @pytest.mark.slow
 def test_grounding_with_another_rule_asks_for_replace(root_copy, tiny_clip_dir):
-    from pipeline.ground_stage import run_ground_stage
+    from pipeline.stages.ground import run_ground_stage
     from schemas.ground_config import GroundConfig
 
     _, root = root_copy

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.imaging import process_image
-from pipeline.records import SkipRecord
+from pipeline.sources.imaging import process_image
+from pipeline.sources.records import SkipRecord
 from schemas.shard_config import ImageSettings
 from tests import image_factory as mk
 

@@ -14,15 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import shard_stage
-from pipeline.duplicate_keys import key_changes
-from pipeline.records import SkipRecord
 from pipeline.sample_data import write_sample_folder
-from pipeline.shard_stage import ShardStage, names_digest, run_shard_stage, write_unit
 from pipeline.sources import list_inputs
 from pipeline.sources.detect import choose_format
 from pipeline.sources.errors import SourceError
 from pipeline.sources.reading import SampleReader
+from pipeline.sources.records import SkipRecord
+from pipeline.stages import shard as shard_stage
+from pipeline.stages.shard import ShardStage, names_digest, run_shard_stage, write_unit
+from pipeline.store.duplicate_keys import key_changes
 from schemas.errors import OutputConflictError
 from schemas.shard_config import ShardConfig, SourceSettings
 from tests import image_factory as mk

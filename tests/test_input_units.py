@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.shard_stage import ShardStage, run_shard_stage
 from pipeline.sources import list_unit, plan_units
 from pipeline.sources.folder import name_bucket
+from pipeline.stages.shard import ShardStage, run_shard_stage
 from schemas.errors import OutputConflictError
 from schemas.layout import PARTS_PER_INPUT
 from schemas.shard_config import ShardConfig, SourceSettings

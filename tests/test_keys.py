@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 import webdataset as wds
 
-from pipeline.records import make_key
 from pipeline.sources import list_inputs
+from pipeline.sources.records import make_key
 from schemas.shard_config import SourceSettings
 from tests import image_factory as mk
 from tests import tar_factory as tk

@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.parquet_meta import read_meta
 from pipeline.sample_data import write_sample_folder
+from pipeline.store.parquet_meta import read_meta
 
 BIN = Path(sys.executable).parent
 DENSECURATE = str(BIN / "densecurate")

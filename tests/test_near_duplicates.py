@@ -8,8 +8,8 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline import near_duplicates
-from pipeline.near_duplicates import DuplicateSearch, duplicate_clusters, ivf_lists
+from pipeline.grounding import near_duplicates
+from pipeline.grounding.near_duplicates import DuplicateSearch, duplicate_clusters, ivf_lists
 
 
 def at_angles(*degrees: float, dim: int = 4) -> np.ndarray:

@@ -256,15 +256,15 @@ def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
 
 
 def _job(tmp_path: Path):
-    from pipeline.stage import ShardJob
+    from pipeline.core.stage import ShardJob
 
     return ShardJob(index=3, out_dir=tmp_path / "captions" / "m", fingerprint="f", items=1)
 
 
 def _run_one_job_on(worker_cls: type, tmp_path: Path) -> None:
-    from pipeline.ray_cluster import start_actors
-    from pipeline.runner import _ActorLauncher, _run_jobs
-    from pipeline.stage import Actors, StageRun
+    from pipeline.core.ray_cluster import start_actors
+    from pipeline.core.runner import _ActorLauncher, _run_jobs
+    from pipeline.core.stage import Actors, StageRun
 
     pool = Actors(worker_cls, (), "work", workers=1)
     actors, _ = start_actors(pool, count_cap=1)
@@ -629,7 +629,7 @@ def test_a_vllm_interpreter_that_fails_is_refused_before_any_actor(tiny_llava_di
         code, err = _run(argv, capsys)
         assert code == 2 and time.monotonic() - started < 30
         line = _one_sentence(err)
-        assert f"the vLLM environment {python} failed `import vllm, ray, pipeline.caption_stage`" in line
+        assert f"the vLLM environment {python} failed `import vllm, ray, pipeline.stages.caption`" in line
         assert said in line and "make setup-vllm" in line
     assert not (tmp_path / "captions").exists()
 
@@ -647,7 +647,7 @@ def test_a_vllm_interpreter_of_another_ray_or_that_hangs_is_one_sentence(tmp_pat
     assert f"ray[default]=={version('ray')}" in str(info.value)
     hangs = _script(tmp_path / "hangs", "exec sleep 30")
     started = time.monotonic()
-    with pytest.raises(EnvironmentFailure, match=r"did not import vllm, ray, pipeline\.caption_stage within 1 s"):
+    with pytest.raises(EnvironmentFailure, match=r"did not import vllm, ray, pipeline\.stages\.caption within 1 s"):
         check_vllm_python(hangs, timeout_s=1)
     assert time.monotonic() - started < 10
     assert explain_error(info.value)[0] == 2

@@ -15,12 +15,12 @@ import yaml
 
 from densecurate.cli import main
 from jobs.stages import run_pipeline
-from pipeline.catalog import run_query
-from pipeline.compare import compare_fields
-from pipeline.ground_stage import run_ground_stage
-from pipeline.report import gather_report
-from pipeline.score_stage import run_score_stage
-from pipeline.shard_stage import run_shard_stage
+from pipeline.report.compare import compare_fields
+from pipeline.report.console import gather_report
+from pipeline.stages.ground import run_ground_stage
+from pipeline.stages.score import run_score_stage
+from pipeline.stages.shard import run_shard_stage
+from pipeline.store.catalog import run_query
 from schemas.ground_config import GroundConfig
 from schemas.pipeline_spec import parse_spec
 from schemas.score_config import ScoreConfig

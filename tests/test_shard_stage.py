@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.sample_data import write_sample_folder
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.shard import run_shard_stage
 from schemas.errors import OutputConflictError
 from schemas.shard_config import ShardConfig, SourceSettings
 from tests import image_factory as mk

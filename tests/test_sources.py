@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.records import SkipRecord, make_key
 from pipeline.sources import SourceError, list_inputs
 from pipeline.sources.detect import choose_format
 from pipeline.sources.reading import SampleReader
+from pipeline.sources.records import SkipRecord, make_key
 from schemas.shard_config import SourceSettings
 from tests import image_factory as mk
 from tests import tar_factory as tk
@@ -147,7 +147,7 @@ def test_tar_cut_short_keeps_the_members_before_the_cut(tmp_path):
 
 
 def test_undecodable_names_and_captions_are_cleaned(tmp_path):
-    from pipeline.records import clean_text
+    from pipeline.sources.records import clean_text
 
     assert clean_text("x\ud83dy") == "x\ufffd\ufffd\ufffdy"
     name = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 file name on a UTF-8 system

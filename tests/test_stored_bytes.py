@@ -16,16 +16,16 @@ import pytest
 import torch
 
 from densecurate.cli import main
-from pipeline.caption_stage import CaptionStage, CaptionWorker
-from pipeline.curate_stage import run_curate_stage
-from pipeline.features_stage import FeaturesStage, FeaturesWorker
-from pipeline.parquet_meta import write_table_atomic
 from pipeline.sample_data import write_sample_folder
-from pipeline.score_stage import run_score_stage
-from pipeline.shard_reading import iter_shard_samples
-from pipeline.shard_stage import run_shard_stage
-from pipeline.shard_writer import WRITER_STATS, ShardWriter
-from pipeline.verify import DamagedInputError, checked_samples
+from pipeline.stages.caption import CaptionStage, CaptionWorker
+from pipeline.stages.curate import run_curate_stage
+from pipeline.stages.features import FeaturesStage, FeaturesWorker
+from pipeline.stages.score import run_score_stage
+from pipeline.stages.shard import run_shard_stage
+from pipeline.store.parquet_meta import write_table_atomic
+from pipeline.store.shard_reading import iter_shard_samples
+from pipeline.store.shard_writer import WRITER_STATS, ShardWriter
+from pipeline.store.verify import DamagedInputError, checked_samples
 from schemas.caption_config import CaptionConfig
 from schemas.features_config import FeaturesConfig
 from schemas.layout import shard_files_in

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from densecurate.cli import main
-from pipeline.features_stage import run_features_stage
 from pipeline.sample_data import write_sample_folder
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.features import run_features_stage
+from pipeline.stages.shard import run_shard_stage
 from schemas.errors import ConfigError, OutputConflictError
 from schemas.features_config import FeaturesConfig
 from schemas.shard_config import ShardConfig

@@ -16,9 +16,9 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.caption_stage import run_caption_stage, vllm_python
 from pipeline.sample_data import write_sample_folder
-from pipeline.shard_stage import run_shard_stage
+from pipeline.stages.caption import run_caption_stage, vllm_python
+from pipeline.stages.shard import run_shard_stage
 from schemas.caption_config import CaptionConfig
 from schemas.shard_config import ShardConfig
 from tests import image_factory as mk

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.records import InputRecord
 from pipeline.sources.detect import FormatChoice
 from pipeline.sources.errors import SourceError
+from pipeline.sources.records import InputRecord
 from pipeline.sources.units import InputUnit, folder_buckets, list_unit, plan_sources, plan_units
 from schemas.shard_config import SourceSettings
 

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import IO
 
-from pipeline.records import SkipRecord
+from pipeline.sources.records import SkipRecord
 
 _CHUNK = 1 << 20
 _KINDS = (

@@ -6,8 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from pipeline.records import DEFAULT_LIMITS, InputRecord, ReadLimits, make_key
 from pipeline.sources.files import listed_file, over_limit
+from pipeline.sources.records import DEFAULT_LIMITS, InputRecord, ReadLimits, make_key
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 

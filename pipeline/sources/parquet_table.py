@@ -8,8 +8,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.records import InputRecord, ReadLimits, make_key
 from pipeline.sources.errors import SourceError
+from pipeline.sources.records import InputRecord, ReadLimits, make_key
 from schemas.shard_config import SourceSettings
 
 

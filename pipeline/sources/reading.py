@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.records import InputRecord, LoadedSample, MemberRef, SkipRecord, clean_text
 from pipeline.sources.files import file_too_large, open_regular, read_regular_file, sidecar_too_large
+from pipeline.sources.records import InputRecord, LoadedSample, MemberRef, SkipRecord, clean_text
 from pipeline.sources.sa1b import sa1b_meta
 from pipeline.sources.tar_members import read_member
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.records import SkipRecord
+from pipeline.sources.records import SkipRecord
 
 
 def sa1b_meta(annotation_file: dict[str, Any]) -> dict[str, Any]:

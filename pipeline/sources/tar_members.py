@@ -6,8 +6,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from pipeline.records import MemberRef
-from pipeline.shard_reading import require_tar_end
+from pipeline.sources.records import MemberRef
+from pipeline.sources.tar_end import require_tar_end
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from pipeline.records import DEFAULT_LIMITS, InputRecord, MemberRef, ReadLimits, make_key
 from pipeline.sources.files import over_limit
+from pipeline.sources.records import DEFAULT_LIMITS, InputRecord, MemberRef, ReadLimits, make_key
 from pipeline.sources.tar_members import TarSample, list_tar_samples
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.records import InputRecord, ReadLimits
 from pipeline.sources.detect import FormatChoice, choose_format
 from pipeline.sources.errors import SourceError
 from pipeline.sources.files import kind_of, listed_file
 from pipeline.sources.folder import IMAGE_SUFFIXES, list_folder_dir
 from pipeline.sources.parquet_table import check_columns, list_parquet_rows
+from pipeline.sources.records import InputRecord, ReadLimits
 from pipeline.sources.tar_source import list_tar_records, tar_problem
 from schemas.layout import PARTS_PER_INPUT
 from schemas.shard_config import SourceSettings

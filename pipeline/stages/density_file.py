@@ -22,9 +22,9 @@ from typing import Any
 import duckdb
 from pydantic import BaseModel, Field
 
-from pipeline.density_stats import Table1Row, table1_from_counts
-from pipeline.nouns import NounExtractor, require_spacy_model
-from pipeline.stage import Actors
+from pipeline.core.stage import Actors
+from pipeline.density.nouns import NounExtractor, require_spacy_model
+from pipeline.density.table1 import Table1Row, table1_from_counts
 from schemas.errors import ConfigError, EnvironmentFailure, MissingInputError
 from schemas.score_config import NounSettings
 from schemas.validation import SETTINGS
@@ -213,8 +213,8 @@ def _tag_on_ray(
 ) -> BatchCounts:
     import ray
 
-    from pipeline.ray_cluster import init_ray, start_actors
-    from pipeline.runner import lost_worker, lost_worker_errors
+    from pipeline.core.ray_cluster import init_ray, start_actors
+    from pipeline.core.runner import lost_worker, lost_worker_errors
 
     init_ray(options.ray_address, None if options.ray_address else options.workers)
     pool = Actors(DensityWorker, (options.nouns,), "count", options.workers, one_per_core=True)

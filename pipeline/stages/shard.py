@@ -5,7 +5,7 @@ see ``pipeline.sources.units``) from the input files alone; each job lists its u
 its shards ``N * PARTS_PER_INPUT + part``, N being the unit's number in ``ROOT/shards/_inputs.json``
 (numbers are never reused, so adding an input never renames another's shards). Part 0 is written
 last and records the unit's parts: it marks the unit finished. Keys repeated across units are
-marked after every unit is done (``pipeline.duplicate_keys``).
+marked after every unit is done (``pipeline.store.duplicate_keys``).
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from typing import Any
 
 from rich.table import Table
 
-from pipeline.duplicate_keys import Sample, mark_duplicate_keys
-from pipeline.imaging import process_image
-from pipeline.records import InputRecord, MemberRef, SkipRecord, clean_text
-from pipeline.runner import console, run_stage
-from pipeline.shard_writer import ShardWriter, finished_stats, read_stats
+from pipeline.core.runner import console, run_stage
+from pipeline.core.stage import ShardJob, Stage, StageRun, StageSummary, Stats, Tasks, fingerprint, shards_table
 from pipeline.sources import FormatChoice, InputUnit, folder_buckets, list_unit, plan_sources
+from pipeline.sources.imaging import process_image
 from pipeline.sources.reading import SampleReader
-from pipeline.stage import ShardJob, Stage, StageRun, StageSummary, Stats, Tasks, fingerprint, shards_table
-from pipeline.verify import shard_damage
+from pipeline.sources.records import InputRecord, MemberRef, SkipRecord, clean_text
+from pipeline.store.duplicate_keys import Sample, mark_duplicate_keys
+from pipeline.store.shard_writer import ShardWriter, finished_stats, read_stats
+from pipeline.store.verify import shard_damage
 from schemas.atomic import write_atomic
 from schemas.errors import OutputConflictError, UserError
 from schemas.layout import PARTS_PER_INPUT, DatasetLayout, ShardFiles, shard_files_in, shard_indices_in, shard_stem

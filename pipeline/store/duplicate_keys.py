@@ -23,10 +23,10 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
-from pipeline.catalog import sql_string
-from pipeline.records import SkipRecord
-from pipeline.shard_reading import require_tar_end
-from pipeline.shard_writer import WRITER_STATS, ShardWriter, read_stats
+from pipeline.sources.records import SkipRecord
+from pipeline.sources.tar_end import require_tar_end
+from pipeline.store.catalog import sql_string
+from pipeline.store.shard_writer import WRITER_STATS, ShardWriter, read_stats
 from schemas.atomic import temp_path
 from schemas.layout import shard_files_in
 from schemas.tables import STATUS_OK

@@ -15,8 +15,8 @@ from typing import Any
 
 import duckdb
 
-from pipeline.parquet_meta import read_meta
-from pipeline.shard_reading import read_shard_stats
+from pipeline.store.parquet_meta import read_meta
+from pipeline.store.shard_reading import read_shard_stats
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD
 from schemas.tables import PARQUET_META_KEY

@@ -1,4 +1,4 @@
-"""The one runner of every per-shard stage (the protocol is in ``pipeline.stage``).
+"""The one runner of every per-shard stage (the protocol is in ``pipeline.core.stage``).
 
 ``run_stage`` checks the stage's paths, plans, locks its output folders, guards the finished
 outputs of earlier runs (never replaced or removed without ``--replace``), starts Ray, runs each
@@ -20,10 +20,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.catalog import refresh_catalog
-from pipeline.guards import OutputLock, check_paths, index_of, outputs_outside, write_plan
-from pipeline.ray_cluster import cluster_cpus, init_ray, start_actors
-from pipeline.stage import Actors, JobResult, JobT, ShardJob, Stage, StageRun, Stats, SummaryT, Tasks
+from pipeline.core.ray_cluster import cluster_cpus, init_ray, start_actors
+from pipeline.core.stage import Actors, JobResult, JobT, ShardJob, Stage, StageRun, Stats, SummaryT, Tasks
+from pipeline.store.catalog import refresh_catalog
+from pipeline.store.guards import OutputLock, check_paths, index_of, outputs_outside, write_plan
 from schemas.atomic import remove_stale_temps_in
 from schemas.errors import EnvironmentFailure, OutputConflictError, UserError
 

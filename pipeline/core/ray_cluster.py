@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.errors import EnvironmentFailure, UserError
 
 if TYPE_CHECKING:
-    from pipeline.stage import Actors
+    from pipeline.core.stage import Actors
 
 # Both are read by Ray when it is imported, so they are set before. With the switch off, Ray keeps
 # 127.0.0.1 as given: a local Ray takes it as its node address and listens on loopback only, and a

@@ -2,12 +2,12 @@
 
 Two passes over the shards, each resumable per shard:
 
-1. ``pipeline.embed_stage``: one image embedding per sample and CLIP model (``embeddings/MODEL/``), then
+1. ``pipeline.stages.embed``: one image embedding per sample and CLIP model (``embeddings/MODEL/``), then
    the model's duplicate clusters (``duplicates/MODEL.parquet``);
 2. per field, on actors holding the same model: first the per-noun calibration of the field's vocabulary
    on reference images (``calibration/FIELD.parquet``, the actors' one-time setup), then per shard
    ``grounding/FIELD/NNNNN.parquet``: sentence scores and every noun of the density stage judged
-   grounded or not (``pipeline.grounding`` has the rule).
+   grounded or not (``pipeline.grounding.scores`` has the rule).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 from rich.console import Group
 from rich.table import Table
 
-from pipeline.embed_stage import EmbedSummary, read_embeddings, run_embed_stage
-from pipeline.field_texts import TextSource, field_sources, read_texts, require_field
-from pipeline.grounding import (
+from pipeline.core.runner import run_stage
+from pipeline.core.stage import Actors, Stage, StageRun, StageSummary, TableJob, file_digest, fingerprint
+from pipeline.grounding.scores import (
     Calibration,
     calibrate,
     distinct_ungrounded,
@@ -34,9 +34,9 @@ from pipeline.grounding import (
     noun_prompts,
     split_sentences,
 )
-from pipeline.parquet_meta import finished_output, read_meta, write_table_atomic
-from pipeline.runner import run_stage
-from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, file_digest, fingerprint
+from pipeline.stages.embed import EmbedSummary, read_embeddings, run_embed_stage
+from pipeline.store.field_texts import TextSource, field_sources, read_texts, require_field
+from pipeline.store.parquet_meta import finished_output, read_meta, write_table_atomic
 from schemas.errors import MissingInputError, OutputConflictError, StaleInputError
 from schemas.ground_config import GroundConfig, GroundingSettings
 from schemas.layout import DatasetLayout

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.guards import require_complete
-from pipeline.parquet_meta import read_meta
-from pipeline.shard_reading import read_shard_stats
+from pipeline.store.guards import require_complete
+from pipeline.store.parquet_meta import read_meta
+from pipeline.store.shard_reading import read_shard_stats
 from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD

@@ -9,9 +9,9 @@ import duckdb
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.catalog import connect, damage_warning, damaged_files, has_view, readable_list
-from pipeline.density_stats import Table1Row, table1_rows
-from pipeline.freshness import stale_warning
+from pipeline.density.table1 import Table1Row, table1_rows
+from pipeline.store.catalog import connect, damage_warning, damaged_files, has_view, readable_list
+from pipeline.store.freshness import stale_warning
 from schemas.errors import MissingInputError
 from schemas.layout import TABLE_GLOBS, DatasetLayout
 

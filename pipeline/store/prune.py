@@ -9,8 +9,8 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
-from pipeline.catalog import refresh_catalog
-from pipeline.guards import OutputLock, index_of
+from pipeline.store.catalog import refresh_catalog
+from pipeline.store.guards import OutputLock, index_of
 from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout, is_dataset_root
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.compare import comparison_or_none, comparison_table
-from pipeline.report import gather_report, print_report
+from pipeline.report.compare import comparison_or_none, comparison_table
+from pipeline.report.console import gather_report, print_report
 
 
 def run_report(root: Path, *, html: Path | None, gallery: int, spacy_model: str) -> None:
@@ -15,6 +15,6 @@ def run_report(root: Path, *, html: Path | None, gallery: int, spacy_model: str)
     compared = comparison_or_none(root)
     print_report(root, reports, comparison_table(compared) if compared else None)
     if html:
-        from pipeline.report_html import write_html_report
+        from pipeline.report.html import write_html_report
 
         write_html_report(root, reports, html, gallery=gallery, spacy_model=spacy_model, comparison=compared)

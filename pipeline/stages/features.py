@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.guards import require_complete
-from pipeline.runner import run_stage
-from pipeline.shard_reading import stats_of
-from pipeline.shard_writer import ShardWriter
-from pipeline.stage import Actors, ShardFilesJob, Stage, StageRun, StageSummary, fingerprint
-from pipeline.verify import checked_samples
+from pipeline.core.runner import run_stage
+from pipeline.core.stage import Actors, ShardFilesJob, Stage, StageRun, StageSummary, fingerprint
+from pipeline.store.guards import require_complete
+from pipeline.store.shard_reading import stats_of
+from pipeline.store.shard_writer import ShardWriter
+from pipeline.store.verify import checked_samples
 from schemas.atomic import atomic_output
 from schemas.errors import MissingInputError
 from schemas.features_config import FeaturesConfig

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.catalog import connect, damaged_files
-from pipeline.report import warn_if_stale
-from pipeline.table_output import print_rows
+from pipeline.report.console import warn_if_stale
+from pipeline.report.table_output import print_rows
+from pipeline.store.catalog import connect, damaged_files
 
 # (title, the views it needs separated by spaces, SQL)
 STATS_QUERIES: tuple[tuple[str, str, str], ...] = (

@@ -16,14 +16,8 @@ from typing import Any
 import duckdb
 from rich.table import Table
 
-from pipeline.catalog import sql_string
-from pipeline.freshness import density_is_current
-from pipeline.guards import require_complete
-from pipeline.parquet_meta import read_meta
-from pipeline.runner import run_stage
-from pipeline.shard_reading import read_shard_stats, stats_of
-from pipeline.shard_writer import ShardWriter
-from pipeline.stage import (
+from pipeline.core.runner import run_stage
+from pipeline.core.stage import (
     ShardFilesJob,
     Stage,
     StageRun,
@@ -33,7 +27,13 @@ from pipeline.stage import (
     fingerprint,
     shards_table,
 )
-from pipeline.verify import checked_samples, damaged_shard
+from pipeline.store.catalog import sql_string
+from pipeline.store.freshness import density_is_current
+from pipeline.store.guards import require_complete
+from pipeline.store.parquet_meta import read_meta
+from pipeline.store.shard_reading import read_shard_stats, stats_of
+from pipeline.store.shard_writer import ShardWriter
+from pipeline.store.verify import checked_samples, damaged_shard
 from schemas.errors import DamagedOutputError, MissingInputError, StaleInputError
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD, CurateConfig, CurateRules

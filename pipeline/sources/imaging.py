@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.records import SkipRecord
+from pipeline.sources.records import SkipRecord
 from schemas.shard_config import ImageSettings
 
 _EXIF_ORIENTATION = 0x0112

@@ -1,4 +1,4 @@
-"""The stage protocol: what every per-shard stage declares; ``pipeline.runner.run_stage`` does the rest.
+"""The stage protocol: what every per-shard stage declares; ``pipeline.core.runner.run_stage`` does the rest.
 
 A stage is three things (see docs/ARCHITECTURE.md):
 
@@ -25,9 +25,9 @@ from typing import Any, ClassVar, Generic, TypeVar
 from rich.console import RenderableType
 from rich.table import Table
 
-from pipeline.parquet_meta import finished_output, read_meta
-from pipeline.shard_writer import finished_stats, read_stats
-from pipeline.verify import shard_damage, table_damage
+from pipeline.store.parquet_meta import finished_output, read_meta
+from pipeline.store.shard_writer import finished_stats, read_stats
+from pipeline.store.verify import shard_damage, table_damage
 from schemas.layout import DatasetLayout, ShardFiles, shard_files_in, shard_stem
 
 Stats = dict[str, Any]

@@ -21,8 +21,8 @@ from typing import IO, Any, Self
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.parquet_meta import file_sha256, write_parquet
-from pipeline.ray_node import ray_node_id
+from pipeline.store.parquet_meta import file_sha256, write_parquet
+from pipeline.store.ray_node import ray_node_id
 from schemas.atomic import atomic_output, write_atomic
 from schemas.layout import ShardFiles
 from schemas.tables import SAMPLES_SCHEMA, STATUS_OK, STATUS_SKIPPED

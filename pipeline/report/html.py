@@ -10,11 +10,11 @@ from pathlib import Path
 
 import duckdb
 
-from pipeline.catalog import connect, has_view, readable_list
-from pipeline.compare import CPU_NOTE, FieldComparison, comparison_lines
-from pipeline.nouns import NOUN_POS, load_spacy
-from pipeline.report import FieldReport, table1_lines
-from pipeline.verify import checked_samples
+from pipeline.density.nouns import NOUN_POS, load_spacy
+from pipeline.report.compare import CPU_NOTE, FieldComparison, comparison_lines
+from pipeline.report.console import FieldReport, table1_lines
+from pipeline.store.catalog import connect, has_view, readable_list
+from pipeline.store.verify import checked_samples
 from schemas.atomic import write_atomic
 from schemas.layout import TABLE_GLOBS
 from schemas.score_config import ALT_TEXT_FIELD

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.ray_node import ray_node_id
+from pipeline.store.ray_node import ray_node_id
 from schemas.atomic import atomic_output
 from schemas.tables import PARQUET_META_KEY
 

@@ -21,9 +21,9 @@ from pathlib import Path, PurePath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.parquet_meta import file_sha256
-from pipeline.shard_reading import iter_shard_samples
-from pipeline.shard_writer import read_stats
+from pipeline.store.parquet_meta import file_sha256
+from pipeline.store.shard_reading import iter_shard_samples
+from pipeline.store.shard_writer import read_stats
 from schemas.errors import MissingInputError, UserError
 from schemas.layout import (
     TABLE_GLOBS,

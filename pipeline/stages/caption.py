@@ -25,13 +25,13 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 from rich.table import Table
 
-from pipeline.guards import require_complete
+from pipeline.core.runner import run_stage
+from pipeline.core.stage import Actors, Stage, StageRun, StageSummary, Stats, TableJob, fingerprint, shards_table
 from pipeline.key_sample import describe_sample, sample_keys
-from pipeline.parquet_meta import finished_output, read_meta, write_table_atomic
-from pipeline.runner import run_stage
-from pipeline.shard_reading import read_shard_stats
-from pipeline.stage import Actors, Stage, StageRun, StageSummary, Stats, TableJob, fingerprint, shards_table
-from pipeline.verify import checked_samples
+from pipeline.store.guards import require_complete
+from pipeline.store.parquet_meta import finished_output, read_meta, write_table_atomic
+from pipeline.store.shard_reading import read_shard_stats
+from pipeline.store.verify import checked_samples
 from schemas.caption_config import CaptionConfig
 from schemas.errors import ConfigError, MissingInputError, OutputConflictError
 from schemas.layout import DatasetLayout
@@ -183,7 +183,7 @@ class CaptionWorker:
 def vllm_python(config: CaptionConfig) -> str:
     """The interpreter of the vLLM environment: ``--vllm-python``, ``DENSECURATE_VLLM_PYTHON``, or the
     project's ``.venv-vllm`` (what ``make setup-vllm`` builds)."""
-    default = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    default = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
     return config.vllm.python or os.environ.get("DENSECURATE_VLLM_PYTHON") or str(default)
 
 

@@ -16,12 +16,12 @@ from typing import Any
 import duckdb
 from rich.table import Table
 
-from pipeline.catalog import sql_string
-from pipeline.field_texts import TextSource, field_sources, read_texts
-from pipeline.nouns import NounExtractor, require_spacy_model
-from pipeline.parquet_meta import write_table_atomic
-from pipeline.runner import run_stage
-from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint
+from pipeline.core.runner import run_stage
+from pipeline.core.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint
+from pipeline.density.nouns import NounExtractor, require_spacy_model
+from pipeline.store.catalog import sql_string
+from pipeline.store.field_texts import TextSource, field_sources, read_texts
+from pipeline.store.parquet_meta import write_table_atomic
 from schemas.atomic import atomic_output
 from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout

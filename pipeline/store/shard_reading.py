@@ -6,12 +6,11 @@ import json
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from pipeline.sources.tar_end import require_tar_end
 from schemas.errors import DamagedOutputError
 from schemas.layout import DatasetLayout, ShardFiles
-
-_CHUNK = 1 << 20
 
 
 def read_shard_stats(layout: DatasetLayout, index: int) -> dict[str, Any]:
@@ -28,20 +27,6 @@ def stats_of(files: ShardFiles) -> dict[str, Any]:
             f"{files.stats} does not read as a shard's stats ({exc}): `densecurate verify` on its folder lists the "
             "damaged outputs, and rerunning the stage that wrote it with --repair rewrites them"
         ) from None
-
-
-def require_tar_end(handle: IO[bytes], offset: int) -> None:
-    """Raise ``tarfile.ReadError`` unless the archive's members end at ``offset`` with its end-of-archive
-    marker: zero blocks up to the end of the file (``tarfile`` stops silently at a header cut short or
-    garbled after the first one, which would drop every later sample)."""
-    handle.seek(offset)
-    marker = handle.read(tarfile.BLOCKSIZE)
-    ended = len(marker) == tarfile.BLOCKSIZE and not marker.strip(b"\0")
-    while ended and (chunk := handle.read(_CHUNK)):
-        ended = not chunk.strip(b"\0")
-    if not ended:
-        size = handle.seek(0, 2)
-        raise tarfile.ReadError(f"its members stop at byte {offset} of {size}, before its end")
 
 
 def iter_shard_samples(

@@ -16,8 +16,8 @@ from typing import Any
 import duckdb
 from rich.table import Table
 
-from pipeline.catalog import connect, has_view
-from pipeline.freshness import scored_fields
+from pipeline.store.catalog import connect, has_view
+from pipeline.store.freshness import scored_fields
 from schemas.errors import MissingInputError
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD

@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.guards import require_complete
-from pipeline.near_duplicates import DuplicateSearch, duplicate_clusters
-from pipeline.parquet_meta import finished_output, write_table_atomic
-from pipeline.runner import run_stage
-from pipeline.shard_reading import read_shard_stats
-from pipeline.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint, shards_table
-from pipeline.verify import checked_samples
+from pipeline.core.runner import run_stage
+from pipeline.core.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint, shards_table
+from pipeline.grounding.near_duplicates import DuplicateSearch, duplicate_clusters
+from pipeline.store.guards import require_complete
+from pipeline.store.parquet_meta import finished_output, write_table_atomic
+from pipeline.store.shard_reading import read_shard_stats
+from pipeline.store.verify import checked_samples
 from schemas.ground_config import GroundConfig
 from schemas.layout import DatasetLayout
 from schemas.tables import DUPLICATES_SCHEMA, EMBEDDINGS_SCHEMA, STATUS_OK

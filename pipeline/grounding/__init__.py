@@ -1,0 +1,1 @@
+"""Grounding: image-caption scores, grounded nouns and near-duplicate clusters from CLIP embeddings."""
