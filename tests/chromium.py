@@ -26,10 +26,10 @@ def browser_command(profile: Path) -> list[str]:
     return [*browser, "--virtual-time-budget=5000", f"--user-data-dir={profile}"]
 
 
-def rendered_dom(page: Path, profile: Path) -> tuple[str, str]:
-    """The page's DOM after its scripts ran, and Chromium's log; asserts that Chromium succeeded."""
-    result = subprocess.run(
-        [*browser_command(profile), "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
-    )
+def rendered_dom(page: Path, profile: Path, *, width: int = 1400) -> tuple[str, str]:
+    """The page's DOM after its scripts ran in a window ``width`` pixels wide, and Chromium's log; asserts that
+    Chromium succeeded."""
+    command = [*browser_command(profile), f"--window-size={width},1000", "--dump-dom", page.as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout, result.stderr

@@ -10,6 +10,7 @@ import tarfile
 import pytest
 
 from densecurate.cli import main
+from pipeline.report.html import _capped, _histogram_cap
 from pipeline.sample_data import write_sample_folder
 from pipeline.stages.caption import run_caption_stage
 from pipeline.stages.curate import first_failed_rule, run_curate_stage
@@ -118,8 +119,11 @@ def test_html_report_renders_in_chromium(pipeline_root, tmp_path):
     text = page.read_text()
     assert "http://" not in text and "https://" not in text, "the page must be self-contained"
     assert text.count('<mark class="valid"') + text.count('<mark class="rare"') > 0
-    dom, log = rendered_dom(page, tmp_path / "profile")
+    dom, log = rendered_dom(page, tmp_path / "profile", width=1400)
     assert 'data-broken-images="0"' in dom
+    assert 'data-sideways-scroll="false"' in dom, "long tokens must wrap inside their card"
+    tallest = int(re.search(r'data-tallest-card="(\d+)"', dom).group(1))
+    assert 0 < tallest < 900, f"a gallery card is {tallest} px tall"
     assert dom.count("<img") == 6 + 3  # gallery thumbnails, two plots and the density-against-cost plot
     console_errors = [line for line in log.splitlines() if "CONSOLE" in line and "rror" in line]
     assert console_errors == []
@@ -127,6 +131,23 @@ def test_html_report_renders_in_chromium(pipeline_root, tmp_path):
     browser = browser_command(tmp_path / "profile")
     subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()], timeout=120)
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_long_token_wraps_inside_its_gallery_card(ray_local, tmp_path):
+    """A caption that repeats one token with no space (a captioner stuck in a loop) must neither push the page
+    sideways nor make its card thousands of pixels tall."""
+    photos = write_sample_folder(tmp_path / "photos", with_bad_files=False)
+    (photos / "coffee.txt").write_text("cup" * 2000 + "\n")
+    (photos / "moon.txt").write_text(" ".join(["moon surface crater"] * 300) + "\n")
+    root = tmp_path / "root"
+    run_shard_stage([photos], root, ShardConfig(shard_size=100))
+    run_score_stage(root, ScoreConfig(fields=("alt_text",), min_count=1))
+    page = tmp_path / "report.html"
+    assert main(["report", str(root), "--html", str(page), "--gallery", "10"]) == 0
+    dom, _ = rendered_dom(page, tmp_path / "profile", width=1400)
+    assert 'data-sideways-scroll="false"' in dom
+    assert 0 < int(re.search(r'data-tallest-card="(\d+)"', dom).group(1)) < 900
 
 
 @pytest.mark.slow
@@ -140,3 +161,11 @@ def test_curate_refuses_density_older_than_the_captions(ray_local, tiny_llava_di
     run_caption_stage(root, CaptionConfig.model_validate({**caption, "replace": True}))
     with pytest.raises(StaleInputError, match="rerun `densecurate score"):
         run_curate_stage(root, tmp_path / "curated", CurateConfig(field="tiny"))
+
+
+def test_the_nouns_histogram_gathers_a_few_run_on_captions_in_its_last_bar():
+    histogram = [(2, 30), (3, 40), (4, 25), (900, 5)]
+    cap = _histogram_cap(histogram)
+    assert cap == 10  # 95% of captions have at most 4 nouns; never fewer than 10 bars
+    assert _capped(histogram, cap) == {**dict.fromkeys(range(11), 0), 2: 30, 3: 40, 4: 25, 10: 5}
+    assert _histogram_cap([(n, 1) for n in range(100)]) == 90

@@ -21,24 +21,32 @@ from schemas.score_config import ALT_TEXT_FIELD
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 1rem 0; }
-th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
+table { border-collapse: collapse; margin: 1rem 0; max-width: 100%; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top;
+         overflow-wrap: break-word; }
 th { background: #f3f3f3; }
 .plots img { max-width: 48%; margin-right: 1%; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 1rem; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: 0.6rem; }
-.card img { max-width: 100%; display: block; margin-bottom: 0.4rem; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 0.6rem; min-width: 0; overflow: hidden;
+        overflow-wrap: anywhere; }
+.card img { max-width: 100%; max-height: 320px; display: block; margin-bottom: 0.4rem; }
+.caption { max-height: 9.5em; overflow-y: auto; line-height: 1.35; }
 .field { font-size: 0.8rem; color: #666; margin-top: 0.4rem; }
 mark.valid { background: #b7e4c7; }
 mark.rare { background: #ffd6a5; }
 mark.ungrounded { text-decoration: line-through; text-decoration-color: #b00; outline: 1px dashed #b00; }
 #broken-images { color: #b00; font-weight: bold; }
 """
-# Shows, on the page itself, how many pictures failed to render (the tests read it too).
+# Shows, on the page itself, how many pictures failed to render; records whether the page scrolls sideways and
+# its tallest gallery card (the tests read all three).
 IMAGE_CHECK = """
 window.addEventListener('load', () => {
   const broken = [...document.images].filter(img => !img.complete || img.naturalWidth === 0).length;
   document.body.dataset.brokenImages = String(broken);
+  const page = document.documentElement;
+  document.body.dataset.sidewaysScroll = String(page.scrollWidth > page.clientWidth);
+  const cards = [...document.querySelectorAll('.card')].map(card => card.getBoundingClientRect().height);
+  document.body.dataset.tallestCard = String(Math.round(Math.max(0, ...cards)));
   if (broken) document.getElementById('broken-images').textContent = broken + ' images could not be shown.';
 });
 """
@@ -50,6 +58,28 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+HISTOGRAM_SHARE = 0.9  # the nouns-per-image bars cover this share of captions; the rest share the last bar
+
+
+def _histogram_cap(histogram: list[tuple[int, int]]) -> int:
+    """The noun count below which ``HISTOGRAM_SHARE`` of the captions lie (at least 10): a few run-on captions
+    must not squeeze every other bar into one pixel."""
+    total, seen = sum(c for _, c in histogram), 0
+    for n, c in sorted((n or 0, c) for n, c in histogram):
+        seen += c
+        if seen >= HISTOGRAM_SHARE * total:
+            return max(n + 1, 10)
+    return 10
+
+
+def _capped(histogram: list[tuple[int, int]], cap: int) -> dict[int, int]:
+    """Captions per noun count, 0 to ``cap``, the counts at or above ``cap`` summed into the last."""
+    counts = dict.fromkeys(range(cap + 1), 0)
+    for n, c in histogram:
+        counts[min(n or 0, cap)] += c
+    return counts
+
+
 def _plots(reports: list[FieldReport]) -> list[tuple[str, str]]:
     """(title, base64 PNG): nouns-per-image histograms and noun rank-frequency, one line per field."""
     import matplotlib
@@ -58,10 +88,15 @@ def _plots(reports: list[FieldReport]) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     hist, ax = plt.subplots(figsize=(6, 4))
-    for r in reports:
-        xs = [n for n, _ in r.nouns_histogram]
-        ax.step(xs, [c for _, c in r.nouns_histogram], where="mid", label=r.row.field)
-    ax.set(xlabel="nouns in a caption", ylabel="captions", title="nouns per image")
+    cap = max(_histogram_cap(r.nouns_histogram) for r in reports) if reports else 0
+    width = 0.8 / max(1, len(reports))
+    for i, r in enumerate(reports):  # side-by-side bars: each field's share of captions with n nouns
+        counts = _capped(r.nouns_histogram, cap)
+        total = sum(counts.values()) or 1
+        xs = [n - 0.4 + width * (i + 0.5) for n in counts]
+        ax.bar(xs, [c / total for c in counts.values()], width=width, label=r.row.field)
+    ax.set(xlabel=f"nouns in a caption (the last bar: {cap} or more)", ylabel="share of captions")
+    ax.set_title("nouns per image")
     ax.legend()
     rank, ax2 = plt.subplots(figsize=(6, 4))
     for r in reports:
@@ -125,6 +160,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+SHOWN_NOUN_CHARS = 40  # a longer noun (a captioner's run-on token) is cut in the tables, with an ellipsis
+
+
+def _shown_noun(noun: str) -> str:
+    return noun if len(noun) <= SHOWN_NOUN_CHARS else noun[: SHOWN_NOUN_CHARS - 1] + "…"
+
+
 def _summary_tables(reports: list[FieldReport]) -> str:
     names = [r.row.field for r in reports]
     lines = table1_lines([r.row for r in reports], [r.grounding for r in reports])
@@ -139,7 +181,13 @@ def _summary_tables(reports: list[FieldReport]) -> str:
         table1.append([f"flagged {flag}", *(f"{100 * r.flags[flag]:.1f}%" if r.flags else "-" for r in reports)])
     depth = max((len(r.top_nouns) for r in reports), default=0)
     top = [
-        [str(i + 1), *(f"{r.top_nouns[i][0]} ({r.top_nouns[i][1]})" if i < len(r.top_nouns) else "" for r in reports)]
+        [
+            str(i + 1),
+            *(
+                f"{_shown_noun(r.top_nouns[i][0])} ({r.top_nouns[i][1]})" if i < len(r.top_nouns) else ""
+                for r in reports
+            ),
+        ]
         for i in range(depth)
     ]
     return (
@@ -247,7 +295,7 @@ def _gallery(root: Path, fields: list[str], n: int, spacy_model: str) -> str:
         ]
         for f in fields:
             marked = _marked(nlp, captions.get((f, key)), valid[f], NOUN_POS["all"], ungrounded.get((f, key)))
-            body.append(f'<div class="field">{html.escape(f)}</div><div>{marked}</div>')
+            body.append(f'<div class="field">{html.escape(f)}</div><div class="caption">{marked}</div>')
         cards.append('<div class="card">' + "".join(body) + "</div>")
     legend = (
         '<p><mark class="valid">valid noun</mark> (seen more than min-count times) · '
