@@ -169,3 +169,12 @@ def test_the_nouns_histogram_gathers_a_few_run_on_captions_in_its_last_bar():
     assert cap == 10  # 95% of captions have at most 4 nouns; never fewer than 10 bars
     assert _capped(histogram, cap) == {**dict.fromkeys(range(11), 0), 2: 30, 3: 40, 4: 25, 10: 5}
     assert _histogram_cap([(n, 1) for n in range(100)]) == 90
+
+
+def test_a_rule_that_removes_more_than_half_of_what_it_sees_is_named(pipeline_root, tmp_path, capsys):
+    out = tmp_path / "curated"
+    assert main(["curate", str(pipeline_root), "--out", str(out), "--field", "alt_text", "--min-nouns", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: rule min_nouns removed 10 of the 10 samples it saw (100%)" in " ".join(printed.split())
+    assert main(["curate", str(pipeline_root), "--out", str(tmp_path / "all"), "--field", "alt_text"]) == 0
+    assert "warning" not in capsys.readouterr().out

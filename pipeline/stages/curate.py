@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from rich.table import Table
+from rich.console import Group, RenderableType
+from rich.text import Text
 
 from pipeline.core.runner import run_stage
 from pipeline.core.stage import (
@@ -39,6 +40,7 @@ from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD, CurateConfig, CurateRules
 from schemas.tables import CURATED_SCHEMA
 
+HEAVY_RULE_SHARE = 0.5  # a rule that removes more of what it sees than this is named in a warning
 # The rules in the order they are checked; a removed sample's reason is the first it fails.
 RULE_ORDER = (
     "missing_caption",
@@ -206,8 +208,20 @@ class CurateSummary(StageSummary):
     kept: int = 0
     removed_by_rule: Counter[str] = field(default_factory=Counter)
 
-    def render(self) -> Table:
-        """Samples, removals per rule (in rule order), kept, shards."""
+    def heavy_rules(self) -> list[tuple[str, int, int]]:
+        """``(rule, removed, seen)`` of each rule that removed more than ``HEAVY_RULE_SHARE`` of the samples it
+        saw (those no earlier rule removed)."""
+        heavy, seen = [], self.inputs
+        for rule in RULE_ORDER:
+            removed = self.removed_by_rule.get(rule, 0)
+            if seen and removed > HEAVY_RULE_SHARE * seen:
+                heavy.append((rule, removed, seen))
+            seen -= removed
+        return heavy
+
+    def render(self) -> RenderableType:
+        """Samples, removals per rule (in rule order), kept, shards; a warning for each rule that removed more
+        than half of what it saw."""
         removed = [(f"  removed by {rule}", str(self.removed_by_rule.get(rule, 0))) for rule in RULE_ORDER]
         rows = [
             ("samples", str(self.inputs)),
@@ -215,7 +229,16 @@ class CurateSummary(StageSummary):
             ("kept", str(self.kept)),
             self.shards_row(),
         ]
-        return shards_table(f"curate {self.field} -> {self.out_dir}", rows)
+        table = shards_table(f"curate {self.field} -> {self.out_dir}", rows)
+        warnings = [
+            Text(
+                f"warning: rule {rule} removed {removed:,} of the {seen:,} samples it saw ({removed / seen:.0%}); "
+                "check its threshold",
+                style="yellow",
+            )
+            for rule, removed, seen in self.heavy_rules()
+        ]
+        return Group(table, *warnings) if warnings else table
 
 
 def _require_every_key_captioned(layout: DatasetLayout, name: str, index: int) -> None:
