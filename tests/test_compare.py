@@ -158,13 +158,17 @@ def by_hand(root: Path, fields: tuple[str, ...]) -> dict[str, dict]:
     out = {}
     for f in fields:
         rows = [density[f][k] for k in sorted(common)]
-        counts = Counter(noun for r in rows for noun in r["nouns"])
-        valid = [sum(counts[n] > MIN_COUNT for n in r["nouns"]) for r in rows]
+        repeated = set()
+        if f != "alt_text":  # a caption flagged repetitive counts each noun once
+            repeated = {r["key"] for r in rows_of(root / "captions" / f) if r["status"] == "ok" and r["repetitive"]}
+        nouns = {r["key"]: list(dict.fromkeys(r["nouns"])) if r["key"] in repeated else r["nouns"] for r in rows}
+        counts = Counter(noun for r in rows for noun in nouns[r["key"]])
+        valid = [sum(counts[n] > MIN_COUNT for n in nouns[r["key"]]) for r in rows]
         figures = {
             "keys": len(rows),
             "captions": sum(not r["missing"] for r in rows),
             "words_per_caption": sum(r["n_tokens"] for r in rows) / len(rows),
-            "nouns_per_image": sum(r["n_nouns"] for r in rows) / len(rows),
+            "nouns_per_image": sum(len(nouns[r["key"]]) for r in rows) / len(rows),
             "valid_nouns_per_image": sum(valid) / len(rows),
         }
         if f != "alt_text":
@@ -196,6 +200,15 @@ def test_compare_matches_a_hand_computation_from_the_rows(sampled_root, capsys):
     assert got["llava"]["keys"] == 2 * len(shard_keys(sampled_root))
     # the min-count rule is exercised: a field with some, but not all, of its nouns valid
     assert any(0 < got[f]["valid_nouns_per_image"] < got[f]["nouns_per_image"] for f in FIELDS)
+    # the repetition rule is exercised: some caption flagged repetitive repeats a noun
+    repeats = [
+        r
+        for f in ("llava", "qwen")
+        for r in rows_of(sampled_root / "density" / f)
+        if r["key"] in {c["key"] for c in rows_of(sampled_root / "captions" / f) if c["repetitive"]}
+        and len(set(r["nouns"])) < len(r["nouns"])
+    ]
+    assert repeats
     for f in ("llava", "qwen"):
         assert got[f]["device"] == "cpu" and got[f]["on_cpu"] is True
         assert got[f]["grounded_nouns_per_image"] is None

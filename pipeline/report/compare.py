@@ -36,11 +36,15 @@ WITH common AS (
 )"""
 # Per field on those keys: keys, captions, words, nouns, valid nouns. A noun is valid when the field's
 # captions of these keys hold it more than the field's min-count (as `score` set it) times: counted over
-# the whole field instead, a field scored on every key would win against a sample.
+# the whole field instead, a field scored on every key would win against a sample. A caption its captioner
+# flagged as repetitive counts each of its nouns once: repeating one token is not density.
 DENSITY_SQL = (
     COMMON_KEYS
     + """,
-d AS (SELECT field, key, missing, n_tokens, n_nouns, nouns FROM density JOIN common USING (key)
+{repeated},
+d AS (SELECT field, key, missing, n_tokens,
+             CASE WHEN r.key IS NULL THEN nouns ELSE list_distinct(nouns) END AS nouns
+      FROM density JOIN common USING (key) LEFT JOIN repeated r USING (field, key)
       WHERE list_contains($fields, field)),
 occurrences AS (SELECT field, key, unnest(nouns) AS noun FROM d),
 min_counts AS (SELECT field, max(min_count) AS min_count FROM vocab GROUP BY field),
@@ -51,11 +55,14 @@ valid_nouns AS (
 valid AS (
     SELECT o.field, o.key, count(*) AS n_valid FROM occurrences o JOIN valid_nouns USING (field, noun) GROUP BY ALL
 )
-SELECT d.field, count(*), count(*) FILTER (WHERE NOT d.missing), avg(d.n_tokens), avg(d.n_nouns),
+SELECT d.field, count(*), count(*) FILTER (WHERE NOT d.missing), avg(d.n_tokens), avg(coalesce(len(d.nouns), 0)),
        avg(coalesce(valid.n_valid, 0))
 FROM d LEFT JOIN valid USING (field, key) GROUP BY d.field
 """
 )
+# The (field, key) of captions flagged as repetitive; none without a captions view (alt texts only).
+REPEATED = "repeated AS (SELECT captioner AS field, key FROM captions WHERE status = 'ok' AND repetitive)"
+NONE_REPEATED = "repeated AS (SELECT NULL::VARCHAR AS field, NULL::VARCHAR AS key WHERE false)"
 # Per captioner on the same keys: generated tokens and flags of its captions, and what they cost.
 CAPTIONS_SQL = (
     COMMON_KEYS
@@ -146,7 +153,8 @@ def compare_fields(root: Path, fields: list[str] | None = None) -> list[FieldCom
     _require_scored(layout, fields)
     params = {"fields": fields, "n": len(fields)}
     with connect(root) as con:
-        density = {row[0]: row[1:] for row in con.execute(DENSITY_SQL, params).fetchall()}
+        repeated = REPEATED if has_view(con, "captions") else NONE_REPEATED
+        density = {row[0]: row[1:] for row in con.execute(DENSITY_SQL.format(repeated=repeated), params).fetchall()}
         if not density:
             raise NoCommonKeysError(
                 f"the fields {', '.join(fields)} have no scored key in common: caption the same keys (the same "
