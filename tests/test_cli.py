@@ -151,3 +151,16 @@ def test_demo_runs_offline(tmp_path):
     assert "captioners compared on" in result.stdout and "tiny-qwen2-vl" in result.stdout
     assert (demo / "export" / "model_index.json").is_file() and (demo / "export" / "transformer").is_dir()
     assert (demo / "runs" / "tiny" / "checkpoints" / "step-00000010").is_dir()
+
+
+def test_a_piped_table_keeps_whole_rows_and_rounds_floats_for_people(capsys):
+    from pipeline.report.table_output import print_rows
+
+    long = "a long value " * 20
+    print_rows(["key", "score", "big", "none"], [(long, -15.90999984741211, 123456.789, None)])
+    out = capsys.readouterr().out
+    assert long.strip() in out  # not cut at 80 columns: the output is not a terminal
+    assert "-15.91" in out and "123,456.8" in out and "NULL" in out
+    assert "15.909" not in out
+    print_rows(["score"], [(-15.90999984741211,)], "csv")
+    assert capsys.readouterr().out == "score\n-15.90999984741211\n"

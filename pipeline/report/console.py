@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.density.table1 import Table1Row, table1_rows
+from pipeline.report.table_output import table_console
 from pipeline.store.catalog import connect, damage_warning, damaged_files, has_view, readable_list
 from pipeline.store.freshness import stale_warning
 from schemas.errors import MissingInputError
@@ -190,14 +191,14 @@ def print_table1(root: Path) -> None:
     warn_if_stale(root)
     with connect(root) as con:
         rows = table1_rows(con, readable_density(con, root))
-        Console().print(table1_table(rows, grounding=[grounding_figures(con, r.field) for r in rows]))
+        table_console().print(table1_table(rows, grounding=[grounding_figures(con, r.field) for r in rows]))
 
 
 def print_report(root: Path, reports: list[FieldReport], comparison: Table | None = None) -> None:
     """The whole report on the console (first, which fields are stale); ``comparison``: the captioner
     comparison's table, shown after Table 1."""
     warn_if_stale(root)
-    console = Console()
+    console = table_console()
     console.print(table1_table([r.row for r in reports], grounding=[r.grounding for r in reports]))
     if comparison is not None:
         console.print(comparison)

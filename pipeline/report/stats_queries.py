@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-
 from pipeline.report.console import warn_if_stale
-from pipeline.report.table_output import print_rows
+from pipeline.report.table_output import print_rows, table_console
 from pipeline.store.catalog import connect, damaged_files
 
 # (title, the views it needs separated by spaces, SQL)
@@ -70,7 +68,7 @@ STATS_QUERIES: tuple[tuple[str, str, str], ...] = (
 def print_stats(root: Path) -> None:
     """List the files the views leave out (their footer does not read), then run every query whose view exists and
     print its table."""
-    console = Console()
+    console = table_console()
     warn_if_stale(root)
     with connect(root) as con:
         if damaged := damaged_files(con):
