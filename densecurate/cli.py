@@ -9,12 +9,14 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 from pydantic import ValidationError
 from rich.markup import escape
 
 from densecurate import commands
+from densecurate.quiet import quiet_libraries
 from schemas.atomic import TMP_MARK
 from schemas.errors import EnvironmentFailure, UserError
 from schemas.pipeline_spec import STAGES
@@ -528,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"show the full traceback of any error (may also follow the command; or set {DEBUG_ENV}=1)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep the libraries' warnings and weight-loading bars (may also follow the command)",
+    )
+    parser.add_argument("--version", action="version", version=f"densecurate {package_version('densecurate')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_shard_parser(sub)
     _add_query_parser(sub)
@@ -641,7 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    if not (debug or "--verbose" in argv):
+        quiet_libraries()
+    args = build_parser().parse_args([a for a in argv if a not in ("--debug", "--verbose")])
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -164,3 +164,25 @@ def test_a_piped_table_keeps_whole_rows_and_rounds_floats_for_people(capsys):
     assert "15.909" not in out
     print_rows(["score"], [(-15.90999984741211,)], "csv")
     assert capsys.readouterr().out == "score\n-15.90999984741211\n"
+
+
+def test_version_and_quiet_libraries_unless_verbose(capsys):
+    import subprocess
+    import sys
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("densecurate ")
+    check = (
+        "import os, sys, logging\nfrom densecurate.cli import main\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit:\n    pass\nimport transformers.utils.logging as t\n"
+        "print(t.is_progress_bar_enabled(), os.environ.get('TRANSFORMERS_VERBOSITY'), "
+        "logging.getLogger('ray._private.authentication.authentication_token_setup').level)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    quiet = subprocess.run([sys.executable, "-c", check, "jobs", "--help"], capture_output=True, text=True, env=env)
+    verbose = subprocess.run(
+        [sys.executable, "-c", check, "--verbose", "jobs", "--help"], capture_output=True, text=True, env=env
+    )
+    assert quiet.stdout.splitlines()[-1] == "False error 40"
+    assert verbose.stdout.splitlines()[-1] == "True None 0"

@@ -18,6 +18,7 @@ def load_pipeline(pipeline: str, transformer: Any, device: torch.device) -> Any:
     from diffusers import PixArtAlphaPipeline
 
     pipe = PixArtAlphaPipeline.from_pretrained(pipeline, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)  # one bar per sample grid in the training log helps nobody
     return pipe.to(device)
 
 
@@ -44,6 +45,7 @@ def save_sample_grid(config: TrainConfig, transformer: Any, out: Path) -> Path:
         width=config.resolution,
         generator=torch.Generator(device="cpu").manual_seed(config.seed),
         use_resolution_binning=False,
+        clean_caption=False,  # the prompts are plain text: no Beautiful Soup warning on every call
         max_sequence_length=config.data.max_tokens,
     ).images
     image_grid(images).save(out)
