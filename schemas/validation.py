@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
@@ -88,16 +89,52 @@ SimpleName = Annotated[str, AfterValidator(check_simple_name)]
 ModelReference = Annotated[str, AfterValidator(check_model_reference)]
 
 
+SHOWN_ERRORS = 5  # problems a ConfigError names before "and N more"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The settings model an annotation holds (``X``, ``X | None``, ``list[X]``, ``tuple[X, ...]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+def nearest_key(model: type[BaseModel], loc: tuple[int | str, ...]) -> str | None:
+    """The key of ``model``'s settings at ``loc`` (an unknown key's path) closest to the key written there."""
+    here: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list: the same model
+            continue
+        field = here.model_fields.get(part) if here is not None else None
+        here = _model_in(field.annotation) if field is not None else None
+    if here is None or not isinstance(loc[-1], str):
+        return None
+    close = difflib.get_close_matches(loc[-1], list(here.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _problem(model: type[BaseModel], err: Any) -> str:
+    """``field.path: message``, with the key meant when the field is unknown and one is close."""
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    meant = nearest_key(model, tuple(err["loc"])) if err["type"] == "extra_forbidden" else None
+    return f"{where}: {err['msg']}" + (f" (did you mean {meant}?)" if meant else "")
+
+
 def validated(model: type[ModelT], data: Any, source: str) -> ModelT:
-    """``model`` from ``data``; a ``ConfigError`` ``"SOURCE: field.path: message"`` for the first problem."""
+    """``model`` from ``data``; a ``ConfigError`` ``"SOURCE: field.path: message; ..."`` naming every problem
+    (the first ``SHOWN_ERRORS``), an unknown key with the key meant when one is close."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ConfigError(f"{source}: {where}: {err['msg']}") from None
+        errors = exc.errors()
+        problems = "; ".join(_problem(model, err) for err in errors[:SHOWN_ERRORS])
+        more = f"; and {len(errors) - SHOWN_ERRORS} more" if len(errors) > SHOWN_ERRORS else ""
+        raise ConfigError(f"{source}: {problems}{more}") from None
 
 
 def read_input_text(path: Path | str, what: str) -> str:

@@ -67,6 +67,20 @@ def test_bad_spec_is_refused_before_submission(tmp_path, capsys, edit, message):
     assert f"bad.yaml: {message}" in err
 
 
+def test_a_spec_names_every_problem_and_the_key_meant(tmp_path, capsys):
+    spec = yaml.safe_load((REPO / "jobs/examples/demo.yaml").read_text())
+    spec["shard"]["shard_sise"] = spec["shard"].pop("shard_size", 4)
+    spec["caption"][0]["generaton"] = spec["caption"][0].pop("generation", {})
+    spec["score"]["min_count"] = "many"
+    path = tmp_path / "typos.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["submit", str(path), "--address", "http://127.0.0.1:9"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "shard.shard_sise: Extra inputs are not permitted (did you mean shard_size?)" in err
+    assert "caption.0.generaton: Extra inputs are not permitted (did you mean generation?)" in err
+    assert "score.min_count" in err
+
+
 def _free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
