@@ -58,6 +58,19 @@ def _add_ray_options(p: argparse.ArgumentParser, workers_help: str) -> None:
     p.add_argument("--ray-address", help="Ray cluster to run on (default: a local Ray on 127.0.0.1)")
 
 
+def _add_model_worker_options(
+    p: argparse.ArgumentParser,
+    *,
+    batch_size: int,
+    batch_help: str | None = None,
+    device_help: str | None = "auto | cpu | cuda",
+) -> None:
+    """``--batch-size``, ``--device`` and ``--gpus-per-worker``: the options of a stage whose workers hold a model."""
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--gpus-per-worker", type=float, default=1.0)
+
+
 def _add_shard_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "shard",
@@ -144,13 +157,12 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="hub id (e.g. llava-hf/llava-1.5-7b-hf) or local directory")
     p.add_argument("--name", help="captioner name, the folder under ROOT/captions (default: from the model)")
     p.add_argument("--prompt", default="pixart", help="pixart | pixart-alt | free text, may hold {alt_text}")
-    p.add_argument("--batch-size", type=int, default=8)
+    _add_model_worker_options(p, batch_size=8)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--revision", help="model revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
     p.add_argument(
@@ -160,7 +172,6 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
         help="downscale larger images (aspect kept) to N pixels before the processor (default: the model family's: "
         "451584 for Qwen2-VL / Qwen2.5-VL, no cap for others)",
     )
-    p.add_argument("--gpus-per-worker", type=float, default=1.0)
     p.add_argument(
         "--sample",
         type=float,
@@ -262,9 +273,7 @@ def _add_ground_parser(sub: argparse._SubParsersAction) -> None:
     _add_fields_option(p)
     p.add_argument("--clip-model", required=True, help="open_clip model name (ViT-L-14), hf-hub:REPO or local-dir:DIR")
     p.add_argument("--clip-pretrained", help="open_clip weights tag (e.g. openai) or file; not for local-dir:")
-    p.add_argument("--batch-size", type=int, default=64, help="images (and texts) per forward pass")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0)
+    _add_model_worker_options(p, batch_size=64, batch_help="images (and texts) per forward pass")
     rule = p.add_argument_group("grounding rule (docs/GROUNDING.md)")
     rule.add_argument("--z-threshold", type=float, default=2.0, help="grounded when z against the noun's negatives >=")
     rule.add_argument("--min-negatives", type=int, default=20, help="fewer negatives: judged on pooled statistics")
@@ -372,9 +381,7 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-encoder", required=True, help="T5 encoder and tokenizer: hub id or directory")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=120)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0)
+    _add_model_worker_options(p, batch_size=16, device_help=None)
     _add_ray_options(p, "encoder replicas (default: one per GPU, or 1 on CPU)")
     _add_rerun_options(p, replace=True)
     p.set_defaults(handler=commands.cmd_features)
@@ -418,13 +425,19 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="write a run's latest checkpoint as a folder PixArtAlphaPipeline.from_pretrained loads",
-        description="Transformer (or its EMA with --ema), the run's VAE, T5 encoder and tokenizer, DPM-Solver. "
+        description="Transformer (its EMA weights, or the raw ones with --no-ema), the run's VAE, T5 encoder and "
+        "tokenizer, DPM-Solver. "
         "A model of another size than 256, 512 or 1024 px has no resolution bins in PixArtAlphaPipeline: call it "
         "as pipe(prompt, use_resolution_binning=False) (the command prints this line for such a model).",
     )
     p.add_argument("run", type=_path, help="run directory (run_dir of the training config)")
     p.add_argument("--out", required=True, type=_path)
-    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export the EMA weights (the default, as a job spec's export.ema); --no-ema: the raw weights",
+    )
     p.set_defaults(handler=commands.cmd_export)
 
 

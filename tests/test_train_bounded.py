@@ -385,11 +385,11 @@ def test_export_uses_the_newest_checkpoint_that_loads(four_steps, tmp_path, caps
     older = PixArtTransformer2DModel.from_pretrained(run_dir / "checkpoints" / "step-00000002" / "transformer_ema")
     for a, b in zip(exported.parameters(), older.parameters(), strict=True):
         torch.testing.assert_close(a, b)
-    assert main(["export", str(run_dir), "--out", str(tmp_path / "plain")]) == 0, "the non-EMA weights load"
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "plain"), "--no-ema"]) == 0, "the raw weights load"
     assert "skipping" not in capsys.readouterr().err
 
     _truncate(run_dir / "checkpoints" / "step-00000002" / ema_file)
-    assert main(["export", str(run_dir), "--out", str(tmp_path / "none"), "--ema"]) == 2
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "none")]) == 2  # the EMA weights, by default
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: none of the 2 checkpoints") and not (tmp_path / "none").exists()
     one_sentence(err[-1])

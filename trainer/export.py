@@ -40,7 +40,7 @@ class ExportedPipeline:
         )
 
 
-def export_pipeline(run_dir: Path, out: Path, *, ema: bool = False) -> ExportedPipeline:
+def export_pipeline(run_dir: Path, out: Path, *, ema: bool = True) -> ExportedPipeline:
     """Write the newest checkpoint whose transformer (or EMA) loads, with finite weights, together with the
     run's VAE, T5, tokenizer and a DPM-Solver scheduler to ``out``. Newer checkpoints that do not load are
     skipped with a printed line; ``UnusableCheckpointError`` when none loads. The result says how to call the
