@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, model_validator
 
 from schemas.errors import ConfigError
 from schemas.validation import SETTINGS, load_yaml, validated
@@ -12,6 +12,15 @@ from schemas.validation import SETTINGS, load_yaml, validated
 
 class _Strict(BaseModel):
     model_config = SETTINGS
+
+
+def _on_off(value: Any) -> Any:
+    """YAML reads ``on``/``off`` (and ``true``/``false``) as booleans: they mean ``"on"``/``"off"``."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+# A GPU path: ``auto`` (on for CUDA, off on CPU), ``on`` or ``off``.
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
 
 
 class ModelConfig(_Strict):
@@ -24,7 +33,9 @@ class ModelConfig(_Strict):
     attention_head_dim: int = Field(72, ge=1)
     patch_size: int = Field(2, ge=1)
     caption_channels: int = Field(4096, ge=1, description="T5 hidden size (4096 for T5 v1.1 XXL)")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each block's activations in the backward: less memory, one more forward per step"
+    )
 
     @model_validator(mode="after")
     def _preset_sizes(self) -> ModelConfig:
@@ -67,6 +78,7 @@ class OptimConfig(_Strict):
     warmup_steps: int = Field(1000, ge=0)
     grad_clip: float = Field(0.01, gt=0)
     ema_decay: float = Field(0.9999, ge=0, lt=1)
+    fused: Switch = Field("auto", description="fused AdamW kernel (CUDA and CPU); auto: on CUDA")
 
 
 class TrainConfig(_Strict):
@@ -82,6 +94,8 @@ class TrainConfig(_Strict):
     steps: int = Field(150_000, ge=1)
     caption_dropout: float = Field(0.1, ge=0, le=1)
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on GPU")
+    compile: Switch = Field("auto", description="torch.compile the transformer's training forward; auto: on CUDA")
+    tf32: bool = Field(True, description="TF32 for fp32 matmuls and convolutions on CUDA")
     seed: int = 0
     checkpoint_every: int = Field(1000, ge=1)
     log_every: int = Field(10, ge=1)

@@ -6,7 +6,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,9 +104,53 @@ class TrainResult:
     nonfinite_steps: int = 0  # such steps of the whole run (carried over a resume by the checkpoints)
 
 
-def _autocast(config: TrainConfig, device: torch.device):
+def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _switched_on(setting: str, device: torch.device) -> bool:
+    """Whether an ``auto``/``on``/``off`` setting is on for ``device`` (``auto``: on CUDA)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def training_device(config: TrainConfig) -> torch.device:
+    """CUDA when ``use_gpu`` says so (by default: when CUDA is available), else the CPU."""
+    gpu = torch.cuda.is_available() if config.use_gpu is None else config.use_gpu
+    return torch.device("cuda" if gpu else "cpu")
+
+
+def build_optimizer(config: TrainConfig, model: Any, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``model``'s parameters; the fused kernel when ``optim.fused`` is on for ``device``."""
+    o = config.optim
+    fused = _switched_on(o.fused, device) or None  # None, not False: torch's default (foreach on CUDA)
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, eps=o.eps, fused=fused)
+
+
+def forward_module(
+    config: TrainConfig, model: Any, device: torch.device, wrap: Callable[[Any], Any] | None = None
+) -> Any:
+    """The module the training forward runs: ``model``, wrapped by ``wrap`` (DDP), then ``torch.compile``-d when
+    ``compile`` is on for ``device``. It shares ``model``'s parameters, so checkpoints, EMA and export keep
+    saving ``model`` itself (no ``_orig_mod.`` keys)."""
+    module = wrap(model) if wrap else model
+    return torch.compile(module) if _switched_on(config.compile, device) else module
+
+
+@contextlib.contextmanager
+def matmul_precision(config: TrainConfig, device: torch.device) -> Iterator[None]:
+    """On CUDA, TF32 (``tf32``) or full fp32 for fp32 matmuls and cuDNN convolutions, restored on exit; else
+    nothing changes."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32" if config.tf32 else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 def train(
@@ -134,44 +178,96 @@ def train(
     ``config.nan_tolerance`` such steps of the run are skipped and counted, the next one stops training
     with a ``TrainingDivergedError`` naming the step and the samples of its batch. No checkpoint is
     written with non-finite weights.
-    """
-    from diffusers.optimization import get_constant_schedule_with_warmup
 
+    The GPU paths are settings: ``compile`` (``forward_module``), ``optim.fused`` (``build_optimizer``),
+    ``tf32`` (``matmul_precision``) and ``model.gradient_checkpointing``. Attention always runs PyTorch's
+    ``scaled_dot_product_attention`` (flash or memory-efficient kernels on CUDA): diffusers gives every
+    attention of ``PixArtTransformer2DModel`` its ``AttnProcessor2_0`` and nothing here sets another.
+    """
     if check_run_dir:
         require_matching_features(config)
         require_fitting_model(config)
         prepare_run_dir(config, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
-
-    if device is None:
-        gpu = torch.cuda.is_available() if config.use_gpu is None else config.use_gpu
-        device = torch.device("cuda" if gpu else "cpu")
+    device = training_device(config) if device is None else device
     run_dir = Path(config.run_dir)
     torch.manual_seed(config.seed)
+    training = _build_training(config, device)
+    start, nonfinite_steps = _resume(training, run_dir, rank) if resume else (0, 0)
+    if rank == 0:
+        save_config(run_dir, config)
+    result = TrainResult(step=start, run_dir=run_dir, model=training.model, nonfinite_steps=nonfinite_steps)
+    if start >= config.steps:
+        return result
+    batches = _open_batches(config, device, start, rank, world)
+    loop = _Loop(config, training, forward_module(config, training.model, device, wrap), result, rank, world, device)
+    with matmul_precision(config, device):
+        loop.run(batches)
+    return result
+
+
+@dataclass
+class _Training:
+    """What a process trains: the transformer, its EMA, the optimizer and the LR schedule."""
+
+    model: Any
+    ema: AveragedModel
+    optimizer: torch.optim.AdamW
+    lr_schedule: Any
+
+
+def _build_training(config: TrainConfig, device: torch.device) -> _Training:
+    """The transformer on ``device`` (with gradient checkpointing when configured), its EMA, AdamW and the
+    constant schedule after a linear warm-up."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
     model = build_transformer(config).to(device)
     if config.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=False)
-    o = config.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
-    lr_schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=o.warmup_steps)
-    start = nonfinite_steps = 0
-    checkpoint = load_newest_checkpoint(run_dir, warn=None if rank else warn_line) if resume else None
-    if checkpoint is not None:
-        start, state = checkpoint.step, checkpoint.state
-        model.load_state_dict(checkpoint.transformer.state_dict())
-        ema.module.load_state_dict(checkpoint.transformer_ema.state_dict())
-        ema.n_averaged.copy_(state["ema_n_averaged"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        torch.set_rng_state(state["rng"])
-        nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        del checkpoint
-    if rank == 0:
-        save_config(run_dir, config)
-    result = TrainResult(step=start, run_dir=run_dir, model=model, nonfinite_steps=nonfinite_steps)
-    if start >= config.steps:
-        return result
+    optimizer = build_optimizer(config, model, device)
+    lr_schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=config.optim.warmup_steps)
+    return _Training(model, ema, optimizer, lr_schedule)
 
+
+def _resume(training: _Training, run_dir: Path, rank: int) -> tuple[int, int]:
+    """Load the newest checkpoint that loads completely into ``training`` (and the RNG); its step and count of
+    non-finite steps, ``(0, 0)`` when there is none. The optimizer stays fused or not as now configured."""
+    checkpoint = load_newest_checkpoint(run_dir, warn=None if rank else warn_line)
+    if checkpoint is None:
+        return 0, 0
+    state = checkpoint.state
+    training.model.load_state_dict(checkpoint.transformer.state_dict())
+    training.ema.module.load_state_dict(checkpoint.transformer_ema.state_dict())
+    training.ema.n_averaged.copy_(state["ema_n_averaged"])
+    optimizer = state["optimizer"]
+    groups = [
+        {**saved, "fused": now["fused"]}
+        for saved, now in zip(optimizer["param_groups"], training.optimizer.param_groups, strict=True)
+    ]
+    training.optimizer.load_state_dict({**optimizer, "param_groups": groups})
+    training.lr_schedule.load_state_dict(state["lr_schedule"])
+    torch.set_rng_state(state["rng"])
+    return checkpoint.step, int(state.get("nonfinite_steps", 0))
+
+
+@dataclass
+class _Batches:
+    """This worker's batches from the start step on, and the tensors the transformer takes from each."""
+
+    loader: DataLoader
+    device: torch.device
+    scaling: float  # the VAE's latent scaling factor
+    online: FeatureEncoder | None  # curated shards: the VAE and T5 encode each batch here
+
+    def tensors(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents, T5 states, T5 mask) of ``batch`` on the device."""
+        if self.online is not None:
+            return self.online.encode_for_training(batch["image"], batch["caption"], batch["noise"], self.scaling)
+        return batch["latent"].to(self.device), batch["t5"].to(self.device), batch["mask"].to(self.device)
+
+
+def _open_batches(config: TrainConfig, device: torch.device, start: int, rank: int, world: int) -> _Batches:
+    """The loader of feature shards, or of curated shards with the pipeline's encoders run online."""
     scaling = vae_scaling_factor(config.pipeline)
     online = None
     if config.data.source == "curated":
@@ -196,86 +292,139 @@ def train(
             scaling_factor=scaling,
             caption_dropout=config.caption_dropout,
         )
-    batches = StepBatches(start=start, stop=config.steps, batch_size=config.data.batch_size, rank=rank, world=world)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.data.num_workers)
-    scheduler = linear_scheduler(
-        config.diffusion.num_train_timesteps, config.diffusion.beta_start, config.diffusion.beta_end
+    steps = StepBatches(start=start, stop=config.steps, batch_size=config.data.batch_size, rank=rank, world=world)
+    return _Batches(
+        DataLoader(dataset, batch_sampler=steps, num_workers=config.data.num_workers), device, scaling, online
     )
-    loss_fn = HybridLoss(scheduler, config.diffusion.loss)
-    train_model = wrap(model) if wrap else model
-    writer = _summary_writer(run_dir) if rank == 0 else None
-    last_log = time.perf_counter()
-    model.train()
-    for step, batch in enumerate(loader, start=start):
-        if online is not None:
-            latents, t5, mask = online.encode_for_training(batch["image"], batch["caption"], batch["noise"], scaling)
-        else:
-            latents = batch["latent"].to(device)
-            t5, mask = batch["t5"].to(device), batch["mask"].to(device)
-        if step == start and t5.shape[-1] != model.config.caption_channels:
-            raise ConfigError(_caption_channels_message(config, model.config.caption_channels, t5.shape[-1]))
-        gen = seeded_generator(config.seed, step, rank, 3)
-        with _autocast(config, device):
-            terms = diffusion_terms(train_model, latents, t5, mask, scheduler, loss_fn, gen)
+
+
+class _Loop:
+    """The steps of one process: forward and backward, the update (or a skipped step), logging, checkpoints."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        training: _Training,
+        forward: Any,
+        result: TrainResult,
+        rank: int,
+        world: int,
+        device: torch.device,
+    ) -> None:
+        self.config, self.training, self.forward, self.result = config, training, forward, result
+        self.rank, self.world, self.device = rank, world, device
+        d = config.diffusion
+        self.scheduler = linear_scheduler(d.num_train_timesteps, d.beta_start, d.beta_end)
+        self.loss_fn = HybridLoss(self.scheduler, d.loss)
+        self.writer = _summary_writer(result.run_dir) if rank == 0 else None
+        self.last_log = time.perf_counter()
+
+    def run(self, batches: _Batches) -> None:
+        """Train from ``result.step`` to ``config.steps``, recording each step in ``result``."""
+        start = self.result.step
+        self.training.model.train()
+        for step, batch in enumerate(batches.loader, start=start):
+            latents, t5, mask = batches.tensors(batch)
+            if step == start:
+                self._require_caption_channels(t5)
+            terms, loss_value, norm_value = self._forward_backward(step, latents, t5, mask)
+            done = step + 1
+            if _all_finite(loss_value, norm_value, self.world, self.device):
+                self._update(loss_value)
+            else:
+                self._skip(done, loss_value, norm_value, terms, batch)
+            with warnings.catch_warnings():  # the schedule follows the step count, skipped steps included
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.training.lr_schedule.step()
+            self.result.step = done
+            self._log(done, loss_value, norm_value, terms)
+            self._save(done)
+        if self.writer is not None:
+            self.writer.close()
+
+    def _require_caption_channels(self, t5: torch.Tensor) -> None:
+        channels = self.training.model.config.caption_channels
+        if t5.shape[-1] != channels:
+            raise ConfigError(_caption_channels_message(self.config, channels, t5.shape[-1]))
+
+    def _forward_backward(
+        self, step: int, latents: torch.Tensor, t5: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[Any, float, float]:
+        """The loss terms of one batch, its backward and clipped gradients; (terms, loss, gradient norm)."""
+        gen = seeded_generator(self.config.seed, step, self.rank, 3)
+        with _autocast(self.config, self.device):
+            terms = diffusion_terms(self.forward, latents, t5, mask, self.scheduler, self.loss_fn, gen)
         loss = terms.loss.mean()
-        optimizer.zero_grad(set_to_none=True)
+        self.training.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # always (even for a NaN loss): DDP ranks all-reduce the gradients here
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        done = step + 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.training.model.parameters(), self.config.optim.grad_clip)
         loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one sync
-        if _all_finite(loss_value, norm_value, world, device):
-            optimizer.step()
-            ema.update_parameters(model)
-            result.losses.append(loss_value)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            result.skipped_steps.append(done)
-            result.nonfinite_steps += 1
-            what = _nonfinite_what(loss_value, norm_value, terms.loss.detach(), batch, world)
-            weights_broken = bool(nonfinite_weights(model))  # then skipping cannot help: stop now
-            if weights_broken or result.nonfinite_steps > config.nan_tolerance:
-                raise TrainingDivergedError(
-                    _diverged_message(done, what, result.nonfinite_steps, config.nan_tolerance, weights_broken)
-                )
-            if rank == 0:
-                warn_line(
-                    f"warning: step {done} skipped (no update) because {what}; "
-                    f"{result.nonfinite_steps} of --nan-tolerance {config.nan_tolerance} such steps used"
-                )
-        with warnings.catch_warnings():  # the schedule follows the step count, skipped steps included
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            lr_schedule.step()
-        result.step = done
-        if writer is not None and (done % config.log_every == 0 or done == config.steps):
-            now = time.perf_counter()
-            images = config.log_every * config.data.batch_size * world
-            scalars = {
-                "loss": loss_value,
-                "loss/mse": terms.mse.mean().item(),
-                "loss/vb": terms.vb.mean().item(),
-                "grad_norm": norm_value,
-                "lr": lr_schedule.get_last_lr()[0],
-                "images_per_s": images / max(now - last_log, 1e-9),
-                "nonfinite_steps": result.nonfinite_steps,
-            }
-            for name, value in scalars.items():
-                writer.add_scalar(name, value, done)
-            print(f"step {done}/{config.steps} loss {scalars['loss']:.4f} (mse {scalars['loss/mse']:.4f})", flush=True)
-            last_log = now
+        return terms, loss_value, norm_value
+
+    def _update(self, loss_value: float) -> None:
+        self.training.optimizer.step()
+        self.training.ema.update_parameters(self.training.model)
+        self.result.losses.append(loss_value)
+
+    def _skip(self, done: int, loss_value: float, norm_value: float, terms: Any, batch: dict[str, Any]) -> None:
+        """Count a step with a non-finite loss or gradients (no update), or stop when that is one too many."""
+        result, tolerance = self.result, self.config.nan_tolerance
+        self.training.optimizer.zero_grad(set_to_none=True)
+        result.skipped_steps.append(done)
+        result.nonfinite_steps += 1
+        what = _nonfinite_what(loss_value, norm_value, terms.loss.detach(), batch, self.world)
+        weights_broken = bool(nonfinite_weights(self.training.model))  # then skipping cannot help: stop now
+        if weights_broken or result.nonfinite_steps > tolerance:
+            raise TrainingDivergedError(
+                _diverged_message(done, what, result.nonfinite_steps, tolerance, weights_broken)
+            )
+        if self.rank == 0:
+            warn_line(
+                f"warning: step {done} skipped (no update) because {what}; "
+                f"{result.nonfinite_steps} of --nan-tolerance {tolerance} such steps used"
+            )
+
+    def _log(self, done: int, loss_value: float, norm_value: float, terms: Any) -> None:
+        """TensorBoard scalars and a printed line every ``log_every`` steps and at the end (rank 0)."""
+        config = self.config
+        if self.writer is None or not (done % config.log_every == 0 or done == config.steps):
+            return
+        now = time.perf_counter()
+        images = config.log_every * config.data.batch_size * self.world
+        scalars = {
+            "loss": loss_value,
+            "loss/mse": terms.mse.mean().item(),
+            "loss/vb": terms.vb.mean().item(),
+            "grad_norm": norm_value,
+            "lr": self.training.lr_schedule.get_last_lr()[0],
+            "images_per_s": images / max(now - self.last_log, 1e-9),
+            "nonfinite_steps": self.result.nonfinite_steps,
+        }
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, done)
+        print(f"step {done}/{config.steps} loss {scalars['loss']:.4f} (mse {scalars['loss/mse']:.4f})", flush=True)
+        self.last_log = now
+
+    def _save(self, done: int) -> None:
+        """A checkpoint every ``checkpoint_every`` steps and at the end, a sample grid every ``sample_every``."""
+        config, training = self.config, self.training
         if done % config.checkpoint_every == 0 or done == config.steps:
             # Every rank checks (the weights agree across DDP ranks), so that all of them stop together.
-            _check_weights_finite(done, model, ema.module)
-            if rank == 0:
+            _check_weights_finite(done, training.model, training.ema.module)
+            if self.rank == 0:
                 save_checkpoint(
-                    run_dir, done, model, ema, optimizer, lr_schedule, nonfinite_steps=result.nonfinite_steps
+                    self.result.run_dir,
+                    done,
+                    training.model,
+                    training.ema,
+                    training.optimizer,
+                    training.lr_schedule,
+                    nonfinite_steps=self.result.nonfinite_steps,
                 )
-        if rank == 0 and config.sample_every and done % config.sample_every == 0:
+        if self.rank == 0 and config.sample_every and done % config.sample_every == 0:
             from trainer.sampling import save_sample_grid
 
-            save_sample_grid(config, ema.module, run_dir / "samples" / f"step-{done:08d}.png")
-    if writer is not None:
-        writer.close()
-    return result
+            save_sample_grid(config, training.ema.module, self.result.run_dir / "samples" / f"step-{done:08d}.png")
 
 
 def _all_finite(loss: float, grad_norm: float, world: int, device: torch.device) -> bool:

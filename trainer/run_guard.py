@@ -8,7 +8,8 @@ changes the config the checkpoints were trained with.
 - without ``resume``, a run_dir that holds a checkpoint is refused, unless ``overwrite`` first deletes
   what the old run wrote there (``RUN_OUTPUTS``; other files in run_dir are left alone);
 - with ``resume``, the config is compared with the run's saved ``config.yaml``; a change in anything but
-  ``steps`` and the logging settings (``RESUMABLE_FIELDS``) is refused unless ``allow_config_change``.
+  ``steps``, the logging settings and the speed settings (``RESUMABLE_FIELDS``) is refused unless
+  ``allow_config_change``.
   Every change that goes ahead is appended to ``config_changes.jsonl`` (step, time, field, old, new) and
   the saved config is replaced, so ``export`` sees the config the last steps were trained with.
 """
@@ -50,6 +51,10 @@ RESUMABLE_FIELDS = frozenset(
         "sample_prompts",
         "sample_steps",
         "data.num_workers",
+        "compile",  # how fast the same model trains, not what it learns
+        "tf32",
+        "optim.fused",
+        "model.gradient_checkpointing",
     }
 )
 # The run is the folder; how its path is spelled (relative or absolute) is no change.
