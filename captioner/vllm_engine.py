@@ -64,6 +64,7 @@ class VllmCaptioner:
             tensor_parallel_size=engine.tensor_parallel_size,
             distributed_executor_backend="mp" if engine.tensor_parallel_size > 1 else None,
             limit_mm_per_prompt={"image": 1},
+            enable_prefix_caching=True,  # every request starts with the same prompt: its KV blocks are reused
             seed=generation.seed,
             enforce_eager=on_cpu,  # CUDA graphs help on GPUs; on the CPU compiling only delays the start
             load_format=engine.load_format,

@@ -92,3 +92,15 @@ def test_features_of_a_partly_or_never_captioned_field_count_the_missing(
             assert sample["txt"] and t5.shape[0] > 1
     counts = [json.loads(p.read_text())["missing_captions"] for p in sorted(feats_dir.glob("*_stats.json"))]
     assert sum(counts) == len(missing)
+
+
+def test_the_encoders_run_in_bf16_on_a_gpu_that_has_it(monkeypatch):
+    import torch
+
+    from trainer.features import encoder_dtype
+
+    assert encoder_dtype(torch.device("cpu")) is torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert encoder_dtype(torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert encoder_dtype(torch.device("cuda:1")) is torch.float16

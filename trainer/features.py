@@ -74,6 +74,14 @@ class Features:
         return [name for name in ("vae", "t5") if not bool(torch.isfinite(getattr(self, name)).all())]
 
 
+def encoder_dtype(device: torch.device) -> torch.dtype:
+    """The VAE's and T5's dtype: bf16 on a GPU that has it (T5 overflows in fp16), fp16 on an older GPU,
+    fp32 on the CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 class FeatureEncoder:
     """The frozen VAE and T5 encoder (with its tokenizer), loaded as from a hub id or a folder."""
 
@@ -84,7 +92,7 @@ class FeatureEncoder:
         from transformers import AutoTokenizer, T5EncoderModel
 
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = encoder_dtype(self.device)
         self.resolution, self.max_tokens = resolution, max_tokens
         self.vae = from_pretrained_component(AutoencoderKL, vae, "vae", torch_dtype=self.dtype).to(self.device).eval()
         self.text_encoder = (
