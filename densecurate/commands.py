@@ -317,7 +317,7 @@ def _load_spec(path: Path) -> PipelineSpec:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from jobs.stages import run_pipeline
+    from jobs.steps import run_pipeline
 
     run_pipeline(_load_spec(args.spec), only=args.stage)
     return 0

@@ -32,7 +32,7 @@ def demo_spec(out: Path) -> PipelineSpec:
 
 def run_demo(out: Path) -> Path:
     """Every stage on the bundled sample, then the alt text and captions side by side."""
-    from jobs.stages import run_pipeline
+    from jobs.steps import run_pipeline
     from pipeline.report.table_output import print_rows
     from pipeline.store.catalog import run_query
 

@@ -11,7 +11,7 @@ import argparse
 import base64
 import json
 
-from jobs.stages import run_pipeline
+from jobs.steps import run_pipeline
 from schemas.pipeline_spec import STAGES, PipelineSpec
 
 

@@ -23,6 +23,7 @@ TABLE_GLOBS = {
     "grounding": "grounding/*/*.parquet",
     "noun_calibration": "calibration/*.parquet",
     "duplicates": "duplicates/*.parquet",
+    "runs": "history/*.parquet",
 }
 # The per-shard tables (one folder per field or model, NNNNN.parquet per shard).
 PER_SHARD_TABLES = ("captions", "density", "embeddings", "grounding")
@@ -31,7 +32,18 @@ PER_SHARD_TABLES = ("captions", "density", "embeddings", "grounding")
 TRAIN_CONFIG_FILE = "config.yaml"
 CHECKPOINTS_DIR = "checkpoints"
 RESERVED_NAMES = frozenset(
-    {"shards", "captions", "density", "vocab", "embeddings", "grounding", "calibration", "duplicates", CATALOG_FILE}
+    {
+        "shards",
+        "captions",
+        "density",
+        "vocab",
+        "embeddings",
+        "grounding",
+        "calibration",
+        "duplicates",
+        "history",
+        CATALOG_FILE,
+    }
 )
 
 
@@ -164,6 +176,11 @@ class DatasetLayout:
 
     def duplicates_file(self, model: str) -> Path:
         return self.root / "duplicates" / f"{model}.parquet"
+
+    @property
+    def history_dir(self) -> Path:
+        """One Parquet file per stage run over the root (the catalog's ``runs`` view)."""
+        return self.root / "history"
 
     def table_glob(self, table: str) -> str:
         """The glob of a catalog table's Parquet files (``samples``, ``captions``, ``vocab``, ``density``)."""

@@ -182,3 +182,23 @@ VOCAB_SCHEMA = pa.schema(
         ("field", pa.string()),
     ]
 )
+
+# ROOT/history/STARTED-COMMAND-PID.parquet: one row per stage run over the root (the catalog's ``runs``).
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field("command", pa.string(), nullable=False),  # the stage: shard, caption, score, ...
+        pa.field("name", pa.string()),  # the output it wrote: a captioner, a field, a folder
+        pa.field("settings_fingerprint", pa.string()),  # sha256 of the run's settings
+        pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("ended_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("shards", pa.int64(), nullable=False),  # planned
+        pa.field("shards_reused", pa.int64(), nullable=False),  # found done
+        pa.field("records", pa.int64(), nullable=False),  # rows the shards it wrote hold
+        pa.field("written", pa.int64(), nullable=False),  # of them, written (not skipped)
+        pa.field("workers", pa.int64(), nullable=False),
+        pa.field("device", pa.string()),
+        pa.field("worker_seconds", pa.float64(), nullable=False),  # wall seconds times workers
+        pa.field("gpu_seconds", pa.float64(), nullable=False),  # wall seconds times the GPUs held (0 on CPUs)
+        pa.field("host", pa.string()),
+    ]
+)

@@ -181,7 +181,7 @@ def test_shards_made_before_file_contents_were_fingerprinted_stay_current(tmp_pa
             write_unit(dataclasses.replace(job, fingerprint=job.legacy_fingerprint, legacy_fingerprint=None))
     snapshot = _shards(root)
     (job,) = ShardStage([photos], root, config).plan()
-    assert (job.finished(), job.made_elsewise()) == (None, False)  # listed once more, nothing to replace
+    assert (job.finished(), job.made_from_other_inputs()) == (None, False)  # listed once more, nothing to replace
     assert write_unit(job)["written"] == 0
     assert job.finished() is not None
     tables = {name: data for name, data in _shards(root).items() if not name.endswith(".json")}
@@ -189,7 +189,7 @@ def test_shards_made_before_file_contents_were_fingerprinted_stay_current(tmp_pa
     # From now on an edit is seen, and the shards without contents in their fingerprint are replaced.
     (photos / "p02.jpg").write_bytes(_jpeg(150))
     (job,) = ShardStage([photos], root, config).plan()
-    assert job.made_elsewise()
+    assert job.made_from_other_inputs()
 
 
 def _sa1b_tar(path: Path, ids: list[int]) -> Path:

@@ -289,6 +289,7 @@ def test_an_actor_that_dies_more_often_than_it_may_restart_names_the_shard(ray_l
     assert explain_error(info.value)[0] == 1
 
 
+@pytest.mark.slow
 def test_an_actor_whose_constructor_raises_a_user_error_is_exit_2(ray_local, tmp_path):
     class NeedsAModel:
         def __init__(self, cpu_threads: int | None = None) -> None:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from densecurate.cli import main
-from jobs.stages import run_pipeline
+from jobs.steps import run_pipeline
 from pipeline.report.compare import compare_fields
 from pipeline.report.console import gather_report
 from pipeline.stages.ground import run_ground_stage

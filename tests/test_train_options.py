@@ -96,6 +96,7 @@ def test_wrong_values_are_refused_in_one_sentence(override, message):
     assert str(info.value) == message
 
 
+@pytest.mark.slow
 def test_auto_means_on_for_cuda_only():
     model = torch.nn.Linear(2, 2)
     assert loop.forward_module(tiny(), model, CPU) is model

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.workers import host_class
 from schemas.errors import EnvironmentFailure, UserError
 
 if TYPE_CHECKING:
@@ -258,9 +259,10 @@ def _node_cpus() -> int:
 
 def start_actors(pool: Actors, count_cap: int) -> tuple[list[Any], str]:
     """Start the pool's actors (at most ``count_cap``): GPU actors when the cluster has GPUs and the
-    pool wants them, else CPU actors. They are spread over the cluster's nodes; one that dies (or whose
-    node is lost) restarts where there is room and retries the call it was running. Returns them and
-    the device kind (``cuda`` or ``cpu``)."""
+    pool wants them, else CPU actors. Each hosts one worker (``pool.cls``; its methods are run with
+    ``actor.call.remote(method, *args)``, see ``pipeline.core.workers``). They are spread over the
+    cluster's nodes; one that dies (or whose node is lost) restarts where there is room and retries the
+    call it was running. Returns them and the device kind (``cuda`` or ``cpu``)."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -280,7 +282,7 @@ def start_actors(pool: Actors, count_cap: int) -> tuple[list[Any], str]:
         resources["runtime_env"] = pool.runtime_env
     # A call is retried as long as its actor may restart: a node lost mid-call first makes its actor
     # unreachable (each try fails at once) and only then dead, and restarted elsewhere.
-    remote_cls = ray.remote(max_restarts=2, max_task_retries=-1)(pool.cls)
+    remote_cls = ray.remote(max_restarts=2, max_task_retries=-1)(host_class(pool.cls))
     count = max(1, min(count, count_cap))
     options = {**resources, "scheduling_strategy": "SPREAD"}
-    return [remote_cls.options(**options).remote(*pool.args, **kwargs) for _ in range(count)], kind
+    return [remote_cls.options(**options).remote(pool.cls, pool.args, kwargs) for _ in range(count)], kind

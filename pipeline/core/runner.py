@@ -9,11 +9,10 @@ summary.
 
 from __future__ import annotations
 
-import re
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.core.ray_cluster import cluster_cpus, init_ray, start_actors
+from pipeline.core.run_record import run_record
 from pipeline.core.stage import Actors, JobResult, JobT, ShardJob, Stage, StageRun, Stats, SummaryT, Tasks
+from pipeline.core.workers import lost_worker, lost_worker_errors, typed_worker_errors
 from pipeline.store.catalog import refresh_catalog
 from pipeline.store.guards import OutputLock, check_paths, index_of, outputs_outside, write_plan
+from pipeline.store.run_history import record_run
 from schemas.atomic import remove_stale_temps_in
-from schemas.errors import EnvironmentFailure, OutputConflictError, UserError
+from schemas.errors import OutputConflictError
 
 console = Console(stderr=True)
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class _TaskLauncher:
@@ -48,7 +49,7 @@ class _TaskLauncher:
 
 
 class _ActorLauncher:
-    """Runs each job on an idle actor of a pool (``actor.<method>(job)``): one job per actor at a time."""
+    """Runs each job on an idle actor of a pool (its worker's ``<method>(job)``): one job per actor at a time."""
 
     def __init__(self, actors: Sequence[Any], method: str) -> None:
         self.capacity = len(actors)
@@ -58,7 +59,7 @@ class _ActorLauncher:
 
     def launch(self, job: ShardJob) -> Any:
         actor = self._idle.pop()
-        ref = getattr(actor, self._method).remote(job)
+        ref = actor.call.remote(self._method, job)
         self._busy[ref] = actor
         return ref
 
@@ -94,7 +95,7 @@ def _guard_earlier_outputs(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], f
     span = jobs[0].span if jobs else 1
     outside = [path for folder, keep in planned.items() for path in outputs_outside(folder, keep, span)]
     folders = ", ".join(map(str, planned))
-    if not stage.takes_replace:
+    if not stage.accepts_replace:
         if outside:
             console.print(
                 f"[yellow]note:[/yellow] {len(outside)} files in {folders} belong to no shard of this plan "
@@ -104,7 +105,7 @@ def _guard_earlier_outputs(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], f
     replaced = [
         index
         for job, done in zip(jobs, finished, strict=True)
-        if stage.guards_finished and done is None and job.made_elsewise()
+        if stage.guards_finished and done is None and job.made_from_other_inputs()
         for index in job.existing_indices()
     ]
     removed = {index_of(path) for path in outside}
@@ -141,6 +142,7 @@ def run_stage(stage: Stage[JobT, SummaryT]) -> SummaryT:
     check_paths(stage.inputs, stage.outputs, stage=stage.label, root=stage.catalog.root if stage.catalog else None)
     stage.check()
     jobs = stage.plan()
+    started = datetime.now(UTC)
     with ExitStack() as locks:
         for folder in stage.outputs:
             locks.enter_context(OutputLock(folder, stage.label))
@@ -153,6 +155,7 @@ def run_stage(stage: Stage[JobT, SummaryT]) -> SummaryT:
         _write_plans(stage.label, [r.job for r in run.results], run.stats)
         stage.finish(run)
         if stage.catalog is not None:
+            record_run(stage.catalog, run_record(stage, run, stage.catalog, started))
             refresh_catalog(stage.catalog)
     return stage.summarize(run)
 
@@ -191,50 +194,15 @@ def _start_pool(pool: Actors, todo: Sequence[ShardJob], label: str = "stage") ->
     actors, device = start_actors(pool, count_cap=max(1, len(todo)))
     if pool.setup:
         try:
-            ray.get(getattr(actors[0], pool.setup).remote(*pool.setup_args))
-        except lost_worker_errors() as exc:
+            with typed_worker_errors(label):
+                ray.get(actors[0].call.remote(pool.setup, *pool.setup_args))
+        except BaseException as exc:
             for actor in actors:
                 ray.kill(actor)
-            raise lost_worker(label, None, exc) from exc
+            if isinstance(exc, lost_worker_errors()):
+                raise lost_worker(label, None, exc) from exc
+            raise
     return actors, device
-
-
-def lost_worker_errors() -> tuple[type[BaseException], ...]:
-    """Ray's errors for a worker (actor or task process) that died, or a node that was lost."""
-    from ray import exceptions
-
-    names = ("RayActorError", "WorkerCrashedError", "OutOfMemoryError", "NodeDiedError")
-    return tuple(getattr(exceptions, name) for name in names if hasattr(exceptions, name))
-
-
-def _raised_user_error(line: str) -> UserError | None:
-    """The ``UserError`` named by the last line of a worker's traceback (``module.Class: message``), if any."""
-    match = re.fullmatch(r"([A-Za-z_][\w.]*)\.(\w+): (.+)", line)
-    module = sys.modules.get(match.group(1)) if match else None
-    cls = getattr(module, match.group(2), None) if match else None
-    if not (isinstance(cls, type) and issubclass(cls, UserError)):
-        return None
-    try:
-        return cls(match.group(3))
-    except Exception:
-        return UserError(match.group(3))
-
-
-def lost_worker(label: str, job: ShardJob | None, exc: BaseException) -> Exception:
-    """The one-sentence error for a worker Ray lost: one that could not start (its constructor raised),
-    or one that died more often than it may restart (``max_restarts``/``max_task_retries``)."""
-    if getattr(exc, "actor_init_failed", False):
-        lines = [ln.strip() for ln in ANSI.sub("", str(exc)).splitlines() if ln.strip()]
-        reason = lines[-1] if lines else type(exc).__name__
-        return _raised_user_error(reason) or EnvironmentFailure(
-            f"the {label} workers could not start ({reason}); check the model and device options "
-            "(`densecurate --debug ...` shows the workers' traceback)"
-        )
-    where = f"running shard {job.index} of {job.out_dir}" if job is not None else "during its setup"
-    return EnvironmentFailure(
-        f"a {label} worker died more often than it may restart {where} (killed for memory, crashed, or its "
-        f"node was lost: {type(exc).__name__}); rerun the same command to go on (finished shards are kept)"
-    )
 
 
 def _run_jobs(
@@ -263,7 +231,8 @@ def _run_jobs(
             job = pending.pop(ready[0])
             launcher.release(ready[0])
             try:
-                stats: Stats = ray.get(ready[0])
+                with typed_worker_errors(stage.label):
+                    stats: Stats = ray.get(ready[0])
             except lost_worker_errors() as exc:
                 raise lost_worker(stage.label, job, exc) from exc
             run.results.append(JobResult(job, stats, reused=False))

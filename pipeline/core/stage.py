@@ -69,7 +69,7 @@ class ShardJob:
         """The stats of the job's output if it is complete and carries the job's fingerprint, else None."""
         raise NotImplementedError
 
-    def made_elsewise(self) -> bool:
+    def made_from_other_inputs(self) -> bool:
         """Whether a complete output exists that was made from other inputs or settings."""
         raise NotImplementedError
 
@@ -89,7 +89,7 @@ class ShardFilesJob(ShardJob):
     def finished(self) -> Stats | None:
         return finished_stats(self.files, self.fingerprint)
 
-    def made_elsewise(self) -> bool:
+    def made_from_other_inputs(self) -> bool:
         stats = read_stats(self.files)
         return stats is not None and stats.get("inputs_fingerprint") != self.fingerprint
 
@@ -113,7 +113,7 @@ class TableJob(ShardJob):
     def finished(self) -> Stats | None:
         return finished_output(self.out, self.fingerprint, self.expected_rows)
 
-    def made_elsewise(self) -> bool:
+    def made_from_other_inputs(self) -> bool:
         meta = read_meta(self.out)
         return meta is not None and meta.get("fingerprint") != self.fingerprint
 
@@ -137,7 +137,8 @@ class Tasks:
 
 @dataclass(frozen=True)
 class Actors:
-    """Per-shard work as ``cls(*args, cpu_threads=...).<method>(job) -> stats`` on Ray actors.
+    """Per-shard work as ``cls(*args, cpu_threads=...).<method>(job) -> stats`` on Ray actors (each hosts one
+    such worker: ``pipeline.core.workers.WorkerHost``).
 
     With GPUs in the cluster (and ``gpus_per_worker`` > 0, ``device`` not ``cpu``) each actor takes
     ``gpus_per_worker`` GPUs; otherwise actors share the CPUs: ``one_per_core`` actors of one core
@@ -233,7 +234,7 @@ class Stage(ABC, Generic[JobT, SummaryT]):
     # Stages whose outputs feed GPU-costly later stages refuse to replace finished outputs without --replace.
     guards_finished: ClassVar[bool] = False
     # Stages that take --replace refuse to remove outputs without it; the others report them for `prune`.
-    takes_replace: ClassVar[bool] = False
+    accepts_replace: ClassVar[bool] = False
 
     @abstractmethod
     def plan(self) -> list[JobT]:

@@ -62,6 +62,13 @@ STATS_QUERIES: tuple[tuple[str, str, str], ...] = (
         "SELECT field, noun, count FROM (SELECT *, row_number() OVER (PARTITION BY field ORDER BY count DESC, noun) "
         "AS rank FROM vocab) WHERE rank <= 10 ORDER BY field, rank",
     ),
+    (
+        "what was run on this root (the latest 20 runs; `SELECT * FROM runs` for all)",
+        "runs",
+        "SELECT strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started_utc, command, name, shards, shards_reused, "
+        "written, round(epoch(ended_at) - epoch(started_at), 1) AS seconds, device, round(gpu_seconds, 1) AS "
+        "gpu_seconds, left(settings_fingerprint, 12) AS settings FROM runs ORDER BY started_at DESC LIMIT 20",
+    ),
 )
 
 
@@ -74,7 +81,11 @@ def print_stats(root: Path) -> None:
         if damaged := damaged_files(con):
             console.rule("damaged files (left out of the figures below)")
             print_rows(
-                ["file", "rewritten by"], [(path, f"densecurate {stage} --repair") for path, stage in damaged.items()]
+                ["file", "rewritten by"],
+                [
+                    (path, f"densecurate {stage} --repair" if stage else "nothing: a record of a past run, remove it")
+                    for path, stage in damaged.items()
+                ],
             )
         views = {name for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
         for title, needed, sql in STATS_QUERIES:

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from pipeline.core.runner import run_stage
 from pipeline.core.stage import Actors, Stage, StageRun, StageSummary, Stats, TableJob, fingerprint, shards_table
+from pipeline.core.workers import ModelWorker
 from pipeline.key_sample import describe_sample, sample_keys
 from pipeline.store.guards import require_complete
 from pipeline.store.parquet_meta import finished_output, read_meta, write_table_atomic
@@ -128,7 +129,7 @@ def caption_stats(rows: list[dict[str, Any]], seconds: float, reused: int = 0) -
     }
 
 
-class CaptionWorker:
+class CaptionWorker(ModelWorker):
     """Holds one model replica; captions whole shards (a Ray actor in the stage, a plain object in tests)."""
 
     def __init__(self, config: CaptionConfig, cpu_threads: int | None = None) -> None:
@@ -137,8 +138,7 @@ class CaptionWorker:
         from captioner.engine import make_engine
         from captioner.loading import resolve_device
 
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
+        super().__init__(cpu_threads)
         self.config = config
         self.engine = make_engine(config)
         device = resolve_device(config.model.device)

@@ -257,7 +257,7 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
     """Keep the samples whose chosen caption passes the rules, shard by shard, in Ray tasks."""
 
     label = "curate"
-    takes_replace = True
+    accepts_replace = True
 
     def __init__(self, root: Path, out_dir: Path, config: CurateConfig) -> None:
         self.layout = layout = DatasetLayout(root.resolve())

@@ -214,7 +214,7 @@ def _tag_on_ray(
     import ray
 
     from pipeline.core.ray_cluster import init_ray, start_actors
-    from pipeline.core.runner import lost_worker, lost_worker_errors
+    from pipeline.core.workers import lost_worker, lost_worker_errors, typed_worker_errors
 
     init_ray(options.ray_address, None if options.ray_address else options.workers)
     pool = Actors(DensityWorker, (options.nouns,), "count", options.workers, one_per_core=True)
@@ -227,7 +227,8 @@ def _tag_on_ray(
         (ready,), _ = ray.wait(list(pending), num_returns=1)
         free.append(pending.pop(ready))
         try:
-            total.merge(ray.get(ready))
+            with typed_worker_errors("density"):
+                total.merge(ray.get(ready))
         except lost_worker_errors() as exc:
             if getattr(exc, "actor_init_failed", False):
                 raise lost_worker("density", None, exc) from exc
@@ -241,7 +242,7 @@ def _tag_on_ray(
             if not free:
                 take_one()
             actor = free.pop()
-            pending[actor.count.remote(texts, keep_nouns)] = actor
+            pending[actor.call.remote("count", texts, keep_nouns)] = actor
         while pending:
             take_one()
     finally:

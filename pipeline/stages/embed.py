@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.runner import run_stage
 from pipeline.core.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint, shards_table
+from pipeline.core.workers import ModelWorker
 from pipeline.grounding.near_duplicates import DuplicateSearch, duplicate_clusters
 from pipeline.store.guards import require_complete
 from pipeline.store.parquet_meta import finished_output, write_table_atomic
@@ -47,20 +48,24 @@ def read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
     return keys, flat.astype(np.float32).reshape(len(keys), -1) if keys else np.zeros((0, 0), np.float32)
 
 
-class EmbedWorker:
-    """Holds one CLIP model; embeds whole shards (a Ray actor in the stage)."""
+class ClipWorker(ModelWorker):
+    """Holds one CLIP model (``model_name``: its folder name): the base of the embedding and grounding workers."""
 
     def __init__(self, config: GroundConfig, model_name: str, cpu_threads: int | None = None) -> None:
-        import torch
-
         from trainer.clip_model import ClipModel
 
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
+        super().__init__(cpu_threads)
         self.clip = ClipModel(config.clip.model, config.clip.pretrained, config.device)
         self.batch_size = config.batch_size
         self.model_name = model_name
-        threads = cpu_threads or (DECODE_THREADS_PER_GPU if self.clip.device.type == "cuda" else 1)
+
+
+class EmbedWorker(ClipWorker):
+    """Embeds whole shards with its CLIP model (a Ray actor in the stage)."""
+
+    def __init__(self, config: GroundConfig, model_name: str, cpu_threads: int | None = None) -> None:
+        super().__init__(config, model_name, cpu_threads)
+        threads = self.cpu_threads or (DECODE_THREADS_PER_GPU if self.clip.device.type == "cuda" else 1)
         self.decoder = ThreadPoolExecutor(max_workers=threads)
 
     def _pixels(self, jpeg: bytes) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.core.runner import run_stage
 from pipeline.core.stage import Actors, ShardFilesJob, Stage, StageRun, StageSummary, fingerprint
+from pipeline.core.workers import ModelWorker
 from pipeline.store.guards import require_complete
 from pipeline.store.shard_reading import stats_of
 from pipeline.store.shard_writer import ShardWriter
@@ -37,16 +38,13 @@ class FeaturesJob(ShardFilesJob):
     source_dir: Path
 
 
-class FeaturesWorker:
+class FeaturesWorker(ModelWorker):
     """Holds the encoders; encodes whole shards (a Ray actor in the stage)."""
 
     def __init__(self, config: FeaturesConfig, cpu_threads: int | None = None) -> None:
-        import torch
-
         from trainer.features import FeatureEncoder
 
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
+        super().__init__(cpu_threads)
         self.config = config
         self.settings = FeatureSettings.of(config.vae, config.text_encoder, config.resolution, config.max_tokens)
         self.encoder = FeatureEncoder(
@@ -123,7 +121,7 @@ class FeaturesStage(Stage[FeaturesJob, FeaturesSummary]):
 
     label = "features"
     item_label = "samples"
-    takes_replace = True
+    accepts_replace = True
 
     def __init__(self, source_dir: Path, out_dir: Path, config: FeaturesConfig) -> None:
         self.source_dir, self.out_dir = source_dir.resolve(), out_dir.resolve()

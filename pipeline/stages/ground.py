@@ -34,7 +34,7 @@ from pipeline.grounding.scores import (
     noun_prompts,
     split_sentences,
 )
-from pipeline.stages.embed import EmbedSummary, read_embeddings, run_embed_stage
+from pipeline.stages.embed import ClipWorker, EmbedSummary, read_embeddings, run_embed_stage
 from pipeline.store.field_texts import TextSource, field_sources, read_texts, require_field
 from pipeline.store.parquet_meta import finished_output, read_meta, write_table_atomic
 from schemas.errors import MissingInputError, OutputConflictError, StaleInputError
@@ -111,20 +111,12 @@ def load_calibration(path: Path) -> Calibration:
     )
 
 
-class GroundWorker:
-    """Holds one CLIP model; calibrates fields and grounds whole shards (a Ray actor in the stage)."""
+class GroundWorker(ClipWorker):
+    """Calibrates fields and grounds whole shards with its CLIP model (a Ray actor in the stage)."""
 
     def __init__(self, config: GroundConfig, model_name: str, cpu_threads: int | None = None) -> None:
-        import torch
-
-        from trainer.clip_model import ClipModel
-
-        if cpu_threads:
-            torch.set_num_threads(cpu_threads)
-        self.clip = ClipModel(config.clip.model, config.clip.pretrained, config.device)
+        super().__init__(config, model_name, cpu_threads)
         self.settings: GroundingSettings = config.grounding
-        self.batch_size = config.batch_size
-        self.model_name = model_name
         self._calibrations: dict[tuple[Path, str], Calibration] = {}
 
     def noun_embeddings(self, nouns: Sequence[str]) -> np.ndarray:
@@ -259,8 +251,9 @@ def _empty_scores() -> dict[str, Any]:
 
 
 @dataclass
-class GroundingSummary(StageSummary):
-    """Per field: captions, keys without one, nouns, grounded nouns, mean image-caption score (over captions)."""
+class GroundingStageSummary(StageSummary):
+    """The grounding pass's summary, per field: captions, keys without one, nouns, grounded nouns, mean
+    image-caption score (over captions)."""
 
     fields: list[str]
 
@@ -295,7 +288,7 @@ class GroundingSummary(StageSummary):
         return table
 
 
-class GroundingStage(Stage[GroundJob, GroundingSummary]):
+class GroundingStage(Stage[GroundJob, GroundingStageSummary]):
     """Ground every scored field's shards that are not grounded yet with the config's CLIP model."""
 
     label = "ground"
@@ -404,26 +397,26 @@ class GroundingStage(Stage[GroundJob, GroundingSummary]):
             setup_args=(self.calibrations,),
         )
 
-    def summarize(self, run: StageRun[GroundJob]) -> GroundingSummary:
-        return GroundingSummary(run, fields=self.fields)
+    def summarize(self, run: StageRun[GroundJob]) -> GroundingStageSummary:
+        return GroundingStageSummary(run, fields=self.fields)
 
 
 @dataclass
-class GroundSummary:
-    """Both passes of `densecurate ground`."""
+class GroundCommandSummary:
+    """The summary of `densecurate ground` (and of a job spec's ground step): both passes."""
 
     embeddings: EmbedSummary
-    grounding: GroundingSummary
+    grounding: GroundingStageSummary
 
     def render(self) -> Group:
         return Group(self.embeddings.render(), self.grounding.render())
 
 
-def run_ground_stage(root: Path, config: GroundConfig) -> GroundSummary:
+def run_ground_stage(root: Path, config: GroundConfig) -> GroundCommandSummary:
     """Embed, find duplicates, calibrate and ground every field of ``config`` under ``root``."""
     layout = DatasetLayout(root.resolve())
     for name in config.fields:
         require_scored(layout, name)  # before the embedding pass: a mistyped field costs nothing
     embeddings = run_embed_stage(root, config)
     grounding = run_stage(GroundingStage(root, config))
-    return GroundSummary(embeddings, grounding)
+    return GroundCommandSummary(embeddings, grounding)

@@ -127,7 +127,7 @@ class UnitJob(ShardJob):
             parts.append(stats)
         return unit_totals(parts)
 
-    def made_elsewise(self) -> bool:
+    def made_from_other_inputs(self) -> bool:
         unit = self.unit_record()
         return unit is not None and not self.inputs_unchanged(unit)
 
@@ -373,7 +373,7 @@ class ShardStage(Stage[UnitJob, ShardSummary]):
 
     label = "shards"
     guards_finished = True
-    takes_replace = True
+    accepts_replace = True
 
     def __init__(self, srcs: Sequence[Path], root: Path, config: ShardConfig) -> None:
         self.srcs, self.config = srcs, config

@@ -96,6 +96,7 @@ VIEWS: tuple[View, ...] = (
         "noun_calibration", TABLE_GLOBS["noun_calibration"], "ground", WITHOUT_VECTORS.format(column="text_embedding")
     ),
     View("duplicates", TABLE_GLOBS["duplicates"], "ground"),
+    View("runs", TABLE_GLOBS["runs"], ""),  # written by every stage's run: no stage rewrites a past run's record
 )
 GLOBS = sorted({view.glob for view in VIEWS})
 STAGE_OF_GLOB = {view.glob: view.stage for view in VIEWS}
@@ -263,11 +264,14 @@ def damage_warning(root: Path, damaged: dict[str, str]) -> str | None:
     named = ", ".join(list(damaged)[:SHOWN_DAMAGED])
     if len(damaged) > SHOWN_DAMAGED:
         named += f" and {len(damaged) - SHOWN_DAMAGED} more"
-    stages = " and ".join(f"`densecurate {stage}`" for stage in sorted(set(damaged.values())))
+    stages = " and ".join(f"`densecurate {stage}`" for stage in sorted(set(damaged.values()) - {""}))
+    mends = [f"rerunning {stages} with --repair rewrites them"] if stages else []
+    if "" in damaged.values():
+        mends.append("a history/ file only records a past run: remove it")
     return (
         f"{len(damaged)} damaged Parquet file(s) under {root} left out of the catalog's views, so queries and stats "
         f"leave out their rows: {named} (the footer does not read). `densecurate verify {root}` lists the damaged "
-        f"outputs; rerunning {stages} with --repair rewrites them"
+        f"outputs; {'; '.join(mends)}"
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any, Self
 
 from filelock import FileLock, Timeout
 
+from pipeline.store.run_history import command_of
 from schemas.atomic import is_temp, make_folder, write_atomic
 from schemas.errors import MissingInputError, OutputConflictError
 from schemas.layout import (
@@ -76,9 +77,6 @@ def _reserved_folder_holding(output: Path) -> Path | None:
     return None
 
 
-_COMMAND_OF_STAGE = {"shards": "shard"}  # stage labels that are not their command's name
-
-
 def _refuse_other_owner(output: Path, stage: str) -> None:
     """Refuse a folder that another stage's run wrote (its recorded plan names that stage) or a training run."""
     try:
@@ -87,8 +85,8 @@ def _refuse_other_owner(output: Path, stage: str) -> None:
         owner = None
     if owner is not None and owner != stage:
         raise OutputConflictError(
-            f"{output} holds the output of `densecurate {_COMMAND_OF_STAGE.get(owner, owner)}`; this "
-            f"{_COMMAND_OF_STAGE.get(stage, stage)} run would write over it: choose "
+            f"{output} holds the output of `densecurate {command_of(owner)}`; this "
+            f"{command_of(stage)} run would write over it: choose "
             "another output folder"
         )
     if (output / TRAIN_CONFIG_FILE).is_file() and (output / CHECKPOINTS_DIR).is_dir():

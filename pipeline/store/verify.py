@@ -43,6 +43,7 @@ from schemas.tables import (
     FEATURES_SCHEMA,
     GROUNDING_SCHEMA,
     PARQUET_META_KEY,
+    RUNS_SCHEMA,
     SAMPLES_SCHEMA,
     STATUS_OK,
     VOCAB_SCHEMA,
@@ -58,6 +59,7 @@ TABLE_SCHEMAS = {
     "grounding": GROUNDING_SCHEMA,
     "noun_calibration": CALIBRATION_SCHEMA,
     "duplicates": DUPLICATES_SCHEMA,
+    "runs": RUNS_SCHEMA,
 }
 # The Parquet files of a folder of shards: a root's, curated or feature shards.
 SHARD_SCHEMAS = (SAMPLES_SCHEMA, CURATED_SCHEMA, FEATURES_SCHEMA)

@@ -1,4 +1,4 @@
-"""Run the stages of a pipeline spec, in order, each skipping what it finds done."""
+"""Run the steps of a pipeline spec (prepare, the stages, train, export), in order, each skipping what it finds done."""
 
 from __future__ import annotations
 
