@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: setup setup-vllm demo test test-all lint bench
+.PHONY: setup setup-vllm demo test test-all lint bench bench-gpu
 
 $(BIN)/densecurate: pyproject.toml requirements/spacy-model.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,3 +64,14 @@ bench: setup
 	$(BIN)/python bench/ground_bench.py
 	$(BIN)/python bench/compare_bench.py
 	$(BIN)/python bench/train_bench.py
+
+# Every GPU figure in one command (docs/BENCHMARKS.md): refuses in one sentence where nvidia-smi finds no GPU,
+# before installing anything; then the CUDA vLLM environment, then bench/gpu_suite.py (at most 9 minutes).
+OUT ?= bench-gpu-out
+NO_GPU := make bench-gpu needs an NVIDIA GPU and nvidia-smi finds none: run it on a GPU machine, or check the \
+suite on the CPU with $(BIN)/python bench/gpu_suite.py --dry-run --out DIR
+
+bench-gpu:
+	$(if $(shell nvidia-smi -L 2>/dev/null),,$(error $(NO_GPU)))
+	$(MAKE) --no-print-directory setup-vllm
+	$(BIN)/python bench/gpu_suite.py --out $(OUT)
