@@ -59,3 +59,22 @@ def test_a_damaged_history_file_is_left_out_and_named(root, tmp_path, capsys):
     assert "│ 2 " in captured.out or " 2 " in captured.out
     assert main(["stats", str(copy)]) == 0
     assert "nothing: a record of a past run, remove it" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_rerun_with_nothing_to_do_starts_no_ray(root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    ray_dir = tmp_path / "ray"
+    ray_dir.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(ray_dir), "HF_HUB_OFFLINE": "1"}
+    shard = ["shard", str(root.parent / "photos"), "--out", str(root), "--shard-size", "5"]
+    for argv in (shard, ["score", str(root), "--min-count", "1"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "densecurate", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+    assert list(ray_dir.iterdir()) == []  # no Ray session was made
+    _, rows = run_query(root, "SELECT command, shards_reused = shards, workers FROM runs ORDER BY started_at")
+    assert rows[-2:] == [("shard", True, 0), ("score", True, 0)]

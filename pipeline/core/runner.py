@@ -161,13 +161,17 @@ def run_stage(stage: Stage[JobT, SummaryT]) -> SummaryT:
 
 
 def _run(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], finished: list[Stats | None]) -> StageRun[JobT]:
-    """Start Ray and the workers, run the jobs to do, and always stop the actors."""
-    init_ray(stage.ray_address, None if stage.ray_address else stage.local_cpus)
-    import ray  # after init_ray, which sets what Ray reads when it is imported
-
+    """Start Ray and the workers, run the jobs to do, and always stop the actors. With nothing to do, no
+    Ray is started: a rerun of a finished stage answers in the time its plan takes."""
     run: StageRun[JobT] = StageRun()
     todo = _todo(stage, jobs, finished, run)
     work = stage.work()
+    if not _needs_workers(work, todo):
+        run.results.sort(key=lambda result: (str(result.job.out_dir), result.job.index))
+        return run
+    init_ray(stage.ray_address, None if stage.ray_address else stage.local_cpus)
+    import ray  # after init_ray, which sets what Ray reads when it is imported
+
     actors: list[Any] = []
     try:
         if isinstance(work, Tasks):
@@ -183,6 +187,13 @@ def _run(stage: Stage[JobT, SummaryT], jobs: Sequence[JobT], finished: list[Stat
             ray.kill(actor)
     run.results.sort(key=lambda result: (str(result.job.out_dir), result.job.index))
     return run
+
+
+def _needs_workers(work: Tasks | Actors, todo: Sequence[ShardJob]) -> bool:
+    """Whether a job is left to run, or a pool's set-up has an output still to make."""
+    if todo:
+        return True
+    return isinstance(work, Actors) and work.setup_output is not None and not work.setup_output.exists()
 
 
 def _start_pool(pool: Actors, todo: Sequence[ShardJob], label: str = "stage") -> tuple[list[Any], str]:
