@@ -532,6 +532,19 @@ def _add_stats_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=commands.cmd_stats)
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default: X)`` to the help of every option of every command that has a default worth showing
+    (not None, not False) and does not name it already."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for command in [parser, *(p for sub in subparsers for p in sub.choices.values())]:
+        for action in command._actions:
+            default, help_text = action.default, action.help or ""
+            if not action.option_strings or default in (None, False, argparse.SUPPRESS) or "default" in help_text:
+                continue
+            shown = ", ".join(map(str, default)) if isinstance(default, list | tuple) else default
+            action.help = f"{help_text} (default: {str(shown).replace('%', '%%')})".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -568,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_parsers(sub)
     _add_models_parser(sub)
     _add_demo_parser(sub)
+    _show_defaults(parser)
     return parser
 
 

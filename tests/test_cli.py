@@ -186,3 +186,19 @@ def test_version_and_quiet_libraries_unless_verbose(capsys):
     )
     assert quiet.stdout.splitlines()[-1] == "False error 40"
     assert verbose.stdout.splitlines()[-1] == "True None 0"
+
+
+def test_help_shows_every_default(capsys):
+    import argparse
+
+    from densecurate.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in (action.help or ""), (name, action.option_strings)
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    assert "(default: 8)" in " ".join(capsys.readouterr().out.split())
