@@ -480,10 +480,16 @@ def _add_spec_parsers(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--stage", action="append", choices=STAGES, help="run only this stage (repeatable)")
     submit.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
     submit.set_defaults(handler=commands.cmd_submit)
-    jobs = sub.add_parser("jobs", help="list, inspect, read or stop submitted jobs", description="Ray jobs.")
+    jobs = sub.add_parser(
+        "jobs",
+        help="list, inspect, read or stop submitted jobs",
+        description="Ray jobs. `status` prints the job's status, then the spec's step it runs (or ran last), that "
+        "step's latest progress and the last error its log shows.",
+    )
     jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
     jobs.add_argument("job_id", nargs="?", help="needed by status, logs and stop")
     jobs.add_argument("--address", help="the cluster's dashboard (default: RAY_ADDRESS, then the local head)")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream the log until the job ends (re-attach)")
     jobs.set_defaults(handler=commands.cmd_jobs)
 
 

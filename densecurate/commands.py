@@ -327,7 +327,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from jobs.submission import follow, job_address, submit
 
     spec = _load_spec(args.spec)
-    job_id = submit(spec, address=args.address, stages=args.stage)
+    job_id = submit(spec, address=args.address, stages=args.stage, source=args.spec.resolve())
     print(job_id, flush=True)
     console.print(f"submitted {spec.name} to {job_address(args.address)} as {job_id}")
     if args.follow:
@@ -338,7 +338,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from jobs.submission import client, cluster_errors
+    from jobs.job_view import job_view
+    from jobs.submission import client, cluster_errors, follow
 
     if args.action != "list" and not (args.job_id or "").strip():
         raise UserError(f"`densecurate jobs {args.action}` needs a job id")
@@ -353,8 +354,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print_rows(["job_id", "status", "spec", "entrypoint"], rows)
         return 0
     with cluster_errors(args.address, args.job_id):
-        if args.action == "status":
+        if args.action == "status":  # the status word first; then the step, its progress, the last error
             print(jobs.get_job_status(args.job_id).value)
+            for line in job_view(jobs.get_job_logs(args.job_id)).lines():
+                print(line)
+        elif args.action == "logs" and args.follow:
+            print(f"job {args.job_id}: {follow(args.job_id, address=args.address)}")
         elif args.action == "logs":
             print(jobs.get_job_logs(args.job_id), end="")
         else:

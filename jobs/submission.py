@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from jobs.pipeline_job import encode_spec
+from jobs.pipeline_job import SPEC_ENV
 from pipeline.core.ray_cluster import use_auth_token
 from schemas.errors import EnvironmentFailure, MissingInputError
 from schemas.pipeline_spec import PipelineSpec
@@ -70,28 +71,38 @@ def client(address: str | None) -> Any:
         return JobSubmissionClient(job_address(address))
 
 
-def runtime_env() -> dict[str, Any]:
-    """Carries densecurate's own packages to the cluster (its dependencies must be installed there)."""
+def runtime_env(spec: PipelineSpec) -> dict[str, Any]:
+    """Carries densecurate's own packages to the cluster (its dependencies must be installed there), and the
+    spec as JSON in the job's environment."""
     root = Path(__file__).resolve().parents[1]
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    env[SPEC_ENV] = spec.model_dump_json()
     return {"py_modules": [str(root / name) for name in PACKAGES], "env_vars": env}
 
 
-def entrypoint(spec: PipelineSpec, stages: Sequence[str] | None = None) -> str:
-    parts = ["python", "-m", "jobs.pipeline_job", "--spec-b64", encode_spec(spec)]
+def entrypoint(spec: PipelineSpec, stages: Sequence[str] | None = None, source: Path | None = None) -> str:
+    """The job's command: the spec by name (and the file it came from), never encoded."""
+    parts = ["python", "-m", "jobs.pipeline_job", "--spec", spec.name]
+    if source is not None:
+        parts += ["--spec-path", str(source)]
     for stage in stages or ():
         parts += ["--stage", stage]
-    return " ".join(parts)
+    return shlex.join(parts)
 
 
-def submit(spec: PipelineSpec, *, address: str | None = None, stages: Sequence[str] | None = None) -> str:
-    """Submit a (validated, path-resolved) spec; returns the job id."""
+def submit(
+    spec: PipelineSpec,
+    *,
+    address: str | None = None,
+    stages: Sequence[str] | None = None,
+    source: Path | None = None,
+) -> str:
+    """Submit a (validated, path-resolved) spec read from ``source``; returns the job id."""
     jobs = client(address)
+    metadata = {"densecurate_spec": spec.name, "spec_path": str(source) if source else ""}
     with cluster_errors(address):
         return jobs.submit_job(
-            entrypoint=entrypoint(spec, stages),
-            runtime_env=runtime_env(),
-            metadata={"densecurate_spec": spec.name},
+            entrypoint=entrypoint(spec, stages, source), runtime_env=runtime_env(spec), metadata=metadata
         )
 
 

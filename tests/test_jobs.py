@@ -209,7 +209,10 @@ def submitted_demo(ray_head, tmp_path_factory):
 def test_submitted_demo_job_writes_every_stage(submitted_demo, ray_head):
     out, result = submitted_demo
     job_id = result.stdout.splitlines()[0].strip()
-    assert _cli("jobs", "status", job_id, "--address", ray_head).stdout.strip() == "SUCCEEDED"
+    status = _cli("jobs", "status", job_id, "--address", ray_head).stdout.splitlines()
+    assert status[:2] == ["SUCCEEDED", "step: export"]
+    logs = _cli("jobs", "logs", job_id, "--address", ray_head).stdout
+    assert "spec demo from " in logs and "spec-b64" not in logs and "DENSECURATE_SPEC_JSON" not in logs
     assert job_id in _cli("jobs", "list", "--address", ray_head).stdout
     assert "demo: export" in _cli("jobs", "logs", job_id, "--address", ray_head).stdout
     root = out / "dataset"
@@ -232,13 +235,15 @@ def test_job_stopped_half_way_then_resubmitted_gives_the_same_records(submitted_
         assert time.monotonic() < deadline, "the first captions never appeared"
         time.sleep(0.2)
     assert _cli("jobs", "stop", job_id, "--address", ray_head).stdout.strip() == "stopped"
-    while _cli("jobs", "status", job_id, "--address", ray_head).stdout.strip() not in (
+    while _cli("jobs", "status", job_id, "--address", ray_head).stdout.splitlines()[0] not in (
         "STOPPED",
         "FAILED",
         "SUCCEEDED",
     ):
         time.sleep(0.5)
     assert not (out / "export").exists(), "the stop must land before the end"
+    stopped = _cli("jobs", "status", job_id, "--address", ray_head).stdout.splitlines()
+    assert stopped[1].startswith("step: ") and stopped[1] != "step: export", stopped
     again = _cli("submit", str(spec), "--address", ray_head, "--follow")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert _records(out) == _records(reference)
