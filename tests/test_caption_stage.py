@@ -149,3 +149,37 @@ def test_the_vllm_interpreter_defaults_to_the_projects_environment(monkeypatch):
     monkeypatch.delenv("DENSECURATE_VLLM_PYTHON", raising=False)
     config = CaptionConfig.model_validate({"name": "x", "engine": "vllm", "model": {"model": "m"}})
     assert vllm_python(config) == str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
+
+
+@pytest.mark.slow
+def test_progress_moves_inside_a_shard_with_a_rate_and_an_eta_in_a_log(ray_local, tiny_llava_dir, tmp_path):
+    """Captioning 2 shards of 64 photos with its output going to a file (as a job's log does): the plain
+    progress lines count captions while the first shard is still being captioned."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(128):
+        (photos / f"p{i:03d}.jpg").write_bytes(mk.jpeg_bytes(mk.photo_image((96 + i % 32, 80))))
+    root = tmp_path / "root"
+    run_shard_stage([photos], root, ShardConfig(shard_size=64))
+    ray_dir = tempfile.mkdtemp(prefix="dcray")  # Ray's socket paths must stay under 108 bytes
+    env = {**os.environ, "DENSECURATE_PROGRESS_EVERY_S": "0.1", "RAY_TMPDIR": ray_dir}
+    argv = ["caption", str(root), "--model", str(tiny_llava_dir), "--batch-size", "1", "--max-new-tokens", "32"]
+    done = subprocess.run(
+        [sys.executable, "-m", "densecurate", *argv], capture_output=True, text=True, env=env, timeout=600
+    )
+    shutil.rmtree(ray_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = done.stdout + done.stderr
+    assert "caption: 1 cpu workers starting, each loads its model first" in log
+    lines = re.findall(r"caption: (\d+)/2 shards, (\d+)/128 captions, ([\d.]+) captions/s, ETA (\S+)", log)
+    assert lines, log[-2000:]
+    assert any(shards == "0" and 0 < int(captions) < 64 for shards, captions, _, _ in lines), lines
+    assert lines[-1][:2] == ("2", "128")
+    assert any(float(rate) > 0 and eta != "-" for _, _, rate, eta in lines)

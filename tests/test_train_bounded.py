@@ -164,6 +164,7 @@ def test_corrupt_feature_file_stops_training_naming_it(nan_features, tiny_pixart
     assert checkpoint_names(run_dir) == [f"step-{s:08d}" for s in range(1, first_bad)]
 
 
+@pytest.mark.slow
 def test_corrupt_feature_file_on_the_command_line_and_export(nan_features, tiny_pixart_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(cli_args(run_dir, nan_features, tiny_pixart_dir, "steps=6", "checkpoint_every=6")) == 2

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
+from pipeline.core.progress import ProgressCounter, run_task
+from pipeline.core.progress_bars import POLL_S, PROGRESS_COLUMNS, ProgressBars, progress_console
 from pipeline.core.ray_cluster import cluster_cpus, init_ray, start_actors
 from pipeline.core.run_record import run_record
 from pipeline.core.stage import Actors, JobResult, JobT, ShardJob, Stage, StageRun, Stats, SummaryT, Tasks
@@ -39,10 +41,11 @@ class _TaskLauncher:
         import ray
 
         self.capacity = work.workers or cluster_cpus()
-        self._remote = ray.remote(num_cpus=1)(work.fn)
+        self._fn = work.fn
+        self._remote = ray.remote(num_cpus=1)(run_task)
 
-    def launch(self, job: ShardJob) -> Any:
-        return self._remote.remote(job)
+    def launch(self, job: ShardJob, counter: Any, seq: int) -> Any:
+        return self._remote.remote(self._fn, job, counter, seq)
 
     def release(self, ref: Any) -> None:
         """Tasks hold nothing between jobs."""
@@ -57,9 +60,9 @@ class _ActorLauncher:
         self._busy: dict[Any, Any] = {}
         self._method = method
 
-    def launch(self, job: ShardJob) -> Any:
+    def launch(self, job: ShardJob, counter: Any, seq: int) -> Any:
         actor = self._idle.pop()
-        ref = actor.call.remote(self._method, job)
+        ref = actor.call_reporting.remote(counter, seq, self._method, job)
         self._busy[ref] = actor
         return ref
 
@@ -203,6 +206,7 @@ def _start_pool(pool: Actors, todo: Sequence[ShardJob], label: str = "stage") ->
     if not todo and (pool.setup_output is None or pool.setup_output.exists()):
         return [], "cpu"
     actors, device = start_actors(pool, count_cap=max(1, len(todo)))
+    progress_console.print(f"{label}: {len(actors)} {device} workers starting, each loads its model first")
     if pool.setup:
         try:
             with typed_worker_errors(label):
@@ -224,22 +228,29 @@ def _run_jobs(
     *,
     total: int,
 ) -> None:
-    """Launch the jobs, at most ``launcher.capacity`` at once; a rich progress bar counts shards and items."""
+    """Launch the jobs, at most ``launcher.capacity`` at once. Rich progress bars count shards and, for a stage
+    with an item label, the items its workers report inside each shard, with a rate and an ETA; when the
+    output is not a terminal (a job's log), a plain progress line every ``progress_every_s()`` seconds."""
     import ray
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     started = time.perf_counter()
-    with Progress(*columns, transient=False) as progress:
-        shard_bar = progress.add_task(stage.label, total=total, completed=len(run.results))
-        item_bar = progress.add_task(stage.item_label, total=sum(j.items for j in todo)) if stage.item_label else None
+    with Progress(*PROGRESS_COLUMNS, console=progress_console, transient=False) as progress:
+        bars = ProgressBars(progress, stage.label, stage.item_label, total, len(run.results), todo)
+        counter = ray.remote(num_cpus=0)(ProgressCounter).remote() if stage.item_label else None
         queue = list(reversed(todo))
-        pending: dict[Any, JobT] = {}
+        pending: dict[Any, tuple[JobT, int]] = {}
         while queue or pending:
             while queue and len(pending) < launcher.capacity:
                 job = queue.pop()
-                pending[launcher.launch(job)] = job
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ready[0])
+                pending[launcher.launch(job, counter, len(queue))] = (job, len(queue))
+                bars.launched(len(queue), job.items)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            if counter is not None:
+                bars.items_reported(ray.get(counter.take.remote()))
+            bars.log_if_due()
+            if not ready:
+                continue
+            job, seq = pending.pop(ready[0])
             launcher.release(ready[0])
             try:
                 with typed_worker_errors(stage.label):
@@ -248,7 +259,6 @@ def _run_jobs(
                 raise lost_worker(stage.label, job, exc) from exc
             run.results.append(JobResult(job, stats, reused=False))
             run.items_processed += job.items
-            progress.advance(shard_bar)
-            if item_bar is not None:
-                progress.advance(item_bar, job.items)
+            bars.job_done(seq, job.items)
+        bars.log_if_due(force=True)
     run.seconds = time.perf_counter() - started

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.progress import reporting
 from schemas.errors import EnvironmentFailure, UserError
 
 if TYPE_CHECKING:
@@ -73,6 +74,11 @@ class WorkerHost:
         if self._start_error is not None:
             raise WorkerStartError.of(self._start_error) from self._start_error
         return getattr(self._worker, method)(*args)
+
+    def call_reporting(self, counter: Any, seq: int, method: str, *args: Any) -> Any:
+        """``worker.<method>(*args)``, its ``report_items`` counted for job ``seq`` of the run's counter."""
+        with reporting(counter, seq):
+            return self.call(method, *args)
 
 
 def host_class(cls: type) -> type[WorkerHost]:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 from rich.table import Table
 
+from pipeline.core.progress import report_items
 from pipeline.core.runner import run_stage
 from pipeline.core.stage import Actors, Stage, StageRun, StageSummary, Stats, TableJob, fingerprint, shards_table
 from pipeline.core.workers import ModelWorker
@@ -164,9 +165,10 @@ class CaptionWorker(ModelWorker):
             CaptionRequest(key, members.get("jpg", b""), members.get("txt", b"").decode() or None)
             for key, members in checked_samples(job.tar, to_caption)
         )
-        rows = reused + [
-            _row(result, self.config, self.engine, self.device, self.gpus) for result in self.engine.caption(requests)
-        ]
+        rows = list(reused)
+        for result in self.engine.caption(requests):
+            rows.append(_row(result, self.config, self.engine, self.device, self.gpus))
+            report_items()
         rows.sort(key=lambda r: r["key"])
         stats = caption_stats(rows, time.perf_counter() - started, reused=len(reused))
         meta = {

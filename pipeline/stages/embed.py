@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.core.progress import report_items
 from pipeline.core.runner import run_stage
 from pipeline.core.stage import Actors, Stage, StageRun, StageSummary, TableJob, fingerprint, shards_table
 from pipeline.core.workers import ModelWorker
@@ -88,6 +89,7 @@ class EmbedWorker(ClipWorker):
         for start in range(0, len(jpegs), self.batch_size):
             pixels = list(self.decoder.map(self._pixels, jpegs[start : start + self.batch_size]))
             vectors.append(self.clip.encode_pixels(torch.stack(pixels)).half().numpy())
+            report_items(len(pixels))
         embeddings = np.concatenate(vectors) if vectors else np.zeros((0, self.clip.embed_dim), np.float16)
         rows = [{"key": k, "model": self.model_name, "embedding": e} for k, e in zip(keys, embeddings, strict=True)]
         stats = {"count": len(rows), "dim": int(embeddings.shape[1])}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.progress import report_items
 from pipeline.core.runner import run_stage
 from pipeline.core.stage import Actors, ShardFilesJob, Stage, StageRun, StageSummary, fingerprint
 from pipeline.core.workers import ModelWorker
@@ -78,6 +79,7 @@ class FeaturesWorker(ModelWorker):
                 batch = samples[start : start + size]
                 captions = [caption_of(m) for _, m in batch]
                 features = self.encoder.encode([m["jpg"] for _, m in batch], captions)
+                report_items(len(batch))
                 for (key, members), caption, feats in zip(batch, captions, features, strict=True):
                     meta = {**json.loads(members.get("json", b"{}")), SETTINGS_KEY: self._describe(feats)}
                     files = {"feat.safetensors": feats.to_bytes(), "txt": caption, "json": json.dumps(meta)}

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from rich.console import Group
 from rich.table import Table
 
+from pipeline.core.progress import report_items
 from pipeline.core.runner import run_stage
 from pipeline.core.stage import Actors, Stage, StageRun, StageSummary, TableJob, file_digest, fingerprint
 from pipeline.grounding.scores import (
@@ -195,6 +196,7 @@ class GroundWorker(ClipWorker):
             if r["missing"]:
                 rows.append({**row, **_empty_scores()})
                 continue
+            report_items()
             count = len(sentences[key])
             scores = 100.0 * encoded[offset : offset + count] @ image
             offset += count
