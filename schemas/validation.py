@@ -92,12 +92,12 @@ ModelReference = Annotated[str, AfterValidator(check_model_reference)]
 SHOWN_ERRORS = 5  # problems a ConfigError names before "and N more"
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def model_in(annotation: Any) -> type[BaseModel] | None:
     """The settings model an annotation holds (``X``, ``X | None``, ``list[X]``, ``tuple[X, ...]``), if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in get_args(annotation):
-        if (found := _model_in(arg)) is not None:
+        if (found := model_in(arg)) is not None:
             return found
     return None
 
@@ -109,7 +109,7 @@ def nearest_key(model: type[BaseModel], loc: tuple[int | str, ...]) -> str | Non
         if isinstance(part, int):  # an item of a list: the same model
             continue
         field = here.model_fields.get(part) if here is not None else None
-        here = _model_in(field.annotation) if field is not None else None
+        here = model_in(field.annotation) if field is not None else None
     if here is None or not isinstance(loc[-1], str):
         return None
     close = difflib.get_close_matches(loc[-1], list(here.model_fields), n=1, cutoff=0.6)

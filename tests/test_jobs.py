@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,7 @@ import yaml
 from densecurate.cli import main
 from jobs.demo import demo_spec
 from schemas.pipeline_spec import parse_spec, resolve_paths
+from tests.process_groups import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "jobs" / "examples").glob("*.yaml"))
@@ -99,26 +98,6 @@ def _descendants(head: subprocess.Popen) -> set[psutil.Process]:
         return set()
 
 
-def _stop_started_processes(head: subprocess.Popen, started: set[psutil.Process]) -> None:
-    """Stop the head's process group, then kill any process it started that outlived it: only these, by PID."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-    # psutil.Process remembers each process's start time: a PID reused since is never killed.
-    _, alive = psutil.wait_procs(started, timeout=10)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=10)
-    with contextlib.suppress(ProcessLookupError):  # the group outlives its leader while members remain
-        os.killpg(head.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head with the job server, on 127.0.0.1 and free ports; stopped at the end even if tests fail."""
@@ -169,7 +148,7 @@ def ray_head():
         yield address
     finally:
         try:
-            _stop_started_processes(head, started | _descendants(head))
+            stop_process_group(head, started | _descendants(head))
         finally:
             log.close()
 

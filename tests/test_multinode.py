@@ -32,6 +32,7 @@ import yaml
 
 from pipeline.sample_data import write_sample_folder
 from pipeline.store.parquet_meta import read_meta
+from tests.process_groups import stop_process_group
 
 BIN = Path(sys.executable).parent
 DENSECURATE = str(BIN / "densecurate")
@@ -102,20 +103,7 @@ def _stop(node: subprocess.Popen) -> None:
         started = psutil.Process(node.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         started = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(node.pid, signal.SIGTERM)
-    try:
-        node.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(node.pid, signal.SIGKILL)
-        node.wait()
-    _, alive = psutil.wait_procs(started, timeout=10)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    with contextlib.suppress(ProcessLookupError):  # the group outlives its leader while members remain
-        os.killpg(node.pid, signal.SIGKILL)
+    stop_process_group(node, started)
 
 
 def _kill_node(node: subprocess.Popen) -> None:

@@ -220,6 +220,15 @@ def _start_pool(pool: Actors, todo: Sequence[ShardJob], label: str = "stage") ->
     return actors, device
 
 
+def _progress_counter() -> Any:
+    """The run's progress counter, on this driver's node: a worker node lost mid-run must not take it along."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ProgressCounter).options(scheduling_strategy=here).remote()
+
+
 def _run_jobs(
     stage: Stage[JobT, SummaryT],
     todo: list[JobT],
@@ -236,7 +245,7 @@ def _run_jobs(
     started = time.perf_counter()
     with Progress(*PROGRESS_COLUMNS, console=progress_console, transient=False) as progress:
         bars = ProgressBars(progress, stage.label, stage.item_label, total, len(run.results), todo)
-        counter = ray.remote(num_cpus=0)(ProgressCounter).remote() if stage.item_label else None
+        counter = _progress_counter() if stage.item_label else None
         queue = list(reversed(todo))
         pending: dict[Any, tuple[JobT, int]] = {}
         while queue or pending:
@@ -246,7 +255,10 @@ def _run_jobs(
                 bars.launched(len(queue), job.items)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
             if counter is not None:
-                bars.items_reported(ray.get(counter.take.remote()))
+                try:
+                    bars.items_reported(ray.get(counter.take.remote(), timeout=POLL_S * 10))
+                except (ray.exceptions.RayError, TimeoutError):  # progress is best effort: shards still count
+                    counter = None
             bars.log_if_due()
             if not ready:
                 continue
