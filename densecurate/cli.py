@@ -467,6 +467,11 @@ def _add_spec_parsers(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("spec", type=_path)
     run.add_argument("--stage", action="append", choices=STAGES, help="run only this stage (repeatable)")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each step's command and what it would do (shards planned, done, to run, replaced); run nothing",
+    )
     run.set_defaults(handler=commands.cmd_run)
     submit = sub.add_parser(
         "submit",

@@ -317,9 +317,17 @@ def _load_spec(path: Path) -> PipelineSpec:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from jobs.steps import run_pipeline
+    from jobs.steps import present_stages, run_pipeline
 
-    run_pipeline(_load_spec(args.spec), only=args.stage)
+    spec = _load_spec(args.spec)
+    if args.dry_run:
+        from jobs.dry_run import dry_run_lines
+
+        steps = [s for s in present_stages(spec) if not args.stage or s in args.stage]
+        for line in dry_run_lines(spec, steps):
+            print(line)
+        return 0
+    run_pipeline(spec, only=args.stage)
     return 0
 
 
