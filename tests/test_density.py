@@ -313,3 +313,16 @@ def test_density_bad_inputs_are_one_sentence(tmp_path, capsys, args, expected):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert expected in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_a_small_file_is_tagged_in_this_process_unless_workers_or_a_cluster_are_asked_for(monkeypatch):
+    from pipeline.stages.density_file import IN_PROCESS_ROWS, DensityOptions, for_size
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    options = DensityOptions(column="caption")
+    assert for_size(options, IN_PROCESS_ROWS).workers == 1
+    assert for_size(options, IN_PROCESS_ROWS + 1).workers is None
+    assert for_size(options.model_copy(update={"workers": 2}), 10).workers == 2
+    assert for_size(options.model_copy(update={"ray_address": "127.0.0.1:6379"}), 10).workers is None
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert for_size(options, 10).workers is None
