@@ -8,6 +8,9 @@ from a few thousand frequent captions ("stock photo", product names, ...) drawn 
 missing or blank. Files are written once under ``--dir`` (default: bench/data/density) and reused.
 
 Methods, each in a fresh subprocess (so peak RSS is its own):
+  * "notebook": what a notebook does, a whole Python process timed from outside: the column read with pandas,
+    ``spacy.load`` without parser and NER, one ``nlp.pipe`` over every caption, NOUN/PROPN lemmas counted.
+  * "densecurate density": the whole command, timed from outside the same way (start-up included).
   * baseline "one-shot": the former ``read_text_column`` (every value of the column in one Python list via
     DuckDB ``fetchall``) and one ``NounExtractor`` over all of it, in one process.
   * "streamed, 1 process": ``pipeline.stages.density_file.score_file`` with ``--workers 1`` (batches, in this process).
@@ -44,6 +47,18 @@ from pipeline.stages.density_file import DensityOptions, score_file
 from schemas.score_config import NounSettings
 
 BASELINE = "one-shot reader + 1 NounExtractor (baseline)"
+NOTEBOOK = "notebook: tagger-only nlp.pipe, whole process"
+COMMAND = "densecurate density, whole command"
+# A notebook's noun count, run as its own process: ``python -c NOTEBOOK_SCRIPT FILE MODEL``.
+NOTEBOOK_SCRIPT = """
+import sys, collections, pandas, spacy
+texts = [t for t in pandas.read_parquet(sys.argv[1], columns=["text"])["text"] if isinstance(t, str) and t.strip()]
+nlp = spacy.load(sys.argv[2], disable=["parser", "ner"])
+nouns = collections.Counter(
+    t.lemma_.lower() for doc in nlp.pipe(texts, batch_size=256) for t in doc if t.pos_ in ("NOUN", "PROPN")
+)
+print(sum(nouns.values()), len(nouns))
+"""
 STREAMED_1 = "streamed, 1 process"
 STREAMED_N = "streamed, {n} processes (Ray)"
 ADJECTIVES = [
@@ -220,7 +235,23 @@ def measure(method: str, path: Path, workers: int, batch_rows: int) -> dict[str,
     }
 
 
+def run_whole(method: str, path: Path) -> dict[str, Any]:
+    """The notebook's script or the densecurate command as one process, its wall time measured from outside."""
+    if method == "notebook":
+        argv = [sys.executable, "-c", NOTEBOOK_SCRIPT, str(path), NounSettings().spacy_model]
+    else:
+        argv = [sys.executable, "-m", "densecurate", "density", str(path), "--column", "text", "--format", "json"]
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"{method} on {path} failed:\n{done.stderr[-2000:]}")
+    return {"seconds": seconds, "row": None, "driver_rss_mib": None, "worker_rss_mib": None}
+
+
 def run_fresh(method: str, path: Path, workers: int, batch_rows: int) -> dict[str, Any]:
+    if method in ("notebook", "command"):
+        return run_whole(method, path)
     argv = [sys.executable, __file__, "--measure", method, str(path), "--workers", str(workers)]
     done = subprocess.run([*argv, "--batch-rows", str(batch_rows)], capture_output=True, text=True, check=False)
     if done.returncode:
@@ -231,6 +262,11 @@ def run_fresh(method: str, path: Path, workers: int, batch_rows: int) -> dict[st
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument(
+        "--whole",
+        action="store_true",
+        help="compare whole processes instead: a notebook's tagger-only nlp.pipe against `densecurate density`",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batch-rows", type=int, default=8192)
     p.add_argument("--dir", type=Path, default=bench_data("density"))
@@ -241,7 +277,7 @@ def main() -> None:
         return
     console = Console(width=130)
     table = Table(
-        "captions", "method", "seconds", "captions/s", "driver peak RSS", "worker peak RSS", "same row",
+        "captions", "method", "seconds", "captions/s", "driver peak RSS", "worker peak RSS", "same row", "vs first",
         title=f"densecurate density: streamed vs one-shot ({os.cpu_count()} CPUs, batch {args.batch_rows:,})",
     )  # fmt: skip
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -251,21 +287,26 @@ def main() -> None:
             console.print(f"writing {path}")
             make_corpus(path, n)
         results = {}
-        for method, label in (("baseline", BASELINE), ("one", STREAMED_1), ("ray", STREAMED_N)):
+        methods = (
+            (("notebook", NOTEBOOK), ("command", COMMAND))
+            if args.whole
+            else (("baseline", BASELINE), ("one", STREAMED_1), ("ray", STREAMED_N))
+        )
+        first = methods[0][0]
+        for method, label in methods:
             console.print(f"{n:,} captions: {label.format(n=args.workers)}")
             results[method] = run_fresh(method, path, args.workers, args.batch_rows)
             r = results[method]
             worker = f"{r['worker_rss_mib']:.0f} MiB" if r["worker_rss_mib"] else "-"
+            driver = f"{r['driver_rss_mib']:.0f} MiB" if r["driver_rss_mib"] else "-"
+            same = "-" if r["row"] is None else "yes" if r["row"] == results[first]["row"] else "NO"
+            speedup = f"{results[first]['seconds'] / r['seconds']:.2f}x"
             table.add_row(
-                f"{n:,}",
-                label.format(n=args.workers),
-                f"{r['seconds']:.1f}",
-                f"{n / r['seconds']:,.0f}",
-                f"{r['driver_rss_mib']:.0f} MiB",
-                worker,
-                "yes" if r["row"] == results["baseline"]["row"] else "NO",
-            )
-        console.print(json.dumps({"captions": n, **results["baseline"]["row"]}))
+                f"{n:,}", label.format(n=args.workers), f"{r['seconds']:.1f}", f"{n / r['seconds']:,.0f}", driver,
+                worker, same, speedup,
+            )  # fmt: skip
+        if results[first]["row"] is not None:
+            console.print(json.dumps({"captions": n, **results[first]["row"]}))
     console.print(table)
 
 
