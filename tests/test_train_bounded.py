@@ -174,6 +174,7 @@ def test_corrupt_feature_file_on_the_command_line_and_export(nan_features, tiny_
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_at_the_first_such_step(nan_features, tiny_pixart_dir, tmp_path, no_feature_check):
     run_dir = tmp_path / "run"
     first_bad = bad_steps(nan_features, 6)[0]
