@@ -15,6 +15,7 @@ from densecurate.cli import build_parser, main
 from pipeline.sample_data import write_sample_folder
 from pipeline.stages.shard import run_shard_stage
 from schemas.shard_config import ShardConfig
+from tests.chromium import rendered_dom
 
 SUBCOMMANDS = [
     "shard",
@@ -151,6 +152,8 @@ def test_demo_runs_offline(tmp_path):
     assert "captioners compared on" in result.stdout and "tiny-qwen2-vl" in result.stdout
     assert (demo / "export" / "model_index.json").is_file() and (demo / "export" / "transformer").is_dir()
     assert (demo / "runs" / "tiny" / "checkpoints" / "step-00000010").is_dir()
+    dom, _ = rendered_dom(demo / "report.html", tmp_path / "profile", width=1400)
+    assert 'data-sideways-scroll="false"' in dom, "the demo's report must not scroll sideways at 1400 px"
 
 
 def test_a_piped_table_keeps_whole_rows_and_rounds_floats_for_people(capsys):
