@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -78,18 +79,24 @@ def test_changed_settings_recaption_with_replace(sharded_root, tiny_llava_dir):
     assert max(r["num_tokens"] for r in caption_rows(sharded_root, "redo")) <= 6
 
 
+def _caption_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "ray::CaptionWorker" in " ".join(p.info["cmdline"] or [])]
+
+
 def _kill_first_caption_worker(out_dir: Path, record: dict) -> None:
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        workers = [
-            p for p in psutil.process_iter(["cmdline"]) if "ray::CaptionWorker" in " ".join(p.info["cmdline"] or [])
-        ]
-        if workers:
-            time.sleep(2.5)  # the model is loaded and the first shard under way
-            record["outputs_at_kill"] = len(list(out_dir.glob("*.parquet")))
-            workers[0].kill()
-            record["killed"] = True
-            return
+    seen = None
+    while time.monotonic() < deadline and not record.get("killed"):
+        if seen is None:
+            if _caption_workers():
+                seen = time.monotonic()
+        elif time.monotonic() - seen >= 2.5:  # the model is loaded and the first shard under way
+            for worker in _caption_workers():  # listed again: a process seen before may have ended since
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    record["outputs_at_kill"] = len(list(out_dir.glob("*.parquet")))
+                    worker.kill()
+                    record["killed"] = True
+                    break
         time.sleep(0.05)
 
 
