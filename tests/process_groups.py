@@ -1,10 +1,12 @@
-"""Stop a Ray node started by a test in its own process group, and every process it started."""
+"""Ray nodes started by tests: free loopback ports for them, and stopping one's process group and every process
+it started."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 
 import psutil
@@ -28,3 +30,14 @@ def stop_process_group(leader: subprocess.Popen, started: set[psutil.Process] | 
     psutil.wait_procs(alive, timeout=10)
     with contextlib.suppress(ProcessLookupError):  # the group outlives its leader while members remain
         os.killpg(leader.pid, signal.SIGKILL)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 now."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import yaml
 from densecurate.cli import main
 from jobs.demo import demo_spec
 from schemas.pipeline_spec import parse_spec, resolve_paths
-from tests.process_groups import stop_process_group
+from tests.process_groups import free_ports, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "jobs" / "examples").glob("*.yaml"))
@@ -80,16 +79,6 @@ def test_a_spec_names_every_problem_and_the_key_meant(tmp_path, capsys):
     assert "score.min_count" in err
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _descendants(head: subprocess.Popen) -> set[psutil.Process]:
     """The processes the head started (recursively) that are alive now."""
     try:
@@ -101,7 +90,7 @@ def _descendants(head: subprocess.Popen) -> set[psutil.Process]:
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head with the job server, on 127.0.0.1 and free ports; stopped at the end even if tests fail."""
-    gcs, dash, client, nm, om, agent, agent_grpc, rt_env, metrics = _free_ports(9)
+    gcs, dash, client, nm, om, agent, agent_grpc, rt_env, metrics = free_ports(9)
     temp = tempfile.mkdtemp(prefix="dcray", dir="/tmp")
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}

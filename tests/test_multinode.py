@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import yaml
 
 from pipeline.sample_data import write_sample_folder
 from pipeline.store.parquet_meta import read_meta
-from tests.process_groups import stop_process_group
+from tests.process_groups import free_ports, stop_process_group
 
 BIN = Path(sys.executable).parent
 DENSECURATE = str(BIN / "densecurate")
@@ -58,20 +57,10 @@ class Cluster:
     worker: subprocess.Popen
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _node_ports() -> list[str]:
     names = ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent")
-    return [f"--{name}-port={port}" for name, port in zip(names, _free_ports(len(names)), strict=True)] + [
-        f"--metrics-export-port={_free_ports(1)[0]}"
+    return [f"--{name}-port={port}" for name, port in zip(names, free_ports(len(names)), strict=True)] + [
+        f"--metrics-export-port={free_ports(1)[0]}"
     ]
 
 
@@ -140,7 +129,7 @@ def cluster() -> Iterator[Cluster]:
     (home / ".ray" / "auth_token").write_text(token)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env.update(HOME=str(home), RAY_TMPDIR=str(base), PATH=f"{BIN}:{env['PATH']}", HF_HUB_OFFLINE="1")
-    gcs, dash, client = _free_ports(3)
+    gcs, dash, client = free_ports(3)
     # A lost node is noticed after 3 missed health checks a second apart (Ray's default: 5 of 3 s).
     head_env = {
         **env,
@@ -254,7 +243,7 @@ def test_stale_address_file_does_not_stop_a_local_run(photos, tmp_path):
     temp = Path(tempfile.mkdtemp(prefix="dcst", dir="/tmp"))
     try:
         (temp / "ray").mkdir()
-        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_ports(1)[0]}")
+        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_ports(1)[0]}")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(temp)}
         _ok(_shard(env, photos / "p0", tmp_path / "root"))
     finally:
