@@ -112,6 +112,13 @@ def assert_checkpoints_finite(run_dir: Path) -> None:
             assert nonfinite_weights(model) == [], (name, part)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def warm_training(good_features, tiny_pixart_dir, tmp_path_factory) -> None:
+    """One step of training before the tests: the first run in a process pays the one-time costs (imports and
+    their compiled caches, the first forward), which belong to set-up, not to whichever test runs first."""
+    train(config_for(tmp_path_factory.mktemp("warm") / "run", good_features, tiny_pixart_dir, "steps=1"))
+
+
 @pytest.fixture
 def no_feature_check(monkeypatch):
     """Let non-finite features through the loader, as before the fix, to reach the loop's own guard."""
