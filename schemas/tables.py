@@ -59,6 +59,14 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field("engine", pa.string()),  # transformers | vllm
         pa.field("device", pa.string()),  # the worker's GPU (its CUDA name) or cpu
         pa.field("gpus", pa.float32()),  # GPUs the worker held (0 on the CPU): GPU-seconds = seconds * gpus
+        # Provenance (null in tables written before it was recorded):
+        pa.field("model_sha256", pa.string()),  # a local model folder's weights digest (null for a hub id + revision)
+        pa.field("prompt_sha256", pa.string()),  # sha256 of the prompt template (before {alt_text} is filled in)
+        pa.field("engine_version", pa.string()),  # e.g. "transformers 5.1.0", "vllm 0.32.0"
+        pa.field("gpu_seconds", pa.float32()),  # seconds * gpus: 0 on the CPU
+        # A merged field's rows only (null for a captioner's own): the field the caption was taken from. There
+        # ``seconds`` and ``gpu_seconds`` are what every merged source spent on the key (the cascade's cost).
+        pa.field("source", pa.string()),
     ]
 )
 
