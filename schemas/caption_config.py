@@ -95,6 +95,13 @@ class CaptionConfig(BaseModel):
         description="caption a sample of each shard: N keys (N >= 1, whole) or a fraction (below 1); None: every key",
     )
     sample_seed: int = Field(0, ge=0, description="which keys the sample takes (the same for every model)")
+    keys_query: str | None = Field(
+        None,
+        min_length=1,
+        description="caption only the keys a read-only DuckDB query over the catalog's views returns (its `key` "
+        "column), e.g. SELECT key FROM grounding WHERE field = 'cheap' AND grounded_share < 0.6; with sample, a "
+        "sample of those keys",
+    )
 
     @model_validator(mode="after")
     def _sample_is_a_count_or_a_fraction(self) -> CaptionConfig:
@@ -120,3 +127,8 @@ class CaptionConfig(BaseModel):
     def sample_settings(self) -> str:
         """What a sample run adds to the fingerprint (empty for a full run)."""
         return "" if self.sample is None else f"sample={self.sample:g};seed={self.sample_seed}"
+
+    @property
+    def chooses_keys(self) -> bool:
+        """Whether the run captions some keys of each shard only (a sample or a keys query)."""
+        return self.sample is not None or self.keys_query is not None

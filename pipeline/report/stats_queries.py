@@ -8,7 +8,7 @@ from pipeline.report.console import warn_if_stale
 from pipeline.report.table_output import print_rows, table_console
 from pipeline.store.catalog import connect, damaged_files
 
-# (title, the views it needs separated by spaces, SQL)
+# (title, the views it needs separated by spaces (``view.column``: a column that view must have), SQL)
 STATS_QUERIES: tuple[tuple[str, str, str], ...] = (
     (
         "samples by status",
@@ -28,6 +28,22 @@ STATS_QUERIES: tuple[tuple[str, str, str], ...] = (
         "count(*) FILTER (WHERE truncated) AS truncated, count(*) FILTER (WHERE repetitive) AS repetitive, "
         "count(*) FILTER (WHERE empty) AS empty, round(avg(num_tokens), 1) AS mean_tokens "
         "FROM captions GROUP BY ALL ORDER BY captioner",
+    ),
+    (
+        "GPU-hours by caption field (a merged field's: what its sources spent on its keys)",
+        "captions captions.gpu_seconds captions.source",
+        "SELECT captioner AS field, string_agg(DISTINCT source, ', ' ORDER BY source) AS merged_from, "
+        "count(*) AS captions, round(sum(coalesce(gpu_seconds, seconds * gpus)) / 3600, 4) AS gpu_hours, "
+        "round(sum(seconds) / 3600, 4) AS worker_hours, string_agg(DISTINCT device, ', ' ORDER BY device) AS devices "
+        "FROM captions GROUP BY ALL ORDER BY captioner",
+    ),
+    (
+        "GPU-hours by model (captioners' own rows)",
+        "captions captions.gpu_seconds captions.source",
+        "SELECT model, coalesce(model_sha256[:12], revision) AS weights, engine_version, count(*) AS captions, "
+        "round(sum(coalesce(gpu_seconds, seconds * gpus)) / 3600, 4) AS gpu_hours, "
+        "round(sum(seconds) / 3600, 4) AS worker_hours FROM captions WHERE source IS NULL "
+        "GROUP BY ALL ORDER BY model, weights",
     ),
     (
         "nouns per image by field",
@@ -88,8 +104,14 @@ def print_stats(root: Path) -> None:
                 ],
             )
         views = {name for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+        columns = {
+            f"{view}.{column}"
+            for view, column in con.execute(
+                "SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal"
+            ).fetchall()
+        }
         for title, needed, sql in STATS_QUERIES:
-            if not set(needed.split()) <= views:
+            if not set(needed.split()) <= views | columns:
                 continue
             console.rule(title)
             cursor = con.execute(sql)

@@ -4,10 +4,14 @@ One Ray actor per GPU (or one CPU actor) holds the model and takes whole shards.
 written under a temporary name and renamed; a rerun skips finished shards; a worker that dies
 mid-shard is restarted by Ray and its shard redone, so every key appears exactly once.
 
-With ``sample`` only a reproducible sample of each shard's keys is captioned (``pipeline.key_sample``).
-Every file records the fingerprint its rows were made with (``rows_fingerprint``: model, generation
-and shard, not the sample), so a later run of the same settings, sample or full, keeps those rows
-and captions only the keys it lacks.
+With ``sample`` only a reproducible sample of each shard's keys is captioned (``pipeline.key_sample``);
+with ``keys_query`` only the keys a read-only query over the catalog chooses (``pipeline.store.key_selection``),
+recorded with the fingerprints of the tables it read. Every file records the fingerprint its rows were made
+with (``rows_fingerprint``: model, generation and shard, not the keys chosen), so a later run of the same
+settings, of any keys, keeps those rows and captions only the keys it lacks.
+
+Every row records its provenance: model id and revision, a local folder's weights digest, the prompt
+template's hash, the generation settings, the engine and its version, the device and the GPU-seconds.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 from rich.table import Table
 
+from captioner.prompts import Prompt
+from captioner.provenance import engine_version, prompt_sha256, weights_sha256
 from pipeline.core.progress import report_items
 from pipeline.core.runner import run_stage
 from pipeline.core.stage import Actors, Stage, StageRun, StageSummary, Stats, TableJob, fingerprint, shards_table
 from pipeline.core.workers import ModelWorker
 from pipeline.key_sample import describe_sample, sample_keys
 from pipeline.store.guards import require_complete
+from pipeline.store.key_selection import KeySelection, changed_views, select_keys
 from pipeline.store.parquet_meta import finished_output, read_meta, write_table_atomic
 from pipeline.store.shard_reading import read_shard_stats
 from pipeline.store.verify import checked_samples
@@ -52,18 +59,25 @@ class CaptionJob(TableJob):
     sample: float | None = None
     sample_seed: int = 0
     shard_rows: int = 0
+    chosen_keys: tuple[str, ...] | None = None  # the keys query's keys of this shard; None without a query
+    selection: dict[str, Any] | None = None  # what the file records of the keys query
+    provenance: dict[str, str | None] = field(default_factory=dict)  # model_sha256 and prompt_sha256 of every row
 
     def finished(self) -> Stats | None:
-        """A sample is also finished when a full run of the same settings captioned the whole shard."""
+        """Some keys of a shard are also captioned when a full run of the same settings captioned the whole
+        shard."""
         done = super().finished()
-        if done is None and self.sample is not None:
+        if done is None and (self.sample is not None or self.chosen_keys is not None):
             done = finished_output(self.out, self.rows_fingerprint, self.shard_rows)
         return done
 
     def wanted_keys(self) -> set[str] | None:
-        """The keys this job captions: the sample's, or None for every key of the shard."""
+        """The keys this job captions: the query's, a sample (of the query's keys, with both), or None for every
+        key of the shard."""
         if self.sample is None:
-            return None
+            return None if self.chosen_keys is None else set(self.chosen_keys)
+        if self.chosen_keys is not None:
+            return sample_keys(self.chosen_keys, self.sample, self.sample_seed)
         rows = pq.read_table(self.samples_table, columns=["key", "status"]).to_pylist()
         return sample_keys([r["key"] for r in rows if r["status"] == STATUS_OK], self.sample, self.sample_seed)
 
@@ -80,10 +94,11 @@ class CaptionJob(TableJob):
         return [{name: row.get(name) for name in CAPTIONS_SCHEMA.names} for row in table.to_pylist()]
 
 
-def _row(result, config: CaptionConfig, engine, device: str, gpus: float) -> dict[str, Any]:
+def _row(result, config: CaptionConfig, engine, device: str, gpus: float, provenance: dict[str, Any]) -> dict[str, Any]:
     gen = config.generation
     checks = result.checks
     return {
+        **provenance,
         "key": result.key,
         "captioner": config.name,
         "status": result.status,
@@ -109,6 +124,8 @@ def _row(result, config: CaptionConfig, engine, device: str, gpus: float) -> dic
         "engine": config.engine,
         "device": device,
         "gpus": gpus,
+        "gpu_seconds": result.seconds * gpus,
+        "source": None,
     }
 
 
@@ -147,12 +164,14 @@ class CaptionWorker(ModelWorker):
         # Recorded in every row: a caption's GPU-seconds are its seconds times the GPUs held (none on the CPU).
         self.device = torch.cuda.get_device_name(device) if on_gpu else "cpu"
         self.gpus = config.gpus_per_worker if on_gpu else 0.0
+        self.engine_version = engine_version(config.engine)
 
     def caption_shard(self, job: CaptionJob) -> dict[str, Any]:
         """Caption the job's keys that no earlier run of the same settings captioned, keep the rows
         that one did, and commit the Parquet file; returns its stats."""
         from captioner.generation import CaptionRequest
 
+        provenance = {**job.provenance, "engine_version": self.engine_version}
         started = time.perf_counter()
         reused = job.reusable_rows()
         done = {r["key"] for r in reused}
@@ -167,7 +186,7 @@ class CaptionWorker(ModelWorker):
         )
         rows = list(reused)
         for result in self.engine.caption(requests):
-            rows.append(_row(result, self.config, self.engine, self.device, self.gpus))
+            rows.append(_row(result, self.config, self.engine, self.device, self.gpus, provenance))
             report_items()
         rows.sort(key=lambda r: r["key"])
         stats = caption_stats(rows, time.perf_counter() - started, reused=len(reused))
@@ -175,6 +194,7 @@ class CaptionWorker(ModelWorker):
             "fingerprint": job.fingerprint,
             "rows_fingerprint": job.rows_fingerprint,
             "sample": None if job.sample is None else {"size": job.sample, "seed": job.sample_seed},
+            "selection": job.selection,
             "stats": stats,
             "settings": json.loads(self.config.model_dump_json()),
         }
@@ -203,6 +223,8 @@ class CaptionSummary(StageSummary):
 
     out_dir: Path
     sample: str | None = None  # what a sample run captioned, e.g. "50 keys per shard (seed 0)"
+    selection: KeySelection | None = None  # the keys query's choice
+    changed_views: list[str] = field(default_factory=list)  # views the query reads that changed since the last run
     totals: Counter[str] = field(default_factory=Counter)
     errors_by_reason: Counter[str] = field(default_factory=Counter)
 
@@ -215,6 +237,7 @@ class CaptionSummary(StageSummary):
         """Keys, captioned, errors by reason, flags, shards, speed."""
         t = self.totals
         rows = [("sample", self.sample)] if self.sample else []
+        rows += self._selection_rows()
         rows += [("keys", str(t["count"])), ("captioned", str(t["ok"]))]
         if t["reused"]:
             rows.append(("  kept from an earlier run", str(t["reused"])))
@@ -225,6 +248,23 @@ class CaptionSummary(StageSummary):
             rate = self.captions_this_run / self.seconds
             rows.append(("speed", f"{rate:.2f} captions/s on {self.run.workers} {self.run.device} worker(s)"))
         return shards_table(f"caption stage -> {self.out_dir}", rows)
+
+    def _selection_rows(self) -> list[tuple[str, str]]:
+        if self.selection is None:
+            return []
+        chosen = f"{self.selection.chosen:,}"
+        if self.selection.outside:
+            chosen += f" ({self.selection.outside:,} of them no written sample of this root: left out)"
+        rows = [("keys query", self.selection.query), ("  keys it chose", chosen)]
+        if self.changed_views:
+            rows.append(
+                (
+                    "  note",
+                    f"{', '.join(self.changed_views)} changed since the last run of this query: it chose again; "
+                    "captions of keys it no longer chooses are kept",
+                )
+            )
+        return rows
 
 
 class CaptionStage(Stage[CaptionJob, CaptionSummary]):
@@ -240,6 +280,9 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
         self.inputs = (self.catalog.shards_dir,)
         self.outputs = (self.catalog.captions_dir(config.name),)
         self.repair = config.repair
+        self.selection: KeySelection | None = None
+        self.changed_views: list[str] = []
+        self.provenance: dict[str, str | None] = {}
 
     def plan(self) -> list[CaptionJob]:
         """A job per finished shard; the fingerprint covers the model, the generation settings and the shard."""
@@ -247,29 +290,43 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
         settings = config.fingerprint_settings()
         jobs = []
         replaced: list[dict[str, Any]] = []  # earlier full runs' stats that this plan would caption over
-        for index in require_complete(layout.shards_dir).finished:
+        indices = list(require_complete(layout.shards_dir).finished)
+        if config.keys_query is not None:
+            self.selection = select_keys(layout, config.keys_query, indices, self.outputs[0])
+        for index in indices:
             stats = read_shard_stats(layout, index)
             rows_fingerprint = fingerprint(settings, stats["inputs_fingerprint"])
             files = layout.shard_files(index)
             out = layout.caption_file(config.name, index)
             earlier = read_meta(out)
-            if config.sample is not None:
+            chosen = None if self.selection is None else self.selection.keys_of(index)
+            if config.chooses_keys:
                 _refuse_to_sample_over_a_full_run(earlier, rows_fingerprint, out)
             elif _made_otherwise(earlier, rows_fingerprint, stats["inputs_fingerprint"]):
                 replaced.append(earlier["stats"])
+            if self.selection is not None and not self.changed_views and earlier is not None:
+                self.changed_views = changed_views(earlier.get("selection"), self.selection)
+            keys_settings = "" if self.selection is None else self.selection.shard_settings(index)
             jobs.append(
                 CaptionJob(
                     index=index,
                     out_dir=layout.captions_dir(config.name),
-                    fingerprint=fingerprint(settings + config.sample_settings(), stats["inputs_fingerprint"]),
-                    items=_keys_to_caption(config.sample, stats["successes"], earlier, rows_fingerprint),
-                    expected_rows=stats["successes"] if config.sample is None else None,
+                    fingerprint=fingerprint(
+                        settings + config.sample_settings() + keys_settings, stats["inputs_fingerprint"]
+                    ),
+                    items=_keys_to_caption(
+                        config.sample, stats["successes"] if chosen is None else len(chosen), earlier, rows_fingerprint
+                    ),
+                    expected_rows=None if config.chooses_keys else stats["successes"],
                     tar=files.tar,
                     samples_table=files.parquet,
                     rows_fingerprint=rows_fingerprint,
                     sample=config.sample,
                     sample_seed=config.sample_seed,
                     shard_rows=stats["successes"],
+                    chosen_keys=chosen,
+                    selection=None if self.selection is None else self.selection.record(index),
+                    provenance=self.provenance,
                 )
             )
         if not jobs:
@@ -294,6 +351,10 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
             from captioner.vllm_env import check_vllm_python
 
             check_vllm_python(vllm_python(self.config))
+        self.provenance = {
+            "model_sha256": weights_sha256(self.config.model.model),
+            "prompt_sha256": prompt_sha256(Prompt.parse(self.config.generation.prompt).template),
+        }
 
     def work(self) -> Actors:
         c = self.config
@@ -310,7 +371,9 @@ class CaptionStage(Stage[CaptionJob, CaptionSummary]):
     def summarize(self, run: StageRun[CaptionJob]) -> CaptionSummary:
         c = self.config
         sample = None if c.sample is None else describe_sample(c.sample, c.sample_seed)
-        summary = CaptionSummary(run, out_dir=self.outputs[0], sample=sample)
+        summary = CaptionSummary(
+            run, out_dir=self.outputs[0], sample=sample, selection=self.selection, changed_views=self.changed_views
+        )
         for stats in run.stats:
             summary.totals.update({k: stats[k] for k in ("count", "ok", "truncated", "repetitive", "empty", "tokens")})
             summary.totals["reused"] += stats.get("reused", 0)
@@ -333,11 +396,12 @@ def _keys_to_caption(sample: float | None, keys: int, earlier: dict[str, Any] | 
 
 
 def _refuse_to_sample_over_a_full_run(earlier: dict[str, Any] | None, rows_fingerprint: str, out: Path) -> None:
-    """A sample with other settings than a full run's captions would replace them with a few keys' captions."""
-    if earlier is not None and earlier.get("sample") is None and rows_fingerprint_of(earlier) != rows_fingerprint:
+    """Some keys captioned with other settings than a full run's captions would replace them."""
+    full = earlier is not None and earlier.get("sample") is None and earlier.get("selection") is None
+    if full and rows_fingerprint_of(earlier) != rows_fingerprint:
         raise OutputConflictError(
-            f"{out} holds the captions of every key of its shard, made with other settings; a sample would replace "
-            "them with its few keys: caption the sample under another --name"
+            f"{out} holds the captions of every key of its shard, made with other settings; a sample or a keys "
+            "query would replace them with its few keys: caption those keys under another --name"
         )
 
 

@@ -172,6 +172,20 @@ def _digest(listing: dict[str, list[int]]) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
+def views_fingerprint(root: Path, views: list[str], leave_out: str | None = None) -> dict[str, str]:
+    """Per view of ``views`` that the catalog has (and the views it is made from), one hash of its files' names,
+    sizes and modification times; files under the folder ``leave_out`` (relative to the root) are not counted."""
+    by_name = {view.name: view for view in VIEWS}
+    wanted = [name for name in views if name in by_name]
+    wanted += [required for name in wanted for required in by_name[name].requires]
+    prefix = None if leave_out is None else leave_out.rstrip("/") + "/"
+    found = {}
+    for name in sorted(set(wanted)):
+        listing = _listing(root, by_name[name].glob)
+        found[name] = _digest({f: s for f, s in listing.items() if prefix is None or not f.startswith(prefix)})
+    return found
+
+
 def _footer(path: Path) -> pq.ParquetSchema | None:
     """The file's Parquet schema, from its footer; None when the footer does not read (an empty or cut file)."""
     try:
