@@ -179,6 +179,13 @@ def _add_caption_parser(sub: argparse._SubParsersAction) -> None:
         "for every model, so captioners can be compared before a full run (which keeps the sampled rows)",
     )
     p.add_argument("--sample-seed", type=int, default=0, help="which keys --sample takes")
+    p.add_argument(
+        "--keys-query",
+        metavar="SQL",
+        help="caption only the keys a read-only DuckDB query over the catalog's views returns (its `key` column), "
+        "e.g. \"SELECT key FROM grounding WHERE field = 'cheap' AND (grounded_share < 0.6 OR n_nouns < 8)\"; "
+        "recorded with the fingerprints of the tables it read; a rerun chooses again",
+    )
     engine = p.add_argument_group("engine")
     engine.add_argument(
         "--engine",
@@ -258,6 +265,34 @@ def _add_score_parser(sub: argparse._SubParsersAction) -> None:
     _add_ray_options(p, "spaCy processes (default: every CPU)")
     _add_rerun_options(p, replace=False)
     p.set_defaults(handler=commands.cmd_score)
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    """``a,b,c`` -> ``("a", "b", "c")`` (blanks around the commas dropped)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="a caption field holding each key's best caption among several fields (a cascade's result)",
+        description="Reads the fields' captions, density and grounding; writes ROOT/captions/NAME/NNNNN.parquet "
+        "(a captioner's tables, with `source` naming the field each caption came from, and seconds and "
+        "gpu_seconds summed over every source's row of the key). Score (and ground) the fields first.",
+    )
+    p.add_argument("root", type=_path, help="dataset root")
+    p.add_argument("--fields", type=_comma_list, required=True, help="fields to choose from, e.g. cheap,strong")
+    p.add_argument(
+        "--by",
+        default="grounded_nouns",
+        choices=["grounded_nouns", "valid_nouns", "clip_score"],
+        help="the best caption: most nouns found in the image, most valid nouns, or highest CLIP score; ties go to "
+        "the field listed first",
+    )
+    p.add_argument("--name", required=True, help="the merged field, the folder under ROOT/captions")
+    _add_ray_options(p, "parallel shards (default: every CPU)")
+    _add_rerun_options(p, replace=False)
+    p.set_defaults(handler=commands.cmd_merge)
 
 
 def _add_ground_parser(sub: argparse._SubParsersAction) -> None:
@@ -579,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption_parser(sub)
     _add_score_parser(sub)
     _add_ground_parser(sub)
+    _add_merge_parser(sub)
     _add_density_parser(sub)
     _add_stats_parser(sub)
     _add_verify_parsers(sub)

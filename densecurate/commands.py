@@ -15,6 +15,7 @@ from schemas.caption_config import CaptionConfig
 from schemas.errors import OutputConflictError, UserError
 from schemas.features_config import FeaturesConfig
 from schemas.ground_config import GroundConfig
+from schemas.merge_config import MergeConfig
 from schemas.pipeline_spec import PipelineSpec, parse_spec, resolve_paths
 from schemas.score_config import (
     ALT_TEXT_FIELD,
@@ -121,6 +122,7 @@ def caption_config_from_args(args: argparse.Namespace) -> CaptionConfig:
             "gpus_per_worker": args.gpus_per_worker,
             "sample": args.sample,
             "sample_seed": args.sample_seed,
+            "keys_query": args.keys_query,
             "engine": args.engine,
             "vllm": {
                 "max_num_seqs": args.max_num_seqs,
@@ -138,6 +140,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from pipeline.stages.caption import run_caption_stage
 
     Console().print(run_caption_stage(args.root, caption_config_from_args(args)).render())
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pipeline.stages.merge import run_merge_stage
+
+    config = MergeConfig.model_validate({"name": args.name, "fields": args.fields, "by": args.by, **run_options(args)})
+    Console().print(run_merge_stage(args.root, config).render())
     return 0
 
 
@@ -387,15 +397,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.report.cascade import cascade_figures, cascade_table
     from pipeline.report.compare import compare_fields, comparison_table
     from pipeline.report.console import warn_if_stale
 
     compared = compare_fields(args.root, args.field)
+    cascades = {c.field: c for c in cascade_figures(args.root, [c.field for c in compared])}
     if args.format == "json":
-        print(json.dumps([c.as_json() for c in compared], indent=1))
+        rows = [
+            {**c.as_json(), "cascade": cascades[c.field].as_json() if c.field in cascades else None} for c in compared
+        ]
+        print(json.dumps(rows, indent=1))
     else:
         warn_if_stale(args.root)
         Console().print(comparison_table(compared))
+        for cascade in cascades.values():
+            Console().print(cascade_table(cascade))
     return 0
 
 

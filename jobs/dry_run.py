@@ -46,6 +46,7 @@ def _stages(spec: PipelineSpec, step: str) -> list[tuple[str, Callable[[], Stage
     from pipeline.stages.curate import CurateStage
     from pipeline.stages.embed import EmbedStage
     from pipeline.stages.features import FeaturesStage
+    from pipeline.stages.merge import MergeStage
     from pipeline.stages.score import ScoreStage
     from pipeline.stages.shard import ShardStage
 
@@ -54,6 +55,8 @@ def _stages(spec: PipelineSpec, step: str) -> list[tuple[str, Callable[[], Stage
         return [("shard", lambda: ShardStage([Path(p) for p in spec.shard.inputs], root, spec.shard))]
     if step == "caption":
         return [(f"caption {c.name}", lambda c=c: CaptionStage(root, c)) for c in spec.caption]
+    if step == "merge":
+        return [(f"merge {m.name}", lambda m=m: MergeStage(root, m)) for m in spec.merge]
     if step == "score":
         return [("score", lambda: ScoreStage(root, spec.score))]
     if step == "ground":

@@ -33,10 +33,44 @@ def run_shard(spec: PipelineSpec) -> None:
 
 
 def run_caption(spec: PipelineSpec) -> None:
+    """Caption with each entry in order; before an entry with a keys query, score and ground the fields made so far,
+    so that the query reads their current tables (a cascade: a cheap captioner on everything, then a stronger one
+    on what the cheap one did badly)."""
     from pipeline.stages.caption import run_caption_stage
 
     for config in spec.caption:
+        if config.keys_query is not None:
+            score_and_ground_present_fields(spec)
         console.print(run_caption_stage(Path(spec.root), config).render())
+
+
+def run_merge(spec: PipelineSpec) -> None:
+    """Score and ground the fields made so far (the merge reads their scores), then merge each entry."""
+    from pipeline.stages.merge import run_merge_stage
+
+    score_and_ground_present_fields(spec)
+    for config in spec.merge:
+        console.print(run_merge_stage(Path(spec.root), config).render())
+
+
+def present_fields(spec: PipelineSpec, fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The fields of ``fields`` that the root holds now (alt_text, and captioners or merged fields made so far)."""
+    from schemas.layout import DatasetLayout
+    from schemas.score_config import ALT_TEXT_FIELD
+
+    made = set(DatasetLayout(Path(spec.root)).caption_names())
+    return tuple(f for f in fields if f == ALT_TEXT_FIELD or f in made)
+
+
+def score_and_ground_present_fields(spec: PipelineSpec) -> None:
+    """The spec's score and ground steps on the fields made so far (each skips what it finds done)."""
+    from pipeline.stages.ground import run_ground_stage
+    from pipeline.stages.score import run_score_stage
+
+    if spec.score and (fields := present_fields(spec, spec.score.fields)):
+        console.print(run_score_stage(Path(spec.root), spec.score.model_copy(update={"fields": fields})).render())
+    if spec.ground and (fields := present_fields(spec, spec.ground.fields)):
+        console.print(run_ground_stage(Path(spec.root), spec.ground.model_copy(update={"fields": fields})).render())
 
 
 def run_score(spec: PipelineSpec) -> None:
@@ -112,6 +146,7 @@ RUNNERS: dict[str, Callable[[PipelineSpec], None]] = {
     "prepare": run_prepare,
     "shard": run_shard,
     "caption": run_caption,
+    "merge": run_merge,
     "score": run_score,
     "ground": run_ground,
     "report": run_report,

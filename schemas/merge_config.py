@@ -22,7 +22,10 @@ class MergeConfig(BaseModel):
     fields: tuple[SimpleName, ...] = Field(
         ..., min_length=2, description="alt_text and/or captioners to choose from; ties go to the one listed first"
     )
-    by: MergeRule = Field("grounded_nouns", description="grounded_nouns | valid_nouns | clip_score")
+    by: MergeRule = Field(
+        "grounded_nouns",
+        description="the best caption: most nouns found in the image, most valid nouns, top CLIP score",
+    )
     workers: int | None = Field(None, ge=1)
     ray_address: str | None = None
     repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")

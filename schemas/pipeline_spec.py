@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, model_validator
 from schemas.caption_config import CaptionConfig
 from schemas.features_config import FeaturesConfig
 from schemas.ground_config import GroundConfig
+from schemas.merge_config import MergeConfig
 from schemas.score_config import CurateConfig, ScoreConfig
 from schemas.shard_config import ShardConfig
 from schemas.validation import SETTINGS, SimpleName, load_yaml, read_input_text, validated
@@ -69,14 +70,16 @@ class ReportStep(_Strict):
 
 
 class PipelineSpec(_Strict):
-    """Stages run in this order, each only when present: prepare, shard, caption, score, ground, report,
-    curate, features, train, export. Each stage skips the work it finds done."""
+    """Stages run in this order, each only when present: prepare, shard, caption, merge, score, ground, report,
+    curate, features, train, export. Each stage skips the work it finds done. A caption entry with a keys query,
+    and the merge step, first run the score and ground steps on the fields made so far."""
 
     name: SimpleName = Field(..., description="the spec's name (letters, digits, '-', '_', '.')")
     root: str = Field(..., min_length=1, description="the dataset root")
     prepare: PrepareStep | None = None
     shard: ShardStep | None = None
     caption: list[CaptionConfig] = Field(default_factory=list, description="one entry per captioner")
+    merge: list[MergeConfig] = Field(default_factory=list, description="one entry per merged field")
     score: ScoreConfig | None = None
     ground: GroundConfig | None = None
     report: ReportStep | None = None
@@ -86,7 +89,19 @@ class PipelineSpec(_Strict):
     export: ExportStep | None = None
 
 
-STAGES = ("prepare", "shard", "caption", "score", "ground", "report", "curate", "features", "train", "export")
+STAGES = (
+    "prepare",
+    "shard",
+    "caption",
+    "merge",
+    "score",
+    "ground",
+    "report",
+    "curate",
+    "features",
+    "train",
+    "export",
+)
 
 
 LOCAL_CLIP = "local-dir:"  # an open_clip model in a local folder

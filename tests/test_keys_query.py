@@ -59,7 +59,9 @@ def test_the_query_chooses_exactly_the_keys_captioned_each_once(cheap_root, tiny
     n = median_nouns(cheap_root)
     chosen = {k for k, nouns in nouns_by_key(cheap_root).items() if nouns < n}
     assert 0 < len(chosen) < len(nouns_by_key(cheap_root))
-    summary = run_caption_stage(cheap_root, caption_config("strong", tiny_qwen2_vl_dir, keys_query=FEW_NOUNS.format(n=n)))
+    summary = run_caption_stage(
+        cheap_root, caption_config("strong", tiny_qwen2_vl_dir, keys_query=FEW_NOUNS.format(n=n))
+    )
     rows = rows_of(cheap_root / "captions" / "strong")
     assert sorted(r["key"] for r in rows) == sorted(chosen)
     assert summary.captions_this_run == len(chosen) and summary.selection.chosen == len(chosen)

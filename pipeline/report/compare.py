@@ -73,7 +73,7 @@ SELECT captioner,
        avg(repetitive::INT) FILTER (WHERE status = 'ok'),
        avg(empty::INT) FILTER (WHERE status = 'ok'),
        avg(seconds),
-       avg(seconds * CASE WHEN coalesce({gpus}, 0) > 0 THEN {gpus} ELSE 1 END),
+       avg({cost}),
        string_agg(DISTINCT coalesce({device}, 'unknown'), ', ' ORDER BY coalesce({device}, 'unknown')),
        bool_or(coalesce({gpus}, 0) = 0)
 FROM captions JOIN common USING (key) WHERE list_contains($fields, captioner) GROUP BY captioner
@@ -138,10 +138,17 @@ def _require_scored(layout: DatasetLayout, fields: list[str]) -> None:
         )
 
 
-def _caption_columns(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-    """``device`` and ``gpus`` as columns, or NULL for caption tables written before they existed."""
+def caption_columns(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """``device`` and ``gpus`` as columns (NULL for caption tables written before they existed), and ``cost``: a
+    row's device-seconds, its GPU-seconds on a GPU (``gpu_seconds``, else seconds x GPUs) and its seconds on the
+    CPU (a merged row's: what its sources spent on the key)."""
     have = {name for name, *_ in con.execute("DESCRIBE captions").fetchall()}
-    return {name: name if name in have else "NULL" for name in ("device", "gpus")}
+    columns = {name: name if name in have else "NULL" for name in ("device", "gpus", "gpu_seconds")}
+    gpus = columns["gpus"]
+    columns["cost"] = (
+        f"CASE WHEN coalesce({gpus}, 0) > 0 THEN coalesce({columns['gpu_seconds']}, seconds * {gpus}) ELSE seconds END"
+    )
+    return columns
 
 
 def compare_fields(root: Path, fields: list[str] | None = None) -> list[FieldComparison]:
@@ -162,7 +169,7 @@ def compare_fields(root: Path, fields: list[str] | None = None) -> list[FieldCom
             )
         captions = {}
         if has_view(con, "captions"):
-            sql = CAPTIONS_SQL.format(**_caption_columns(con))
+            sql = CAPTIONS_SQL.format(**caption_columns(con))
             captions = {row[0]: row[1:] for row in con.execute(sql, params).fetchall()}
         grounding = {}
         if has_view(con, "grounding"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,14 +195,18 @@ def print_table1(root: Path) -> None:
         table_console().print(table1_table(rows, grounding=[grounding_figures(con, r.field) for r in rows]))
 
 
-def print_report(root: Path, reports: list[FieldReport], comparison: Table | None = None) -> None:
+def print_report(
+    root: Path, reports: list[FieldReport], comparison: Table | None = None, cascades: Sequence[Table] = ()
+) -> None:
     """The whole report on the console (first, which fields are stale); ``comparison``: the captioner
-    comparison's table, shown after Table 1."""
+    comparison's table, and ``cascades`` the merged fields' tables, shown after Table 1."""
     warn_if_stale(root)
     console = table_console()
     console.print(table1_table([r.row for r in reports], grounding=[r.grounding for r in reports]))
     if comparison is not None:
         console.print(comparison)
+    for cascade in cascades:
+        console.print(cascade)
     names = [r.row.field for r in reports]
     dist = Table("", *names, title="nouns per image, caption length, long tail")
     dist.add_row(

@@ -6,11 +6,13 @@ import base64
 import html
 import io
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
 
 from pipeline.density.nouns import NOUN_POS, load_spacy
+from pipeline.report.cascade import CASCADE_NOTE, CascadeFigures, cascade_lines, cascade_title
 from pipeline.report.compare import CPU_NOTE, FieldComparison, comparison_lines
 from pipeline.report.console import FieldReport, table1_lines
 from pipeline.store.catalog import connect, has_view, readable_list
@@ -151,6 +153,17 @@ def _comparison_section(compared: list[FieldComparison]) -> str:
         + _table(["", *(c.field for c in compared)], rows)
         + note
         + f'<div class="plots">{plot}</div>'
+    )
+
+
+def _cascade_section(c: CascadeFigures) -> str:
+    """A merged field against its costliest source captioning every key."""
+    strong = f"{c.costliest} on every key" if c.costliest else "no source with a cost"
+    rows = [list(line) for line in cascade_lines(c)]
+    return (
+        f'<h2 id="cascade-{html.escape(c.field)}">{html.escape(cascade_title(c))}</h2>'
+        + _table(["", f"{c.field} (cascade)", strong], rows)
+        + f"<p>{html.escape(CASCADE_NOTE)}</p>"
     )
 
 
@@ -313,9 +326,10 @@ def write_html_report(
     gallery: int,
     spacy_model: str,
     comparison: list[FieldComparison] | None = None,
+    cascades: Sequence[CascadeFigures] = (),
 ) -> Path:
     """Write the report page to ``out`` (images and plots embedded: one file, no network); with
-    ``comparison``, the captioner comparison and its plot."""
+    ``comparison``, the captioner comparison and its plot; with ``cascades``, each merged field's figures."""
     fields = [r.row.field for r in reports]
     plots = "".join(f'<img src="data:image/png;base64,{png}" alt="{html.escape(t)}">' for t, png in _plots(reports))
     page = (
@@ -324,6 +338,7 @@ def write_html_report(
         f'<body><h1>densecurate report</h1><p>{html.escape(str(root))}</p><p id="broken-images"></p>'
         + _summary_tables(reports)
         + (_comparison_section(comparison) if comparison else "")
+        + "".join(_cascade_section(c) for c in cascades)
         + f'<h2>Plots</h2><div class="plots">{plots}</div>'
         + _gallery(root, fields, gallery, spacy_model)
         + f"<script>{IMAGE_CHECK}</script></body></html>"

@@ -194,9 +194,6 @@ class MergeStage(Stage[MergeJob, MergeSummary]):
         """A job per shard; its fingerprint covers the rule, the fields, and each source's density (made from its
         texts), vocabulary and grounding."""
         layout, config = self.catalog, self.config
-        for name in config.fields:
-            if name != ALT_TEXT_FIELD:
-                require_complete(layout.captions_dir(name))
         vocab = "".join(file_digest(layout.vocab_file(name)) for name in config.fields)
         settings = config.model_dump_json(include={"name", "fields", "by"}) + vocab
         models: dict[str, str] = {}
