@@ -372,14 +372,22 @@ def _add_curate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "curate",
         help="keep samples whose chosen caption is dense enough, as new webdataset shards",
-        description="Writes OUT/NNNNN.tar (KEY.jpg, KEY.txt = the caption of --field, KEY.json with density), "
+        description="Writes OUT/NNNNN.tar (KEY.jpg, KEY.txt = the caption of --field, KEY.json with density; with "
+        "several fields KEY.captions.json: every passing caption with its scores), "
         "OUT/NNNNN.parquet and OUT/NNNNN_stats.json, and prints how many samples each rule removed. "
         "Rules come from --config (YAML with the keys min_valid_nouns, min_nouns, drop_flagged, min_words, "
         "min_clip_score, min_grounded_nouns, min_grounded_share, drop_near_duplicates); "
         "options given on the command line override it.",
     )
     p.add_argument("root", type=_path, help="dataset root (scored for --field)")
-    p.add_argument("--field", required=True, help="alt_text or a captioner name: the caption to keep")
+    p.add_argument(
+        "--field",
+        action="append",
+        help="alt_text or a captioner name: the caption to keep; repeat to keep several captions per image (the "
+        "first decides: KEY.txt and the rules' verdict; each further caption that passes the caption rules goes "
+        "into KEY.captions.json with its scores)",
+    )
+    p.add_argument("--fields", type=_comma_list, help="several fields as one comma list, e.g. best,cheap,strong")
     p.add_argument("--out", required=True, type=_path, help="output folder of the curated shards")
     p.add_argument("--min-valid-nouns", type=int, help="drop captions with fewer valid noun occurrences")
     p.add_argument("--min-nouns", type=int, help="drop captions with fewer noun occurrences")

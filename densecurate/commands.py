@@ -248,7 +248,8 @@ def curate_config_from_args(args: argparse.Namespace) -> CurateConfig:
     for name in CurateRules.model_fields:
         if getattr(args, name) is not None:
             rules[name] = getattr(args, name)
-    return CurateConfig.model_validate({"field": args.field, "rules": rules, **run_options(args)})
+    fields = [*(args.field or []), *(args.fields or [])]
+    return CurateConfig.model_validate({"fields": fields, "rules": rules, **run_options(args)})
 
 
 def cmd_curate(args: argparse.Namespace) -> int:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from schemas.validation import SETTINGS
 
@@ -83,9 +83,39 @@ class CurateConfig(BaseModel):
 
     model_config = SETTINGS
 
-    field: str = Field(..., min_length=1, description="alt_text or a captioner name: the caption to keep")
+    field: str | None = Field(
+        None, min_length=1, description="alt_text or a captioner name: the caption to keep (the first of fields)"
+    )
+    fields: tuple[str, ...] = Field(
+        (),
+        description="several fields: the first decides (KEY.txt, the rules' verdict); every field's caption that "
+        "passes the caption rules goes into KEY.captions.json",
+    )
     rules: CurateRules = CurateRules()
     workers: int | None = Field(None, ge=1)
     ray_address: str | None = None
     repair: bool = Field(False, description="check finished outputs in depth and redo the damaged ones")
     replace: bool = Field(False, description="let this run replace or remove finished outputs of an earlier run")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _primary_is_the_first_field(cls, data: Any) -> Any:
+        """``field`` alone is ``fields: [field]``; ``fields`` alone has its first as ``field``."""
+        if not isinstance(data, dict):
+            return data
+        field, fields = data.get("field"), data.get("fields")
+        if fields and isinstance(fields, list | tuple) and field is None:
+            return {**data, "field": fields[0]}
+        if field is not None and not fields:
+            return {**data, "fields": (field,)}
+        return data
+
+    @model_validator(mode="after")
+    def _one_primary_field(self) -> CurateConfig:
+        if self.field is None:
+            raise ValueError("give the field to curate: field (or fields, the first deciding)")
+        if self.field != self.fields[0]:
+            raise ValueError(f"field {self.field!r} is not the first of fields {list(self.fields)}: give one of them")
+        if len(set(self.fields)) != len(self.fields):
+            raise ValueError(f"fields {', '.join(self.fields)} name a field twice")
+        return self

@@ -102,6 +102,7 @@ CURATED_SCHEMA = pa.schema(
         pa.field("n_grounded_nouns", pa.int32()),
         pa.field("grounded_share", pa.float32()),
         pa.field("duplicate_of", pa.string()),  # the kept sample of its cluster, for a duplicate that is not kept
+        pa.field("n_captions", pa.int32()),  # with several fields: captions in KEY.captions.json (null otherwise)
     ]
 )
 
@@ -114,6 +115,7 @@ FEATURES_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
         pa.field("caption", pa.string()),
         pa.field("n_tokens", pa.int32()),  # T5 tokens kept (at most max_tokens)
+        pa.field("n_captions", pa.int32()),  # captions encoded (KEY.captions.json; null for one caption)
     ]
 )
 

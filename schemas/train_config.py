@@ -56,6 +56,15 @@ class DataConfig(_Strict):
     batch_size: int = Field(178, ge=1, description="per worker")
     num_workers: int = Field(4, ge=0, description="DataLoader processes")
     max_tokens: int = Field(120, ge=1, description="T5 tokens per caption (padded)")
+    caption_sampling: Literal["first", "uniform", "weighted"] = Field(
+        "first",
+        description="a sample with several captions (KEY.captions.json): train on the first, one drawn uniformly, "
+        "or one drawn with probability softmax(caption_weight / caption_temperature), per sample and step",
+    )
+    caption_weight: Literal["nouns", "valid_nouns", "grounded_nouns", "grounded_share", "clip_score"] = Field(
+        "grounded_nouns", description="the score weighted sampling draws by (a caption without it is not drawn)"
+    )
+    caption_temperature: float = Field(1.0, gt=0, description="weighted sampling: higher flattens the weights")
 
     @model_validator(mode="after")
     def _source_folder(self) -> DataConfig:

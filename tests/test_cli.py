@@ -39,6 +39,7 @@ SUBCOMMANDS = [
     "query",
     "models",
     "demo",
+    "merge",
 ]
 
 

@@ -225,7 +225,10 @@ def test_gpu_seconds_are_seconds_times_the_gpus_a_worker_held(sampled_root, tmp_
     root = tmp_path / "root"
     shutil.copytree(sampled_root, root)
     for path in (root / "captions" / "qwen").glob("*.parquet"):
-        rows = [{**r, "gpus": 0.5, "device": "NVIDIA H100 80GB HBM3"} for r in pq.read_table(path).to_pylist()]
+        rows = [
+            {**r, "gpus": 0.5, "gpu_seconds": 0.5 * r["seconds"], "device": "NVIDIA H100 80GB HBM3"}
+            for r in pq.read_table(path).to_pylist()
+        ]
         write_table_atomic(path, rows, CAPTIONS_SCHEMA, read_meta(path))
     got = compare_json(root, capsys, *FIELDS)
     expected = by_hand(root, FIELDS)["qwen"]

@@ -51,7 +51,7 @@ def test_resolve_paths_keeps_hub_ids_and_makes_local_paths_absolute():
         (lambda s: s["shard"].update(shard_size=0), "shard.shard_size: Input should be greater than or equal to 1"),
         (lambda s: s["caption"][0]["generation"].update(batch_size="lots"), "caption.0.generation.batch_size"),
         (lambda s: s.update(stages=["shard"]), "stages: Extra inputs are not permitted"),
-        (lambda s: s["curate"].pop("field"), "curate.field: Field required"),
+        (lambda s: s["curate"].pop("field"), "curate: Value error, give the field to curate"),
     ],
 )
 def test_bad_spec_is_refused_before_submission(tmp_path, capsys, edit, message):

@@ -1,17 +1,20 @@
 """Training data as a deterministic, resumable stream: feature shards, or curated shards encoded online.
 
 Samples are indexed once (tar member offsets); epoch ``e`` visits them in a permutation seeded by
-``(seed, e)``; global sample ``p`` of the run gets its own random generator seeded by ``(seed, p)`` for
-the fresh latent draw and the caption dropout. So the batch of step ``s`` is a pure function of the
-config and ``s``: any number of loader processes, or a resume at ``s``, sees exactly the same data.
+``(seed, e)``; global sample ``p`` of the run gets its own random generators seeded by ``(seed, p)``: one
+for the fresh latent draw and the caption dropout, one for the caption drawn among a sample's several
+captions (``KEY.captions.json``, by ``data.caption_sampling``). So the batch of step ``s`` is a pure function
+of the config and ``s``: any number of loader processes, or a resume at ``s``, sees exactly the same data.
 """
 
 from __future__ import annotations
 
+import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -63,6 +66,35 @@ def index_samples(folder: Path, required: str) -> list[SampleRef]:
     return refs
 
 
+CAPTIONS_EXT = (
+    "captions.json"  # a sample's several captions with their scores (`densecurate curate --field a --field b`)
+)
+
+
+@dataclass(frozen=True)
+class CaptionSampling:
+    """How one of a sample's several captions is drawn: ``first``, ``uniform`` or ``weighted`` by ``weight``
+    (a score of ``KEY.captions.json``) at ``temperature``."""
+
+    mode: str = "first"
+    weight: str = "grounded_nouns"
+    temperature: float = 1.0
+
+    def probabilities(self, captions: list[dict[str, Any]]) -> torch.Tensor:
+        """The chance of drawing each caption: softmax(score / temperature) when weighted, a caption without the
+        score never drawn (unless none has it: then uniform)."""
+        n = len(captions)
+        if self.mode == "first" or n == 1:
+            return torch.eye(n, dtype=torch.float64)[0]
+        scores = [c.get(self.weight) for c in captions]
+        if self.mode == "uniform" or all(s is None for s in scores):
+            return torch.full((n,), 1.0 / n, dtype=torch.float64)
+        logits = torch.tensor(
+            [float("-inf") if s is None else s / self.temperature for s in scores], dtype=torch.float64
+        )
+        return torch.softmax(logits, dim=0)
+
+
 def seeded_generator(*parts: int) -> torch.Generator:
     seed = 0
     for part in parts:
@@ -73,8 +105,11 @@ def seeded_generator(*parts: int) -> torch.Generator:
 class _StepOrdered(Dataset):
     """Maps the run's global sample counter to a sample (a fresh permutation every epoch)."""
 
-    def __init__(self, refs: list[SampleRef], seed: int, caption_dropout: float) -> None:
+    def __init__(
+        self, refs: list[SampleRef], seed: int, caption_dropout: float, sampling: CaptionSampling | None = None
+    ) -> None:
         self.refs, self.seed, self.caption_dropout = refs, seed, caption_dropout
+        self.sampling = sampling or CaptionSampling()
         self._order: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -91,6 +126,19 @@ class _StepOrdered(Dataset):
         gen = seeded_generator(self.seed, position, 2)
         noise = torch.randn(latent_shape, generator=gen)
         return noise, torch.rand((), generator=gen).item() < self.caption_dropout
+
+    def caption_index(self, position: int, captions: list[dict[str, Any]]) -> int:
+        """Which of the sample's captions this position trains on (its own seeded draw; 0 with one caption)."""
+        if len(captions) <= 1 or self.sampling.mode == "first":
+            return 0
+        probabilities = self.sampling.probabilities(captions)
+        return int(torch.multinomial(probabilities, 1, generator=seeded_generator(self.seed, position, 3)))
+
+
+def read_captions(ref: SampleRef) -> list[dict[str, Any]]:
+    """The sample's captions with their scores (``KEY.captions.json``), or none."""
+    data = ref.read(CAPTIONS_EXT)
+    return json.loads(data) if data else []
 
 
 def read_features(ref: SampleRef) -> Features:
@@ -112,9 +160,16 @@ class FeatureDataset(_StepOrdered):
     shard (so that a failed step can name its samples). Feature files are checked finite when read."""
 
     def __init__(
-        self, folder: Path, *, seed: int, max_tokens: int, scaling_factor: float, caption_dropout: float
+        self,
+        folder: Path,
+        *,
+        seed: int,
+        max_tokens: int,
+        scaling_factor: float,
+        caption_dropout: float,
+        sampling: CaptionSampling | None = None,
     ) -> None:
-        super().__init__(index_samples(folder, FEATURE_EXT), seed, caption_dropout)
+        super().__init__(index_samples(folder, FEATURE_EXT), seed, caption_dropout, sampling)
         self.null_t5 = load_file(str(folder / NULL_CAPTION_FILE))["t5"]
         if not bool(torch.isfinite(self.null_t5).all()):
             raise CorruptFeatureError(
@@ -128,28 +183,54 @@ class FeatureDataset(_StepOrdered):
         mean, std = feats.vae.float().chunk(2, dim=0)
         noise, dropped = self.draws(position, tuple(mean.shape))
         latent = (mean + std * noise) * self.scaling_factor
-        t5 = (self.null_t5 if dropped else feats.t5)[: self.max_tokens].float()
+        chosen = self.caption_index(position, read_captions(ref)) if feats.extra_t5 else 0
+        t5 = (self.null_t5 if dropped else feats.caption_states(chosen))[: self.max_tokens].float()
         padded = torch.zeros(self.max_tokens, t5.shape[1])
         padded[: t5.shape[0]] = t5
         mask = torch.zeros(self.max_tokens, dtype=torch.long)
         mask[: t5.shape[0]] = 1
-        return {"latent": latent, "t5": padded, "mask": mask, "key": ref.key, "shard": ref.shard}
+        return {
+            "latent": latent,
+            "t5": padded,
+            "mask": mask,
+            "key": ref.key,
+            "shard": ref.shard,
+            "caption_index": chosen,
+        }
 
 
 class CuratedDataset(_StepOrdered):
     """Position -> image tensor, caption ("" when dropped), latent noise (for encoders run in the loop), key, shard."""
 
-    def __init__(self, folder: Path, *, seed: int, resolution: int, caption_dropout: float) -> None:
-        super().__init__(index_samples(folder, "jpg"), seed, caption_dropout)
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        seed: int,
+        resolution: int,
+        caption_dropout: float,
+        sampling: CaptionSampling | None = None,
+    ) -> None:
+        super().__init__(index_samples(folder, "jpg"), seed, caption_dropout, sampling)
         self.resolution = resolution
 
     def __getitem__(self, position: int) -> dict[str, object]:
         ref = self.ref_at(position)
         latent_side = self.resolution // 8
         noise, dropped = self.draws(position, (4, latent_side, latent_side))
-        caption = "" if dropped else (ref.read("txt") or b"").decode()
+        captions = read_captions(ref)
+        chosen = self.caption_index(position, captions)
+        text = captions[chosen]["text"] if captions else (ref.read("txt") or b"").decode()
+        caption = "" if dropped else text
         image = image_tensor(ref.read("jpg"), self.resolution)
-        return {"image": image, "caption": caption, "noise": noise, "key": ref.key, "shard": ref.shard}
+        return {
+            "image": image,
+            "caption": caption,
+            "noise": noise,
+            "key": ref.key,
+            "shard": ref.shard,
+            "caption_index": chosen,
+        }
 
 
 class StepBatches(Sampler[list[int]]):

@@ -1,15 +1,16 @@
 """Precomputed training features, as PixArt-α's public code makes them: VAE posterior and T5 states.
 
 Per sample: the VAE posterior mean and std (2 x 4 = 8 channels at 1/8 resolution) and the T5 last hidden
-states of the caption's valid tokens (at most 120), both fp16, in one safetensors blob. Training draws a
-fresh latent ``(mean + std * noise) * scaling_factor`` at load time.
+states of the caption's valid tokens (at most 120), both fp16, in one safetensors blob; a sample with several
+captions (``KEY.captions.json``) has the states of each further caption as ``t5_1``, ``t5_2``, ... Training
+draws a fresh latent ``(mean + std * noise) * scaling_factor`` at load time.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,22 +57,31 @@ def image_tensor(jpeg: bytes, resolution: int) -> torch.Tensor:
 
 @dataclass
 class Features:
-    """One sample's features: ``vae`` (8 x h x w: mean then std) and ``t5`` (tokens x dim)."""
+    """One sample's features: ``vae`` (8 x h x w: mean then std), ``t5`` (tokens x dim) and, for a sample with
+    several captions, ``extra_t5``: the states of the second, third, ... caption."""
 
     vae: torch.Tensor
     t5: torch.Tensor
+    extra_t5: list[torch.Tensor] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
-        return save_tensors({"vae": self.vae.contiguous(), "t5": self.t5.contiguous()})
+        extra = {f"t5_{i}": t.contiguous() for i, t in enumerate(self.extra_t5, start=1)}
+        return save_tensors({"vae": self.vae.contiguous(), "t5": self.t5.contiguous(), **extra})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Features:
         tensors = load_tensors(data)
-        return cls(vae=tensors["vae"], t5=tensors["t5"])
+        extra = [tensors[f"t5_{i}"] for i in range(1, len(tensors)) if f"t5_{i}" in tensors]
+        return cls(vae=tensors["vae"], t5=tensors["t5"], extra_t5=extra)
+
+    def caption_states(self, index: int) -> torch.Tensor:
+        """The T5 states of caption ``index`` (0: ``t5``)."""
+        return self.t5 if index == 0 else self.extra_t5[index - 1]
 
     def nonfinite(self) -> list[str]:
         """The names of the tensors that hold NaN or infinite values (none for sound features)."""
-        return [name for name in ("vae", "t5") if not bool(torch.isfinite(getattr(self, name)).all())]
+        named = {"vae": self.vae, "t5": self.t5, **{f"t5_{i}": t for i, t in enumerate(self.extra_t5, start=1)}}
+        return [name for name, tensor in named.items() if not bool(torch.isfinite(tensor).all())]
 
 
 def encoder_dtype(device: torch.device) -> torch.dtype:

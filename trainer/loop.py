@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from schemas.errors import ConfigError, MissingInputError
 from schemas.train_config import TrainConfig
 from trainer.checkpoint import listed_names, load_newest_checkpoint, nonfinite_weights, save_checkpoint, warn_line
-from trainer.data import CuratedDataset, FeatureDataset, StepBatches, seeded_generator
+from trainer.data import CaptionSampling, CuratedDataset, FeatureDataset, StepBatches, seeded_generator
 from trainer.diffusion import HybridLoss, linear_scheduler
 from trainer.errors import TrainingDivergedError
 from trainer.feature_settings import require_matching_features
@@ -269,6 +269,8 @@ class _Batches:
 def _open_batches(config: TrainConfig, device: torch.device, start: int, rank: int, world: int) -> _Batches:
     """The loader of feature shards, or of curated shards with the pipeline's encoders run online."""
     scaling = vae_scaling_factor(config.pipeline)
+    data = config.data
+    sampling = CaptionSampling(data.caption_sampling, data.caption_weight, data.caption_temperature)
     online = None
     if config.data.source == "curated":
         online = FeatureEncoder(
@@ -283,6 +285,7 @@ def _open_batches(config: TrainConfig, device: torch.device, start: int, rank: i
             seed=config.seed,
             resolution=config.resolution,
             caption_dropout=config.caption_dropout,
+            sampling=sampling,
         )
     else:
         dataset = FeatureDataset(
@@ -291,6 +294,7 @@ def _open_batches(config: TrainConfig, device: torch.device, start: int, rank: i
             max_tokens=config.data.max_tokens,
             scaling_factor=scaling,
             caption_dropout=config.caption_dropout,
+            sampling=sampling,
         )
     steps = StepBatches(start=start, stop=config.steps, batch_size=config.data.batch_size, rank=rank, world=world)
     return _Batches(

@@ -3,6 +3,11 @@
 ``OUT/NNNNN.tar`` (``KEY.jpg``, ``KEY.txt`` = the chosen caption, ``KEY.json`` = the sample's metadata
 plus its density) and ``OUT/NNNNN.parquet`` (every written sample of shard N: kept, or removed with
 the first rule it failed) and ``OUT/NNNNN_stats.json``. Resumable per shard like every stage.
+
+With several fields the first decides (``KEY.txt``, the rules' verdict, the Parquet row) and each sample kept
+also gets ``KEY.captions.json``: the first field's caption, then every other field's caption that passes the
+caption rules, each with its scores (nouns, valid nouns, and from a current grounding its grounded nouns, grounded
+share and CLIP score), for training that samples among an image's captions.
 """
 
 from __future__ import annotations
@@ -64,8 +69,9 @@ class CurateJob(ShardFilesJob):
     root: Path
     field: str
     rules: CurateRules
-    grounding: Path | None = None  # the shard's grounding table, with grounding rules
+    grounding: Path | None = None  # the shard's grounding table, with grounding rules (or several fields)
     duplicates: Path | None = None  # the grounding model's duplicate clusters, with drop_near_duplicates
+    others: tuple[tuple[str, Path | None], ...] = ()  # further fields, each with its grounding table (or None)
 
     def damage(self) -> str | None:
         """Also damaged: a curated shard that holds fewer rows than its source shard has written samples."""
@@ -78,28 +84,30 @@ class CurateJob(ShardFilesJob):
         return f"it holds {rows} of its source shard's {written} written samples" if rows != written else None
 
 
-def _candidates(job: CurateJob) -> list[dict[str, Any]]:
-    """The shard's written samples with the chosen caption, its density and flags (DuckDB join)."""
+def _candidates(
+    job: CurateJob, field_name: str, grounding: Path | None, duplicates: Path | None = None
+) -> list[dict[str, Any]]:
+    """The shard's written samples with the field's caption, its density and flags (DuckDB join)."""
     layout = DatasetLayout(job.root)
-    density = sql_string(str(layout.density_file(job.field, job.index)))
-    vocab = sql_string(str(layout.vocab_file(job.field)))
+    density = sql_string(str(layout.density_file(field_name, job.index)))
+    vocab = sql_string(str(layout.vocab_file(field_name)))
     shard = sql_string(str(layout.shard_files(job.index).parquet))
-    if job.field == ALT_TEXT_FIELD:
+    if field_name == ALT_TEXT_FIELD:
         caption, flagged, captions_join = "s.alt_text", "false", ""
     else:
         caption = "CASE WHEN c.status = 'ok' THEN c.caption END"
         flagged = "coalesce(c.truncated OR c.repetitive OR c.empty, false)"
         captions_join = (
-            f"LEFT JOIN read_parquet({sql_string(str(layout.caption_file(job.field, job.index)))}) c USING (key)"
+            f"LEFT JOIN read_parquet({sql_string(str(layout.caption_file(field_name, job.index)))}) c USING (key)"
         )
     grounded, grounding_join = ", ".join(f"NULL AS {c}" for c in GROUNDING_COLUMNS[:3]), ""
-    if job.grounding is not None:
+    if grounding is not None:
         grounded = ", ".join(f"g.{c}" for c in GROUNDING_COLUMNS[:3])
-        grounding_join = f"LEFT JOIN read_parquet({sql_string(str(job.grounding))}) g USING (key)"
+        grounding_join = f"LEFT JOIN read_parquet({sql_string(str(grounding))}) g USING (key)"
     duplicate, duplicates_join = "NULL", ""
-    if job.duplicates is not None:
+    if duplicates is not None:
         duplicate = "CASE WHEN NOT dup.kept THEN dup.cluster END"
-        duplicates_join = f"LEFT JOIN read_parquet({sql_string(str(job.duplicates))}) dup USING (key)"
+        duplicates_join = f"LEFT JOIN read_parquet({sql_string(str(duplicates))}) dup USING (key)"
     sql = f"""
         WITH d AS (SELECT * FROM read_parquet({density})),
         valid AS (
@@ -168,10 +176,36 @@ def _failed_grounding_rule(sample: dict[str, Any], rules: CurateRules) -> tuple[
     return None
 
 
+def caption_entry(field_name: str, sample: dict[str, Any]) -> dict[str, Any]:
+    """One caption of ``KEY.captions.json``: its text and field, and the scores training may weight it by."""
+    return {
+        "text": sample["caption"] or "",
+        "field": field_name,
+        "nouns": sample["n_nouns"] or 0,
+        "valid_nouns": sample["n_valid_nouns"],
+        "grounded_nouns": sample.get("n_grounded_nouns"),
+        "grounded_share": sample.get("grounded_share"),
+        "clip_score": sample.get("clip_score"),
+    }
+
+
+def _captions(job: CurateJob, key: str, sample: dict[str, Any], others: dict[str, dict[str, dict]]) -> list[dict]:
+    """The kept sample's captions: the first field's, then each other field's that has text and passes the caption
+    rules (near-duplicates are judged once, on the sample)."""
+    captions = [caption_entry(job.field, sample)]
+    for name, rows in others.items():
+        other = rows.get(key)
+        if other is not None and (other["caption"] or "").strip() and first_failed_rule(other, job.rules) is None:
+            captions.append(caption_entry(name, other))
+    return captions
+
+
 def curate_shard(job: CurateJob) -> dict[str, Any]:
     """Write one curated shard; returns its stats."""
-    candidates = {s["key"]: s for s in _candidates(job)}
-    extra = {"source_shard": job.index, "inputs_fingerprint": job.fingerprint}
+    candidates = {s["key"]: s for s in _candidates(job, job.field, job.grounding, job.duplicates)}
+    others = {name: {s["key"]: s for s in _candidates(job, name, grounding)} for name, grounding in job.others}
+    extra: dict[str, Any] = {"source_shard": job.index, "inputs_fingerprint": job.fingerprint}
+    kept_by_field: Counter[str] = Counter()
     tar = DatasetLayout(job.root).shard_files(job.index).tar
     read = set()
     with ShardWriter(job.files, extra, schema=CURATED_SCHEMA) as writer:
@@ -192,9 +226,16 @@ def curate_shard(job: CurateJob) -> dict[str, Any]:
             files = {"jpg": members["jpg"], "json": json.dumps(meta)}
             if sample["caption"]:
                 files["txt"] = sample["caption"]
+            if job.others:
+                captions = _captions(job, key, sample, others)
+                files["captions.json"] = json.dumps(captions)
+                row["n_captions"] = len(captions)
+                kept_by_field.update(c["field"] for c in captions if c["text"])
             writer.add_sample(key, files, row)
         if missing := candidates.keys() - read:
             raise damaged_shard(tar, f"{len(missing)} written samples have no members in the tar")
+        if job.others:
+            extra["captions_by_field"] = {name: kept_by_field[name] for name in (job.field, *others)}
     return writer.stats
 
 
@@ -207,6 +248,7 @@ class CurateSummary(StageSummary):
     inputs: int = 0
     kept: int = 0
     removed_by_rule: Counter[str] = field(default_factory=Counter)
+    captions_by_field: Counter[str] = field(default_factory=Counter)  # with several fields: captions kept
 
     def heavy_rules(self) -> list[tuple[str, int, int]]:
         """``(rule, removed, seen)`` of each rule that removed more than ``HEAVY_RULE_SHARE`` of the samples it
@@ -227,6 +269,7 @@ class CurateSummary(StageSummary):
             ("samples", str(self.inputs)),
             *removed,
             ("kept", str(self.kept)),
+            *((f"  captions kept from {name}", str(n)) for name, n in self.captions_by_field.items()),
             self.shards_row(),
         ]
         table = shards_table(f"curate {self.field} -> {self.out_dir}", rows)
@@ -265,33 +308,38 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
         self.config = config
         self.ray_address = config.ray_address
         self.local_cpus = config.workers
-        captions = () if config.field == ALT_TEXT_FIELD else (layout.captions_dir(config.field),)
-        grounding = (layout.grounding_dir(config.field),) if config.rules.needs_grounding else ()
-        self.inputs = (layout.shards_dir, *captions, layout.density_dir(config.field), layout.vocab_dir, *grounding)
+        captions = tuple(layout.captions_dir(f) for f in config.fields if f != ALT_TEXT_FIELD)
+        density = tuple(layout.density_dir(f) for f in config.fields)
+        grounded = config.rules.needs_grounding or len(config.fields) > 1
+        grounding = tuple(layout.grounding_dir(f) for f in config.fields) if grounded else ()
+        self.inputs = (layout.shards_dir, *captions, *density, layout.vocab_dir, *grounding)
         self.outputs = (self.out_dir,)
         self.replace, self.repair = config.replace, config.repair
 
     def plan(self) -> list[CurateJob]:
-        """A job per shard; needs the field scored (density and vocabulary) from its current texts."""
+        """A job per shard; needs every field scored (density and vocabulary) from its current texts."""
         layout, name = self.layout, self.config.field
-        vocab = layout.vocab_file(name)
-        if not vocab.is_file():
-            command = f"densecurate score {layout.root} --field {name}"
-            raise MissingInputError(f"{name!r} is not scored under {layout.root}: run `{command}` first")
-        settings = name + self.config.rules.model_dump_json() + file_digest(vocab)
+        settings = name + self.config.rules.model_dump_json()
+        for field_name in self.config.fields:
+            vocab = layout.vocab_file(field_name)
+            if not vocab.is_file():
+                command = f"densecurate score {layout.root} --field {field_name}"
+                raise MissingInputError(f"{field_name!r} is not scored under {layout.root}: run `{command}` first")
+            settings += file_digest(vocab)
+        if len(self.config.fields) > 1:
+            settings += ",".join(self.config.fields)
         jobs = []
         for index in require_complete(layout.shards_dir).finished:
-            density = read_meta(layout.density_file(name, index))
-            if density is None:
-                raise MissingInputError(f"shard {index} has no density for {name!r}: rerun `densecurate score`")
-            if not density_is_current(layout, name, index, density):
-                raise StaleInputError(
-                    f"the density of shard {index} was computed from other {name!r} texts than the current "
-                    f"ones: rerun `densecurate score {layout.root} --field {name}` first"
-                )
+            density = self._current_density(name, index)
             if name != ALT_TEXT_FIELD:
                 _require_every_key_captioned(layout, name, index)
             grounding, duplicates, upstream = self._grounding_inputs(index, density["fingerprint"])
+            others = []
+            for other in self.config.fields[1:]:
+                other_density = self._current_density(other, index)
+                other_grounding = self._current_grounding(other, index, other_density["fingerprint"])
+                others.append((other, other_grounding and other_grounding[0]))
+                upstream += other_density["fingerprint"] + (other_grounding[1] if other_grounding else "")
             jobs.append(
                 CurateJob(
                     index=index,
@@ -302,32 +350,59 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
                     rules=self.config.rules,
                     grounding=grounding,
                     duplicates=duplicates,
+                    others=tuple(others),
                 )
             )
         return jobs
 
+    def _current_density(self, name: str, index: int) -> dict[str, Any]:
+        """The metadata of the field's density of shard ``index``, refused when missing or made from other texts."""
+        layout = self.layout
+        density = read_meta(layout.density_file(name, index))
+        if density is None:
+            raise MissingInputError(f"shard {index} has no density for {name!r}: rerun `densecurate score`")
+        if not density_is_current(layout, name, index, density):
+            raise StaleInputError(
+                f"the density of shard {index} was computed from other {name!r} texts than the current "
+                f"ones: rerun `densecurate score {layout.root} --field {name}` first"
+            )
+        return density
+
+    def _current_grounding(self, name: str, index: int, density_fingerprint: str) -> tuple[Path, str] | None:
+        """The field's grounding table of shard ``index`` and its fingerprint when it was made from the current
+        density; required (else refused) when the rules read grounding."""
+        path = self.layout.grounding_file(name, index)
+        grounding = read_meta(path)
+        if grounding is not None and grounding.get("density_fingerprint") == density_fingerprint:
+            return path, grounding["fingerprint"]
+        if not self.config.rules.needs_grounding:
+            return None
+        command = f"densecurate ground {self.layout.root} --field {name} --clip-model MODEL"
+        if grounding is None:
+            raise MissingInputError(f"shard {index} is not grounded for {name!r}: run `{command}` first")
+        raise StaleInputError(
+            f"the grounding of shard {index} was made from other {name!r} density than the current one: "
+            f"rerun `{command}` first"
+        )
+
     def _grounding_inputs(self, index: int, density_fingerprint: str) -> tuple[Path | None, Path | None, str]:
         """The shard's grounding table and the duplicates file the rules read, and their fingerprints."""
         rules, layout, name = self.config.rules, self.layout, self.config.field
-        if not rules.needs_grounding:
+        if not rules.needs_grounding and len(self.config.fields) == 1:
             return None, None, ""
-        path = layout.grounding_file(name, index)
+        current = self._current_grounding(name, index, density_fingerprint)
+        if current is None:
+            return None, None, ""
+        path, grounding_fingerprint = current
+        if not rules.drop_near_duplicates:
+            return path, None, grounding_fingerprint
         grounding = read_meta(path)
         command = f"densecurate ground {layout.root} --field {name} --clip-model MODEL"
-        if grounding is None:
-            raise MissingInputError(f"shard {index} is not grounded for {name!r}: run `{command}` first")
-        if grounding.get("density_fingerprint") != density_fingerprint:
-            raise StaleInputError(
-                f"the grounding of shard {index} was made from other {name!r} density than the current one: "
-                f"rerun `{command}` first"
-            )
-        if not rules.drop_near_duplicates:
-            return path, None, grounding["fingerprint"]
         duplicates = layout.duplicates_file(grounding["model"])
         clusters = read_meta(duplicates)
         if clusters is None:
             raise MissingInputError(f"no duplicates of {grounding['model']} under {layout.root}: run `{command}`")
-        return path, duplicates, grounding["fingerprint"] + clusters["fingerprint"]
+        return path, duplicates, grounding_fingerprint + clusters["fingerprint"]
 
     def work(self) -> Tasks:
         return Tasks(curate_shard, workers=self.config.workers)
@@ -338,6 +413,7 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
             summary.inputs += stats["count"]
             summary.kept += stats["successes"]
             summary.removed_by_rule.update(stats["skipped_by_reason"])
+            summary.captions_by_field.update(stats.get("captions_by_field", {}))
         return summary
 
 

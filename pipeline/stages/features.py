@@ -79,13 +79,26 @@ class FeaturesWorker(ModelWorker):
                 batch = samples[start : start + size]
                 captions = [caption_of(m) for _, m in batch]
                 features = self.encoder.encode([m["jpg"] for _, m in batch], captions)
+                self._encode_further_captions(batch, features)
                 report_items(len(batch))
                 for (key, members), caption, feats in zip(batch, captions, features, strict=True):
                     meta = {**json.loads(members.get("json", b"{}")), SETTINGS_KEY: self._describe(feats)}
                     files = {"feat.safetensors": feats.to_bytes(), "txt": caption, "json": json.dumps(meta)}
-                    row = {"caption": caption, "n_tokens": feats.t5.shape[0]}
+                    row = {"caption": caption, "n_tokens": feats.t5.shape[0], "n_captions": None}
+                    if "captions.json" in members:
+                        files["captions.json"] = members["captions.json"]
+                        row["n_captions"] = 1 + len(feats.extra_t5)
                     writer.add_sample(key, files, row)
         return writer.stats
+
+    def _encode_further_captions(self, batch: list[tuple[str, dict[str, bytes]]], features: list[Features]) -> None:
+        """Each sample's captions after the first (``KEY.captions.json``), encoded in one pass into ``extra_t5``."""
+        further = [
+            [c["text"] for c in json.loads(m["captions.json"])[1:]] if "captions.json" in m else [] for _, m in batch
+        ]
+        states = iter(self.encoder.encode_texts([t for texts in further for t in texts]) if any(further) else [])
+        for texts, feats in zip(further, features, strict=True):
+            feats.extra_t5 = [next(states) for _ in texts]
 
     def _describe(self, feats: Features) -> dict[str, Any]:
         return {**self.settings.record(), "vae_shape": list(feats.vae.shape), "t5_shape": list(feats.t5.shape)}
