@@ -456,6 +456,18 @@ BAD_ARGUMENTS: dict[str, list[list[str]]] = {
         ["{root}", "--field", "alt_text", "--out", "{tmp}/o", "--min-nouns", "-1"],
         ["{root}", "--field", "", "--out", "{tmp}/o"],
         ["{root}", "--field", "alt_text", "--out", "{file}"],
+        ["{root}", "--out", "{tmp}/o"],
+        ["{root}", "--fields", "alt_text,alt_text", "--out", "{tmp}/o"],
+        ["{root}", "--fields", "alt_text,nope", "--out", "{tmp}/o"],
+    ],
+    "merge": [
+        ["{tmp}/nope", "--fields", "alt_text,cheap", "--name", "best"],
+        ["{root}", "--fields", "alt_text,nope", "--name", "best"],
+        ["{root}", "--fields", "alt_text", "--name", "best"],
+        ["{root}", "--fields", "alt_text,alt_text", "--name", "best"],
+        ["{root}", "--fields", "alt_text,cheap", "--name", "alt_text"],
+        ["{root}", "--fields", "alt_text,cheap", "--name", "best", "--by", "length"],
+        ["{file}", "--fields", "alt_text,cheap", "--name", "best"],
     ],
     "features": [
         ["{tmp}/nope", "--out", "{tmp}/f", "--vae", "v", "--text-encoder", "t"],
