@@ -28,19 +28,17 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_data import bench_data
+from bench_data import photos
 from rich.console import Console
 from rich.table import Table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-PHOTO_DIRS = (bench_data("images", "openimages_ccby_cc3m_test"), bench_data("images", "sa1b_fastsam"))
 WEAKEST = (
     "SELECT key FROM (SELECT key, row_number() OVER (ORDER BY n_grounded_nouns, clip_score, key) AS rank, "
     "count(*) OVER () AS n FROM grounding WHERE field = 'cheap' AND NOT missing) WHERE rank <= n * {share}"
@@ -56,17 +54,6 @@ SELECT g.field, avg(g.n_grounded_nouns), avg(d.n_valid_nouns)
 FROM grounding g JOIN density d USING (field, key) GROUP BY g.field
 """
 SECONDS_PER_HOUR = 3600.0
-
-
-def photos() -> list[Path]:
-    found = sorted(p for folder in PHOTO_DIRS if folder.is_dir() for p in folder.glob("*.jpg"))
-    if found:
-        return found
-    from pipeline.sample_data import write_sample_folder
-
-    print("benchmark images not found: using the bundled sample photos", file=sys.stderr)
-    folder = write_sample_folder(Path(tempfile.mkdtemp()) / "photos", with_bad_files=False)
-    return sorted(folder.glob("*.*g"))
 
 
 def tiny_models(work: Path) -> dict[str, str]:

@@ -28,34 +28,21 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from bench_data import bench_data
+from bench_data import bench_data, photos
 from rich.console import Console
 from rich.table import Table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-PHOTO_DIRS = (bench_data("images", "openimages_ccby_cc3m_test"), bench_data("images", "sa1b_fastsam"))
 CAPTION_FILES = sorted(bench_data("dense_captions", "iiw").glob("*.jsonl"))
 DUP_DIM = 512
 DUP_THRESHOLD = 0.95
-
-
-def photos() -> list[Path]:
-    found = sorted(p for folder in PHOTO_DIRS if folder.is_dir() for p in folder.glob("*.jpg"))
-    if found:
-        return found
-    from pipeline.sample_data import write_sample_folder
-
-    print("benchmark images not found: using the bundled sample photos", file=sys.stderr)
-    folder = write_sample_folder(Path(tempfile.mkdtemp()) / "photos", with_bad_files=False)
-    return sorted(folder.glob("*.*g"))
 
 
 def dense_captions() -> list[str]:

@@ -34,13 +34,13 @@ from pipeline.core.stage import (
     shards_table,
 )
 from pipeline.store.catalog import sql_string
-from pipeline.store.freshness import density_is_current
+from pipeline.store.freshness import current_density, current_grounding
 from pipeline.store.guards import require_complete
 from pipeline.store.parquet_meta import read_meta
 from pipeline.store.shard_reading import read_shard_stats, stats_of
 from pipeline.store.shard_writer import ShardWriter
 from pipeline.store.verify import checked_samples, damaged_shard
-from schemas.errors import DamagedOutputError, MissingInputError, StaleInputError
+from schemas.errors import DamagedOutputError, MissingInputError
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD, CurateConfig, CurateRules
 from schemas.tables import CURATED_SCHEMA
@@ -330,13 +330,13 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
             settings += ",".join(self.config.fields)
         jobs = []
         for index in require_complete(layout.shards_dir).finished:
-            density = self._current_density(name, index)
+            density = current_density(self.layout, name, index)
             if name != ALT_TEXT_FIELD:
                 _require_every_key_captioned(layout, name, index)
             grounding, duplicates, upstream = self._grounding_inputs(index, density["fingerprint"])
             others = []
             for other in self.config.fields[1:]:
-                other_density = self._current_density(other, index)
+                other_density = current_density(self.layout, other, index)
                 other_grounding = self._current_grounding(other, index, other_density["fingerprint"])
                 others.append((other, other_grounding and other_grounding[0]))
                 upstream += other_density["fingerprint"] + (other_grounding[1] if other_grounding else "")
@@ -355,35 +355,12 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
             )
         return jobs
 
-    def _current_density(self, name: str, index: int) -> dict[str, Any]:
-        """The metadata of the field's density of shard ``index``, refused when missing or made from other texts."""
-        layout = self.layout
-        density = read_meta(layout.density_file(name, index))
-        if density is None:
-            raise MissingInputError(f"shard {index} has no density for {name!r}: rerun `densecurate score`")
-        if not density_is_current(layout, name, index, density):
-            raise StaleInputError(
-                f"the density of shard {index} was computed from other {name!r} texts than the current "
-                f"ones: rerun `densecurate score {layout.root} --field {name}` first"
-            )
-        return density
-
     def _current_grounding(self, name: str, index: int, density_fingerprint: str) -> tuple[Path, str] | None:
         """The field's grounding table of shard ``index`` and its fingerprint when it was made from the current
         density; required (else refused) when the rules read grounding."""
-        path = self.layout.grounding_file(name, index)
-        grounding = read_meta(path)
-        if grounding is not None and grounding.get("density_fingerprint") == density_fingerprint:
-            return path, grounding["fingerprint"]
-        if not self.config.rules.needs_grounding:
-            return None
-        command = f"densecurate ground {self.layout.root} --field {name} --clip-model MODEL"
-        if grounding is None:
-            raise MissingInputError(f"shard {index} is not grounded for {name!r}: run `{command}` first")
-        raise StaleInputError(
-            f"the grounding of shard {index} was made from other {name!r} density than the current one: "
-            f"rerun `{command}` first"
-        )
+        density = {"fingerprint": density_fingerprint}
+        grounding = current_grounding(self.layout, name, index, density, required=self.config.rules.needs_grounding)
+        return None if grounding is None else (self.layout.grounding_file(name, index), grounding["fingerprint"])
 
     def _grounding_inputs(self, index: int, density_fingerprint: str) -> tuple[Path | None, Path | None, str]:
         """The shard's grounding table and the duplicates file the rules read, and their fingerprints."""

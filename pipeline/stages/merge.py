@@ -24,10 +24,10 @@ from pipeline.core.runner import run_stage
 from pipeline.core.stage import Stage, StageRun, StageSummary, TableJob, Tasks, file_digest, fingerprint, shards_table
 from pipeline.store.catalog import sql_string
 from pipeline.store.field_texts import require_field
-from pipeline.store.freshness import density_is_current
+from pipeline.store.freshness import current_density, current_grounding
 from pipeline.store.guards import require_complete
-from pipeline.store.parquet_meta import read_meta, write_table_atomic
-from schemas.errors import ConfigError, MissingInputError, StaleInputError
+from pipeline.store.parquet_meta import write_table_atomic
+from schemas.errors import ConfigError, MissingInputError
 from schemas.layout import DatasetLayout
 from schemas.merge_config import MergeConfig
 from schemas.score_config import ALT_TEXT_FIELD
@@ -218,27 +218,10 @@ class MergeStage(Stage[MergeJob, MergeSummary]):
     def _source_fingerprint(self, name: str, index: int, models: dict[str, str]) -> str:
         """The fingerprint of a source's scores of shard ``index`` (its density and, for a grounding rule, its
         grounding), refusing missing or stale ones and a second CLIP model (``models``: field -> model so far)."""
-        layout = self.catalog
-        density = read_meta(layout.density_file(name, index))
-        score = f"densecurate score {layout.root} --field {name}"
-        if density is None:
-            raise MissingInputError(f"shard {index} has no density for {name!r}: run `{score}`")
-        if not density_is_current(layout, name, index, density):
-            raise StaleInputError(
-                f"the density of shard {index} was computed from other {name!r} texts than the current ones: "
-                f"run `{score}` first"
-            )
+        density = current_density(self.catalog, name, index)
         if not self.config.needs_grounding:
             return density["fingerprint"]
-        grounding = read_meta(layout.grounding_file(name, index))
-        ground = f"densecurate ground {layout.root} --field {name} --clip-model MODEL"
-        if grounding is None:
-            raise MissingInputError(f"shard {index} is not grounded for {name!r}: run `{ground}` first")
-        if grounding.get("density_fingerprint") != density["fingerprint"]:
-            raise StaleInputError(
-                f"the grounding of shard {index} was made from other {name!r} density than the current one: "
-                f"run `{ground}` first"
-            )
+        grounding = current_grounding(self.catalog, name, index, density, required=True)
         models.setdefault(name, grounding["model"])
         if len(set(models.values())) > 1:
             named = ", ".join(f"{field} by {model}" for field, model in sorted(models.items()))

@@ -17,6 +17,7 @@ import duckdb
 
 from pipeline.store.parquet_meta import read_meta
 from pipeline.store.shard_reading import read_shard_stats
+from schemas.errors import MissingInputError, StaleInputError
 from schemas.layout import DatasetLayout
 from schemas.score_config import ALT_TEXT_FIELD
 from schemas.tables import PARQUET_META_KEY
@@ -39,6 +40,39 @@ def density_is_current(layout: DatasetLayout, field_name: str, index: int, densi
     computed from its current texts."""
     density = density if density is not None else read_meta(layout.density_file(field_name, index))
     return density is not None and density.get("source_fingerprint") == texts_fingerprint(layout, field_name, index)
+
+
+def current_density(layout: DatasetLayout, field_name: str, index: int) -> dict[str, Any]:
+    """The metadata of the field's density of shard ``index``; refused when missing or made from other texts."""
+    density = read_meta(layout.density_file(field_name, index))
+    command = f"densecurate score {layout.root} --field {field_name}"
+    if density is None:
+        raise MissingInputError(f"shard {index} has no density for {field_name!r}: rerun `{command}`")
+    if not density_is_current(layout, field_name, index, density):
+        raise StaleInputError(
+            f"the density of shard {index} was computed from other {field_name!r} texts than the current ones: "
+            f"rerun `{command}` first"
+        )
+    return density
+
+
+def current_grounding(
+    layout: DatasetLayout, field_name: str, index: int, density: dict[str, Any], *, required: bool
+) -> dict[str, Any] | None:
+    """The metadata of the field's grounding of shard ``index`` when it was made from ``density`` (that shard's
+    density metadata); None when it was not, unless ``required``: then refused."""
+    grounding = read_meta(layout.grounding_file(field_name, index))
+    if grounding is not None and grounding.get("density_fingerprint") == density["fingerprint"]:
+        return grounding
+    if not required:
+        return None
+    command = f"densecurate ground {layout.root} --field {field_name} --clip-model MODEL"
+    if grounding is None:
+        raise MissingInputError(f"shard {index} is not grounded for {field_name!r}: run `{command}` first")
+    raise StaleInputError(
+        f"the grounding of shard {index} was made from other {field_name!r} density than the current one: "
+        f"rerun `{command}` first"
+    )
 
 
 def scored_fields(layout: DatasetLayout) -> list[str]:
