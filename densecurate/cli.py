@@ -700,12 +700,11 @@ def explain_error(exc: BaseException) -> tuple[int, list[str]] | None:
     if isinstance(exc, ValidationError):
         lines = []
         for err in exc.errors():
+            if not err["loc"]:  # a check of several options together: its message says which
+                lines.append(err["msg"].removeprefix("Value error, "))
+                continue
             field = ".".join(str(p) for p in err["loc"])
-            option = (
-                OPTION_OF_FIELD.get(field, "--" + str(err["loc"][-1]).replace("_", "-"))
-                if err["loc"]
-                else "(top level)"
-            )
+            option = OPTION_OF_FIELD.get(field, "--" + str(err["loc"][-1]).replace("_", "-"))
             lines.append(f"{field} ({option}): {err['msg']}")
         return 2, lines
     if isinstance(exc, UserError):

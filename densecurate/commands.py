@@ -401,6 +401,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.report.cascade import cascade_figures, cascade_table
     from pipeline.report.compare import compare_fields, comparison_table
     from pipeline.report.console import warn_if_stale
+    from pipeline.report.table_output import table_console
 
     compared = compare_fields(args.root, args.field)
     cascades = {c.field: c for c in cascade_figures(args.root, [c.field for c in compared])}
@@ -411,9 +412,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
     else:
         warn_if_stale(args.root)
-        Console().print(comparison_table(compared))
+        console = table_console()  # whole rows when piped: a comparison of several fields is wide
+        console.print(comparison_table(compared))
         for cascade in cascades.values():
-            Console().print(cascade_table(cascade))
+            console.print(cascade_table(cascade))
     return 0
 
 

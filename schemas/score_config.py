@@ -116,6 +116,6 @@ class CurateConfig(BaseModel):
             raise ValueError("give the field to curate: field (or fields, the first deciding)")
         if self.field != self.fields[0]:
             raise ValueError(f"field {self.field!r} is not the first of fields {list(self.fields)}: give one of them")
-        if len(set(self.fields)) != len(self.fields):
-            raise ValueError(f"fields {', '.join(self.fields)} name a field twice")
+        if twice := next((f for i, f in enumerate(self.fields) if f in self.fields[:i]), None):
+            raise ValueError(f"fields {', '.join(self.fields)} name {twice!r} twice: give each field once")
         return self

@@ -66,9 +66,9 @@ def index_samples(folder: Path, required: str) -> list[SampleRef]:
     return refs
 
 
-CAPTIONS_EXT = (
-    "captions.json"  # a sample's several captions with their scores (`densecurate curate --field a --field b`)
-)
+# A sample's several captions with their scores (`densecurate curate --field a --field b`).
+CAPTIONS_EXT = "captions.json"
+CAPTION_STREAM = 3  # the stream id of a position's caption draw (1: the epoch order, 2: noise and dropout)
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class CaptionSampling:
 
 
 def seeded_generator(*parts: int) -> torch.Generator:
+    """A generator seeded by a hash of ``parts`` (e.g. seed, position, stream id): one stream per purpose."""
     seed = 0
     for part in parts:
         seed = (seed * 1_000_003 + part) % (2**63)
@@ -132,7 +133,7 @@ class _StepOrdered(Dataset):
         if len(captions) <= 1 or self.sampling.mode == "first":
             return 0
         probabilities = self.sampling.probabilities(captions)
-        return int(torch.multinomial(probabilities, 1, generator=seeded_generator(self.seed, position, 3)))
+        return int(torch.multinomial(probabilities, 1, generator=seeded_generator(self.seed, position, CAPTION_STREAM)))
 
 
 def read_captions(ref: SampleRef) -> list[dict[str, Any]]:
@@ -153,6 +154,17 @@ def read_features(ref: SampleRef) -> Features:
     if bad:
         raise CorruptFeatureError(f"{where} holds NaN or infinite values in {' and '.join(bad)}: {REENCODE_HINT}")
     return feats
+
+
+def _captions_of(ref: SampleRef, feats: Features) -> list[dict[str, Any]]:
+    """The captions of a sample with several, checked to match its stored states (``t5``, ``t5_1``, ...)."""
+    captions = read_captions(ref)
+    if len(captions) != 1 + len(feats.extra_t5):
+        raise CorruptFeatureError(
+            f"sample {ref.key} in shard {ref.tar} lists {len(captions)} captions in its {CAPTIONS_EXT} but its "
+            f"{FEATURE_EXT} holds the states of {1 + len(feats.extra_t5)}: {REENCODE_HINT}"
+        )
+    return captions
 
 
 class FeatureDataset(_StepOrdered):
@@ -183,7 +195,7 @@ class FeatureDataset(_StepOrdered):
         mean, std = feats.vae.float().chunk(2, dim=0)
         noise, dropped = self.draws(position, tuple(mean.shape))
         latent = (mean + std * noise) * self.scaling_factor
-        chosen = self.caption_index(position, read_captions(ref)) if feats.extra_t5 else 0
+        chosen = self.caption_index(position, _captions_of(ref, feats)) if feats.extra_t5 else 0
         t5 = (self.null_t5 if dropped else feats.caption_states(chosen))[: self.max_tokens].float()
         padded = torch.zeros(self.max_tokens, t5.shape[1])
         padded[: t5.shape[0]] = t5

@@ -196,9 +196,18 @@ def cascade_lines(c: CascadeFigures) -> list[tuple[str, str, str]]:
 
 
 CASCADE_NOTE = (
-    "the costliest source's figures on every key are its cost and density on the keys it captioned; a query chose "
-    "those keys as weak, so its density on every key is an estimate"
+    "the costliest source's figures on every key are its cost and density on the keys it captioned; when a query "
+    "chose those keys (as weak ones), its density on every key is an estimate"
 )
+CPU_CASCADE_NOTE = (
+    "CPU-worker: some sources captioned on the CPU; their seconds are CPU-worker seconds (one worker counted as one "
+    "device), not GPU-seconds: caption on the GPU you will use for the full run to compare costs"
+)
+
+
+def cascade_notes(c: CascadeFigures) -> list[str]:
+    """The notes under a cascade's table: how the costliest source's figures are taken, and CPU costs."""
+    return [CASCADE_NOTE, CPU_CASCADE_NOTE] if c.on_cpu else [CASCADE_NOTE]
 
 
 def cascade_title(c: CascadeFigures) -> str:
@@ -208,7 +217,7 @@ def cascade_title(c: CascadeFigures) -> str:
 def cascade_table(c: CascadeFigures) -> Table:
     """The cascade against its costliest source on every key."""
     strong = f"{c.costliest} on every key" if c.costliest else "no source with a cost"
-    table = Table("", f"{c.field} (cascade)", strong, title=cascade_title(c), caption=CASCADE_NOTE)
+    table = Table("", f"{c.field} (cascade)", strong, title=cascade_title(c), caption="\n".join(cascade_notes(c)))
     for row in cascade_lines(c):
         table.add_row(*row)
     return table

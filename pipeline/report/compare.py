@@ -1,9 +1,10 @@
 """`densecurate compare`: caption fields side by side on the keys they all have, density against GPU cost.
 
 Density is compared on identical keys only (those every compared field scored), so a captioner that
-captioned easier images cannot win by it. Cost comes from the caption rows: each row's ``seconds``
-(its share of its batch's generation time) times the GPUs its worker held. A run on the CPU has no
-GPU-seconds: each CPU worker counts as one device, and the comparison says so (``on_cpu``). Alt text
+captioned easier images cannot win by it. Cost comes from the caption rows: each row's ``gpu_seconds``
+(its share of its batch's generation time times the GPUs its worker held; ``seconds`` x ``gpus`` in tables
+written before that column; a merged field's row: what every source spent on the key). A run on the CPU has
+no GPU-seconds: each CPU worker counts as one device, and the comparison says so (``on_cpu``). Alt text
 costs nothing.
 """
 
@@ -106,7 +107,7 @@ class FieldComparison:
     device: str | None  # the workers' GPUs, "cpu", or None (alt text: no model)
     on_cpu: bool  # some captions were made on the CPU: their seconds are CPU-worker seconds
     seconds_per_caption: float  # worker seconds (0 for alt text)
-    gpu_seconds_per_caption: float  # seconds x GPUs held (0 for alt text)
+    gpu_seconds_per_caption: float  # gpu_seconds (seconds x GPUs held; CPU: seconds; 0 for alt text)
     valid_nouns_per_gpu_second: float | None  # None when a caption cost nothing
     grounded_nouns_per_gpu_second: float | None
     gpu_hours_per_million: float

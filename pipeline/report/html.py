@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 
 from pipeline.density.nouns import NOUN_POS, load_spacy
-from pipeline.report.cascade import CASCADE_NOTE, CascadeFigures, cascade_lines, cascade_title
+from pipeline.report.cascade import CascadeFigures, cascade_lines, cascade_notes, cascade_title
 from pipeline.report.compare import CPU_NOTE, FieldComparison, comparison_lines
 from pipeline.report.console import FieldReport, table1_lines
 from pipeline.store.catalog import connect, has_view, readable_list
@@ -163,7 +163,7 @@ def _cascade_section(c: CascadeFigures) -> str:
     return (
         f'<h2 id="cascade-{html.escape(c.field)}">{html.escape(cascade_title(c))}</h2>'
         + _table(["", f"{c.field} (cascade)", strong], rows)
-        + f"<p>{html.escape(CASCADE_NOTE)}</p>"
+        + "".join(f"<p>{html.escape(note)}</p>" for note in cascade_notes(c))
     )
 
 

@@ -1,12 +1,14 @@
 """The merge stage: per key, the best caption among several fields -> ``ROOT/captions/NAME/NNNNN.parquet``.
 
 The merged field has a captioner's tables (``CAPTIONS_SCHEMA``), so score, ground, compare, curate and features
-read it unchanged. Each key's row is the winning field's row (its caption and provenance) with ``source``
-naming that field; ``seconds`` and ``gpu_seconds`` are what every source spent on the key (a cheap
-captioner on every key plus a strong one on some: the cascade's cost). "Best" is the most grounded nouns,
-the most valid nouns or the highest CLIP score; ties go to the field listed first. A key no source has a
-caption for gets an error row (``no_caption``). One Ray task per shard; a rerun redoes the shards whose
-sources' texts, density, vocabulary or grounding changed.
+read it unchanged. Each key's row is the winning field's row (its caption and provenance; alt text's: the alt
+text, status ok, no model) with ``captioner`` the merged name and ``source`` naming that field. ``seconds`` and
+``gpu_seconds`` are what every source spent on the key (a cheap captioner on every key plus a strong one on some:
+the cascade's cost; alt text costs nothing), ``gpus`` the most GPUs a source's worker held for it and ``device``
+the sources' devices, comma-separated. "Best" is the most grounded nouns, the most valid nouns or the highest
+CLIP score among the sources with a caption for the key; ties go to the field listed first. A key no source has a
+caption for gets an error row (``no_caption: ...``, no source). One Ray task per shard; a rerun redoes the shards
+whose sources' texts, density, vocabulary or grounding changed.
 """
 
 from __future__ import annotations
@@ -216,18 +218,25 @@ class MergeStage(Stage[MergeJob, MergeSummary]):
         return jobs
 
     def _source_fingerprint(self, name: str, index: int, models: dict[str, str]) -> str:
-        """The fingerprint of a source's scores of shard ``index`` (its density and, for a grounding rule, its
-        grounding), refusing missing or stale ones and a second CLIP model (``models``: field -> model so far)."""
-        density = current_density(self.catalog, name, index)
+        """The fingerprint of a source's scores of shard ``index`` (its density, made from its current texts, and for
+        a grounding rule its grounding), refusing missing or stale ones and a second CLIP model (``models``: each
+        model met so far -> the first field grounded with it)."""
+        layout = self.catalog
+        if name != ALT_TEXT_FIELD and not layout.caption_file(name, index).is_file():
+            raise MissingInputError(
+                f"shard {index} has no {name!r} captions (the shard is newer than the field): run the captioner of "
+                f"{name!r} on {layout.root} again first"
+            )
+        density = current_density(layout, name, index)
         if not self.config.needs_grounding:
             return density["fingerprint"]
-        grounding = current_grounding(self.catalog, name, index, density, required=True)
-        models.setdefault(name, grounding["model"])
-        if len(set(models.values())) > 1:
-            named = ", ".join(f"{field} by {model}" for field, model in sorted(models.items()))
+        grounding = current_grounding(layout, name, index, density, required=True)
+        models.setdefault(grounding["model"], name)
+        if len(models) > 1:
+            (first, first_field), (other, other_field) = models.items()
             raise ConfigError(
-                f"--by {self.config.by} compares CLIP figures of one model, but the fields were grounded with "
-                f"different ones ({named}): ground them with the same --clip-model"
+                f"--by {self.config.by} compares the CLIP figures of one model, but {first_field!r} was grounded with "
+                f"{first} and {other_field!r} with {other}: ground every field with the same --clip-model"
             )
         return density["fingerprint"] + grounding["fingerprint"]
 
