@@ -653,6 +653,16 @@ NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+def _stop_signal(exc: SystemExit) -> int | None:
+    """The stop signal ending the command, if one is: the one the local Ray's handler received (inside
+    ``ray.get`` Ray turns its SystemExit into ``SystemExit(1)``), else the one the exit code names."""
+    cluster = sys.modules.get("pipeline.core.ray_cluster")
+    received = cluster.received_stop_signal() if cluster is not None else None
+    if received is not None:
+        return received
+    return exc.code - 128 if exc.code in [128 + s for s in STOP_SIGNALS] else None
+
+
 def _ray_cause(exc: BaseException) -> BaseException:
     """The exception a Ray task or actor raised, for the ``RayTaskError`` that ``ray.get`` re-raises."""
     ray_exceptions = sys.modules.get("ray.exceptions")
@@ -741,9 +751,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[red]interrupted:[/red] {RERUN}")
         return 130
     except SystemExit as exc:  # SIGTERM or SIGHUP while a local Ray runs (see pipeline.core.ray_cluster)
-        if exc.code in [128 + s for s in STOP_SIGNALS]:
-            console.print(f"[red]stopped by {signal.Signals(exc.code - 128).name}:[/red] {RERUN}")
-        raise
+        signum = _stop_signal(exc)
+        if signum is None:
+            raise
+        console.print(f"[red]stopped by {signal.Signals(signum).name}:[/red] {RERUN}")
+        raise SystemExit(128 + signum) from None
     except Exception as exc:
         verdict = explain_error(exc)
         if verdict is None:

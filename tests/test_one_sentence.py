@@ -370,7 +370,7 @@ def test_a_stopped_command_shuts_its_local_ray_down(tmp_path, signum, code, said
         assert {"raylet", "gcs_server"} <= names, names
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=30)
-        assert proc.returncode == code
+        assert proc.returncode == code, err
         assert said in err and "rerun the same command" in err and TRACEBACK not in err
         _, alive = psutil.wait_procs(started, timeout=20)
         alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
@@ -382,6 +382,53 @@ def test_a_stopped_command_shuts_its_local_ray_down(tmp_path, signum, code, said
         for p in started:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+
+
+# A command whose main thread waits in ray.get, where Ray turns the SystemExit of a signal into SystemExit(1).
+WAITS_IN_RAY_GET = """
+import sys, time
+import ray
+from densecurate import cli, commands
+from pipeline.core.ray_cluster import init_ray
+
+
+def wait_in_ray_get(args):
+    init_ray(num_cpus=1)
+    slow = ray.remote(lambda: time.sleep(120))
+    ref = slow.remote()
+    print("waiting", flush=True)
+    ray.get(ref)
+    return 0
+
+
+commands.cmd_verify = wait_in_ray_get  # the parser cli.main builds runs it for `verify`
+sys.exit(cli.main(["verify", "."]))
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_signal_while_waiting_in_ray_get_still_exits_with_its_code(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAITS_IN_RAY_GET],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "waiting", proc.communicate()
+        time.sleep(1.0)  # well inside ray.get
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "stopped by SIGTERM" in err and TRACEBACK not in err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 # --- every command, with bad arguments --------------------------------------------------------------------

@@ -34,6 +34,7 @@ EXIT_SIGNALS = ("SIGTERM", "SIGHUP")
 PROCESS_EXIT_WAIT_S = 5.0
 
 _local_ray_hooks_installed = False
+_received_stop_signal: int | None = None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -156,7 +157,15 @@ def _require_head(address: str) -> None:
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:
+    global _received_stop_signal
+    _received_stop_signal = signum
     raise SystemExit(128 + signum)
+
+
+def received_stop_signal() -> int | None:
+    """The signal of ``EXIT_SIGNALS`` that is ending this process, if one came. Raised while the main thread
+    waits in ``ray.get``, its SystemExit reaches the caller as Ray's ``SystemExit(1)``: this tells them apart."""
+    return _received_stop_signal
 
 
 def _shut_down_with_this_process() -> None:
