@@ -326,6 +326,27 @@ def _photo_folder(folder: Path, count: int) -> Path:
     return folder
 
 
+def _start_as_a_shell_would(arguments: list[str]) -> subprocess.Popen:
+    """Python with ``arguments`` in a session of its own, starting a local Ray on loopback, its output read here."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    # A child inherits an ignored SIGINT (and Python then installs no KeyboardInterrupt): start it as a
+    # shell would, whatever an earlier test left this process with.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [sys.executable, *arguments],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "signum, code, said",
@@ -339,25 +360,8 @@ def test_a_stopped_command_shuts_its_local_ray_down(tmp_path, signum, code, said
 
     photos = _photo_folder(tmp_path / "photos", 800)  # 100 inputs of 8: still running when stopped
     out = tmp_path / "root"
-    command = [sys.executable, "-m", "densecurate", "shard", str(photos), "--out", str(out)]
-    command += ["--shard-size", "1", "--workers", "1", "--min-size", "8"]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    # A child inherits an ignored SIGINT (and Python then installs no KeyboardInterrupt): start it as a
-    # shell would, whatever an earlier test left this process with.
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        proc = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-    finally:
-        signal.signal(signal.SIGINT, inherited)
+    command = ["-m", "densecurate", "shard", str(photos), "--out", str(out)]
+    proc = _start_as_a_shell_would([*command, "--shard-size", "1", "--workers", "1", "--min-size", "8"])
     started: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
@@ -408,17 +412,7 @@ sys.exit(cli.main(["verify", "."]))
 
 @pytest.mark.slow
 def test_a_stop_signal_while_waiting_in_ray_get_still_exits_with_its_code(tmp_path):
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WAITS_IN_RAY_GET],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start_as_a_shell_would(["-c", WAITS_IN_RAY_GET])
     try:
         assert proc.stdout.readline().strip() == "waiting", proc.communicate()
         time.sleep(1.0)  # well inside ray.get
