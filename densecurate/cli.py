@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Sequence
 from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 from rich.markup import escape
@@ -19,6 +20,7 @@ from densecurate import commands
 from densecurate.quiet import quiet_libraries
 from schemas.atomic import TMP_MARK
 from schemas.errors import EnvironmentFailure, UserError
+from schemas.merge_config import MergeRule
 from schemas.pipeline_spec import STAGES
 from schemas.score_config import DEFAULT_MAX_TEXT_CHARS, DEFAULT_SPACY_MODEL
 from schemas.shard_config import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_OUTPUT_SIDE, DEFAULT_MAX_SIDECAR_BYTES
@@ -285,7 +287,7 @@ def _add_merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--by",
         default="grounded_nouns",
-        choices=["grounded_nouns", "valid_nouns", "clip_score"],
+        choices=get_args(MergeRule),
         help="the best caption: most nouns found in the image, most valid nouns, or highest CLIP score; ties go to "
         "the field listed first",
     )

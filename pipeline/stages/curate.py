@@ -337,9 +337,11 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
             others = []
             for other in self.config.fields[1:]:
                 other_density = current_density(self.layout, other, index)
+                upstream += other_density["fingerprint"]
                 other_grounding = self._current_grounding(other, index, other_density["fingerprint"])
+                if other_grounding is not None:
+                    upstream += other_grounding[1]["fingerprint"]
                 others.append((other, other_grounding and other_grounding[0]))
-                upstream += other_density["fingerprint"] + (other_grounding[1] if other_grounding else "")
             jobs.append(
                 CurateJob(
                     index=index,
@@ -355,12 +357,12 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
             )
         return jobs
 
-    def _current_grounding(self, name: str, index: int, density_fingerprint: str) -> tuple[Path, str] | None:
-        """The field's grounding table of shard ``index`` and its fingerprint when it was made from the current
+    def _current_grounding(self, name: str, index: int, density_fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
+        """The field's grounding table of shard ``index`` and its metadata when it was made from the current
         density; required (else refused) when the rules read grounding."""
         density = {"fingerprint": density_fingerprint}
         grounding = current_grounding(self.layout, name, index, density, required=self.config.rules.needs_grounding)
-        return None if grounding is None else (self.layout.grounding_file(name, index), grounding["fingerprint"])
+        return None if grounding is None else (self.layout.grounding_file(name, index), grounding)
 
     def _grounding_inputs(self, index: int, density_fingerprint: str) -> tuple[Path | None, Path | None, str]:
         """The shard's grounding table and the duplicates file the rules read, and their fingerprints."""
@@ -370,16 +372,15 @@ class CurateStage(Stage[CurateJob, CurateSummary]):
         current = self._current_grounding(name, index, density_fingerprint)
         if current is None:
             return None, None, ""
-        path, grounding_fingerprint = current
+        path, grounding = current
         if not rules.drop_near_duplicates:
-            return path, None, grounding_fingerprint
-        grounding = read_meta(path)
+            return path, None, grounding["fingerprint"]
         command = f"densecurate ground {layout.root} --field {name} --clip-model MODEL"
         duplicates = layout.duplicates_file(grounding["model"])
         clusters = read_meta(duplicates)
         if clusters is None:
             raise MissingInputError(f"no duplicates of {grounding['model']} under {layout.root}: run `{command}`")
-        return path, duplicates, grounding_fingerprint + clusters["fingerprint"]
+        return path, duplicates, grounding["fingerprint"] + clusters["fingerprint"]
 
     def work(self) -> Tasks:
         return Tasks(curate_shard, workers=self.config.workers)
